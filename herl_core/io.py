@@ -1,0 +1,141 @@
+"""Atomic artifact writes and validated JSONL reads.
+
+Every file herl writes appears whole or not at all: it is written to a temp file in the same folder, flushed,
+fsync'ed and renamed over the target. Every JSONL it reads is validated line by line; errors name the file, the
+line and the field and say what was expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+MAX_LINE_BYTES = 16 * 1024 * 1024
+"""Lines longer than this are rejected before JSON parsing (a 50 MB line is an error, not an OOM)."""
+
+
+class DataError(ValueError):
+    """A data file that does not validate; the message names the file, the line and the field."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temp file beside ``path``; on success fsync and rename it over ``path``, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    binary = "b" in mode
+    try:
+        with os.fdopen(fd, mode, encoding=None if binary else encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_open(path) as fh:
+        fh.write(text)
+
+
+def write_json_atomic(path: str | Path, obj: object) -> None:
+    with atomic_open(path) as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[BaseModel | dict]) -> int:
+    """Write records as JSONL atomically; returns the number of rows."""
+    n = 0
+    with atomic_open(path) as fh:
+        for row in rows:
+            obj = row.model_dump(mode="json") if isinstance(row, BaseModel) else row
+            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; on success replace ``path`` with it (old content removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _describe(err: dict) -> str:
+    field = ".".join(str(p) for p in err["loc"]) or "<record>"
+    got = repr(err.get("input"))
+    if len(got) > 80:
+        got = got[:77] + "..."
+    return f"field {field!r}: {err['msg']} (got {got})"
+
+
+def read_jsonl(path: str | Path, model: type[T], *, unique_field: str | None = "id") -> list[T]:
+    """Read and validate every line of a JSONL file as ``model``.
+
+    Raises ``DataError`` on the first bad line: ``<file>:<line>: field 'x.y': <what was expected>``. Empty files,
+    blank lines, non-UTF-8 bytes, truncated JSON, over-long lines and duplicate ``unique_field`` values are errors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows: list[T] = []
+    seen: dict[object, int] = {}
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES} bytes")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+            if not text.strip():
+                raise DataError(f"{path}:{lineno}: empty line (expected one JSON object per line)")
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            try:
+                row = model.model_validate(obj)
+            except ValidationError as exc:
+                raise DataError(f"{path}:{lineno}: {_describe(exc.errors()[0])}") from exc
+            if unique_field is not None and hasattr(row, unique_field):
+                key = getattr(row, unique_field)
+                if key in seen:
+                    raise DataError(
+                        f"{path}:{lineno}: field {unique_field!r}: duplicate value {key!r} (first on line {seen[key]})"
+                    )
+                seen[key] = lineno
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: empty file (expected at least one record)")
+    return rows
