@@ -1,0 +1,29 @@
+"""Rollout engines (spec §3.2, §3.6): ``make_engine`` picks HF generate or vLLM from ``rollout.backend``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from herl_core.config import RolloutConfig
+from herl_core.rollout.base import Generation, RolloutEngine, SamplingParams
+
+__all__ = ["Generation", "RolloutEngine", "SamplingParams", "make_engine"]
+
+
+def make_engine(cfg: RolloutConfig, model: Any, tokenizer: Any, seed: int = 0) -> RolloutEngine:
+    """The engine of ``cfg.backend``: ``hf`` shares ``model``; ``vllm`` serves a saved copy of it (GPU only)."""
+    if cfg.backend == "hf":
+        from herl_core.rollout.hf import HFEngine
+
+        return HFEngine(model, tokenizer, batch_size=cfg.generation_batch_size)
+    if cfg.backend == "vllm":
+        from herl_core.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(
+            model,
+            tokenizer,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+            seed=seed,
+        )
+    raise ValueError(f"rollout.backend: unknown engine {cfg.backend!r} (known: hf, vllm)")

@@ -1,0 +1,183 @@
+"""Rollout with Hugging Face ``generate`` (spec §3.2 rollout, §3.6 guided generation), CPU or GPU.
+
+The engine shares the training model, so ``sync_weights`` is a no-op. One ``generate`` call:
+
+1. expands every prompt n times (prompt-major), sorts the sequences by prompt length (stable) and cuts them into
+   chunks of ``batch_size`` so each chunk is left-padded only to its own longest prompt;
+2. runs ``model.generate`` per chunk (KV cache, EOS stop, ``torch.inference_mode``, model in eval mode, its previous
+   mode restored afterwards);
+3. trims every completion after its first EOS (EOS kept, ``finished=True``); a completion cut by
+   ``max_new_tokens`` has ``finished=False``; the original order is restored.
+
+Log-probs (what the numbers are): for each sampled token y_t, ``log_softmax(s_t)[y_t]`` where s_t are the scores after
+every logits processor and warper, i.e. the distribution actually sampled from: logits / temperature, then top-k,
+then top-p (filtered tokens get -inf and the rest is renormalised by the softmax). For greedy decoding
+(temperature 0) no warper runs and the numbers are the model's log-probs at temperature 1. A small recorder placed
+last in the processor list gathers them step by step, so memory is O(batch × vocab), not O(steps × batch × vocab) as
+with ``output_scores``. To keep the recorder last, herl passes the temperature / top-k / top-p warpers itself and sets
+the matching ``generate`` knobs to their neutral values.
+
+Determinism: with ``sampling.seed`` set, the call runs under ``torch.random.fork_rng`` seeded with that seed (the
+global RNG is left as it was), so the same prompts, n, sampling and ``batch_size`` give identical outputs. Results do
+depend on ``batch_size`` (chunking changes the order of random draws). With ``seed=None`` the global RNG is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from herl_core.rollout.base import Generation, SamplingParams
+
+
+class _LogprobRecorder(LogitsProcessor):
+    """Last processor: remembers log_softmax of the processed scores and gathers the token sampled from them."""
+
+    def __init__(self) -> None:
+        self.prev: torch.Tensor | None = None  # (B, V) log-probs of the previous step
+        self.steps: list[torch.Tensor] = []  # per step (B,) log-prob of the sampled token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor, n_new: int) -> torch.Tensor:
+        """(B, n_new) log-probs, the last step gathered from the final tokens."""
+        if n_new > 0 and self.prev is not None:
+            self.steps.append(self.prev.gather(-1, sequences[:, -1:]).squeeze(-1))
+        steps = self.steps[:n_new]
+        return torch.stack(steps, dim=1) if steps else torch.zeros((sequences.shape[0], 0))
+
+
+def _warpers(sampling: SamplingParams) -> list[LogitsProcessor]:
+    """Temperature, top-k (-1/0 = off), top-p (1 = off), in generate's own order."""
+    out: list[LogitsProcessor] = []
+    if sampling.temperature <= 0:
+        return out
+    if sampling.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k > 0:
+        out.append(TopKLogitsWarper(top_k=sampling.top_k))
+    if sampling.top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return out
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, model: Any) -> Iterator[None]:
+    """Seed torch's RNG for the block and restore it afterwards; ``None`` = use the global RNG as is."""
+    if seed is None:
+        yield
+        return
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _trim(new_tokens: list[int], logprobs: list[float], eos_ids: set[int]) -> tuple[list[int], list[float], bool]:
+    """Cut after the first EOS (kept). Returns (ids, logprobs, finished)."""
+    for i, tok in enumerate(new_tokens):
+        if tok in eos_ids:
+            return new_tokens[: i + 1], logprobs[: i + 1], True
+    return new_tokens, logprobs, False
+
+
+class HFEngine:
+    """RolloutEngine over a live HF causal LM and its tokenizer (see module docstring)."""
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64, eos_token_ids: list[int] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"HFEngine: batch_size must be >= 1, got {batch_size}")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.eos_token_ids = eos_token_ids or self._default_eos()
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+
+    def _default_eos(self) -> list[int]:
+        ids = [self.tokenizer.eos_token_id]
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        ids = list(dict.fromkeys(i for i in ids if i is not None))
+        if not ids:
+            raise ValueError("HFEngine: the tokenizer has no EOS token; pass eos_token_ids")
+        return ids
+
+    def sync_weights(self) -> None:
+        """No-op: the engine samples from the training model itself."""
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Generation]:
+        """``len(prompts) * n`` generations, prompt-major (prompt 0's n samples first)."""
+        if n < 1:
+            raise ValueError(f"HFEngine.generate: n must be >= 1, got {n}")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"HFEngine.generate: prompt {i} is empty")
+        seqs = [list(p) for p in prompts for _ in range(n)]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # stable: equal lengths keep their order
+        results: list[Generation | None] = [None] * len(seqs)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with _seeded(sampling.seed, self.model), torch.inference_mode():
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start : start + self.batch_size]
+                    for i, gen in zip(chunk, self._generate_chunk([seqs[i] for i in chunk], sampling), strict=True):
+                        results[i] = gen
+        finally:
+            self.model.train(was_training)
+        return [g for g in results if g is not None]
+
+    def _generate_chunk(self, seqs: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        device = next(self.model.parameters()).device
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            input_ids[row, width - len(s) :] = torch.tensor(s)
+            attention_mask[row, width - len(s) :] = 1
+        recorder = _LogprobRecorder()
+        out = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=self._generation_config(sampling),
+            logits_processor=LogitsProcessorList([*_warpers(sampling), recorder]),
+        )
+        new = out[:, width:]
+        logprobs = recorder.finish(out, new.shape[1]).cpu().tolist()
+        eos = set(self.eos_token_ids)
+        gens = []
+        for s, toks, lps in zip(seqs, new.cpu().tolist(), logprobs, strict=True):
+            ids, lp, finished = _trim(toks, lps, eos)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            gens.append(Generation(prompt_ids=s, completion_ids=ids, logprobs=lp, text=text, finished=finished))
+        return gens
+
+    def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
+        """Neutral warper knobs when sampling (herl passes the warpers itself), so none comes from the model's config."""
+        knobs: dict[str, Any] = {"do_sample": False}
+        if sampling.temperature > 0:
+            knobs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "typical_p": 1.0}
+        return GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            **knobs,
+        )
