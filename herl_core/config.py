@@ -63,9 +63,9 @@ class ModelConfig(StrictModel):
         ),
     ] = "smollm2-135m-instruct"
     dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description="Weights dtype.")] = "float32"
-    trust_remote_code: Annotated[bool, Field(description="Run code shipped with a hub model. Off unless asked for.")] = (
-        False
-    )
+    trust_remote_code: Annotated[
+        bool, Field(description="Run code shipped with a hub model. Off unless asked for.")
+    ] = False
     revision: Annotated[str | None, Field(description="Hub revision (branch, tag or commit) for hub ids.")] = None
     cache_dir: Annotated[
         str | None, Field(description="Where converted models live; default $HERL_CACHE or ~/.cache/herl.")
@@ -90,7 +90,9 @@ class JudgeConfig(StrictModel):
     temperature: Annotated[float, Field(ge=0, description="Judge temperature (§4.2: 0.1).")] = 0.1
     max_tokens: Annotated[int, Field(ge=1, description="Judge max_tokens (§4.2: 4096).")] = 4096
     timeout_s: Annotated[float, Field(gt=0, description="Per-request timeout in seconds (§4.2: 60).")] = 60.0
-    max_retries: Annotated[int, Field(ge=0, description="Retries after the first try on 429/5xx/timeouts (§4.2: 2).")] = 2
+    max_retries: Annotated[
+        int, Field(ge=0, description="Retries after the first try on 429/5xx/timeouts (§4.2: 2).")
+    ] = 2
     backoff_s: Annotated[float, Field(ge=0, description="First back-off delay, doubled per retry (§4.2: 0.5 s).")] = 0.5
     max_concurrency: Annotated[int, Field(ge=1, description="Parallel judge calls (§4.2: 512).")] = 16
 
@@ -100,7 +102,9 @@ class RewardConfig(StrictModel):
 
     type: Annotated[
         Literal["constraints", "judge"],
-        Field(description="'constraints' = IFEval/IFBench checkers (§4.1); 'judge' = weighted rubric LLM judge (§4.2)."),
+        Field(
+            description="'constraints' = IFEval/IFBench checkers (§4.1); 'judge' = weighted rubric LLM judge (§4.2)."
+        ),
     ] = "constraints"
     repetition_check: Annotated[
         bool,
@@ -215,6 +219,15 @@ class HerlConfig(StrictModel):
         float, Field(ge=0, description="γ in -A·ρ/(ρ+γ) on guided tokens (§3.12: 1 IF run, 0.1 medical); 0 → ρ.")
     ] = 1.0
     append_eos: Annotated[bool, Field(description="Append EOS to the rewrite tokens (§3.9 append_eos: true).")] = True
+    instruction_text: Annotated[
+        Literal["decoded_prompt", "raw"],
+        Field(
+            description=(
+                "[Instruction] field: the chat-templated prompt decoded without special tokens (reference, §3.5, "
+                "§9-A8) or the raw user instruction (cleaner variant)."
+            )
+        ),
+    ] = "decoded_prompt"
     prompts: Annotated[int, Field(ge=1, description="hindsight stage: prompts of the rollout file to process.")] = 16
     out_dir: Annotated[str, Field(description="hindsight stage output folder.")] = "data/hindsight"
 
@@ -239,7 +252,6 @@ class TrainConfig(StrictModel):
     clip_ratio_high: Annotated[float, Field(gt=0, description="PPO clip ε high (§5.2: 0.2).")] = 0.2
     clip_ratio_c: Annotated[float, Field(gt=1, description="Dual-clip constant for A<0 (§3.12: 3.0).")] = 3.0
     kl_coef: Annotated[float, Field(ge=0, description="β of the k3 KL loss (§5.1: 0.0 IF, 0.001 medical).")] = 0.0
-    entropy_coef: Annotated[float, Field(ge=0, description="Entropy bonus (§5.1: 0).")] = 0.0
     advantage: Annotated[str, Field(description="Registered advantage estimator (§3.11: grpo).")] = "grpo"
     norm_adv_by_std: Annotated[bool, Field(description="Divide by group std (§3.11: True; False = Dr.GRPO).")] = True
     adv_eps: Annotated[float, Field(gt=0, description="ε in (s - mean)/(std + ε) (§3.11: 1e-6).")] = 1e-6
@@ -255,8 +267,17 @@ class TrainConfig(StrictModel):
     seed: Annotated[int, Field(description="Seed of sampling, data order and the merge RNG.")] = 0
     data: Annotated[str, Field(description="Training prompts JSONL.")] = "data/prepared/train.jsonl"
     shuffle: Annotated[bool, Field(description="Shuffle the prompts each epoch (§5.2 data.shuffle: true).")] = True
-    save_every: Annotated[int, Field(ge=0, description="Checkpoint every k steps (0 = only at the end).")] = 0
-    out_dir: Annotated[str, Field(description="Checkpoints and step logs.")] = "models/policy"
+    save_every: Annotated[int, Field(ge=0, description="Resume checkpoint every k steps (0 = only at the end).")] = 1
+    keep_checkpoints: Annotated[int, Field(ge=1, description="Resume checkpoints kept (older ones deleted).")] = 1
+    out_dir: Annotated[str, Field(description="The trained policy: an HF safetensors folder (DVC out).")] = (
+        "models/policy"
+    )
+    checkpoint_dir: Annotated[
+        str, Field(description="Resume checkpoints (weights + optimizer + RNG + data cursor).")
+    ] = "runs/train/checkpoints"
+    report_dir: Annotated[
+        str, Field(description="Per-step metrics, hindsight experiences and the summary (DVC metrics/plots).")
+    ] = "reports/train"
     max_nonfinite_steps: Annotated[
         int, Field(ge=1, description="Stop after this many consecutive non-finite losses/grads.")
     ] = 3
@@ -267,9 +288,10 @@ class TrainConfig(StrictModel):
 class EvaluateConfig(StrictModel):
     """The evaluate stage (issue 4): IFEval / IFBench official metrics, greedy by default."""
 
-    benchmarks: Annotated[
-        list[Literal["ifeval", "ifbench"]], Field(description="Held-out benchmarks to score.")
-    ] = ["ifeval", "ifbench"]
+    benchmarks: Annotated[list[Literal["ifeval", "ifbench"]], Field(description="Held-out benchmarks to score.")] = [
+        "ifeval",
+        "ifbench",
+    ]
     limit: Annotated[int | None, Field(ge=1, description="Prompts per benchmark (None = all: 541 / 300).")] = None
     max_new_tokens: Annotated[int, Field(ge=1, description="Max tokens per answer.")] = 512
     temperature: Annotated[float, Field(ge=0, description="0 = greedy (§3.14 validation is greedy).")] = 0.0
@@ -291,9 +313,7 @@ class TrackingConfig(StrictModel):
     artifact_root: Annotated[str, Field(description="Artifact folder for the sqlite backend.")] = "mlartifacts"
     registered_model: Annotated[str, Field(description="Registry name of the trained policy.")] = "herl-policy"
     model_alias: Annotated[str, Field(description="Alias set on the newly registered version.")] = "candidate"
-    log_model: Annotated[bool, Field(description="Log the trained model as an MLflow artifact and register it.")] = (
-        True
-    )
+    log_model: Annotated[bool, Field(description="Log the trained model as an MLflow artifact and register it.")] = True
 
 
 SECTIONS = ("model", "reward", "prepare", "rollout", "herl", "train", "evaluate", "tracking")
@@ -419,10 +439,11 @@ def load_params(
         if not isinstance(over, dict):
             raise ConfigError(f"{path}: profiles.{chosen} must be a mapping")
         tree = _deep_merge(tree, over)
-        for section, body in over.items():
+        for section in over:
             origin[section] = ("profiles", chosen, section)
     tree["profile"] = chosen
     tree = _deep_merge(tree, parse_overrides(overrides))
+    overridden = {tuple(item.split("=", 1)[0].strip().split(".")) for item in overrides or []}
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
@@ -433,5 +454,7 @@ def load_params(
             line = _line_of(root, yaml_path) or _line_of(root, loc)
             field = ".".join(str(p) for p in loc) or "<root>"
             where = f"{path}:{line}" if line else str(path)
+            if any(loc[: len(o)] == o for o in overridden):
+                where = f"{path} (--set {field})"
             lines.append(f"{where}: {field}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from exc

@@ -1,0 +1,112 @@
+"""Resume checkpoints: HF safetensors weights + optimizer + RNG + step + data cursor, written atomically.
+
+Layout of ``<checkpoint_dir>/step-000042/``::
+
+    config.json, model.safetensors, tokenizer files   # loads with AutoModelForCausalLM.from_pretrained
+    optimizer.safetensors                              # AdamW moments and step counts, keyed "<param idx>.<name>"
+    trainer_state.json                                 # step, data cursor, RNG states, param groups, extras
+
+Nothing is pickled: tensors go to safetensors, everything else to JSON. A folder appears whole or not at all
+(temp folder + rename), so a crash mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from herl_core.io import atomic_dir
+from herl_core.models import save_checkpoint_weights
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """What, besides weights and optimizer, a resumed run needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    consecutive_nonfinite: int = 0
+    nonfinite_total: int = 0
+    extras: dict = field(default_factory=dict)
+    """Free-form (e.g. the MLflow run id to re-attach to)."""
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{idx}.{name}"] = t.detach().cpu().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def save_checkpoint(
+    root: str | Path, model, tokenizer, optimizer: torch.optim.Optimizer, state: TrainerState, keep: int = 1
+) -> Path:
+    """Write ``<root>/step-<state.step>`` atomically and delete all but the newest ``keep`` checkpoints."""
+    root = Path(root)
+    target = root / f"step-{state.step:06d}"
+    with atomic_dir(target) as tmp:
+        save_checkpoint_weights(model, tokenizer, tmp)
+        tensors, groups = _optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        py_state = random.getstate()
+        payload = {
+            "trainer": asdict(state),
+            "param_groups": groups,
+            "python_random": [py_state[0], list(py_state[1]), py_state[2]],
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder counts only if it holds its state file)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_weights(model, folder: str | Path) -> None:
+    """Load ``model.safetensors`` into a live model; only tied weights may be missing."""
+    state = load_file(str(Path(folder) / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{folder}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+
+
+def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer) -> TrainerState:
+    """Restore weights, optimizer, RNG states; return the trainer state."""
+    folder = Path(folder)
+    payload = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    load_weights(model, folder)
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": payload["param_groups"]})
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
+    v, inner, gauss = payload["python_random"]
+    random.setstate((v, tuple(inner), gauss))
+    return TrainerState(**payload["trainer"])

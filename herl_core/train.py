@@ -1,0 +1,386 @@
+"""The online HeRL training loop (spec §3.15): every step is rollout → reward → hindsight → advantage → update.
+
+``Trainer.step()`` reads top to bottom like the spec's pseudo-code. With ``herl.enabled = false`` the hindsight
+stage is skipped and the same code is plain GRPO (RLVR, spec §6 baselines).
+
+Departures from the authors' code (spec §9 and docs/algorithm.md):
+1. token-mean is taken exactly over each mini-batch (Σ loss·mask / Σ mask), so results do not depend on how the
+   mini-batch is split into micro-batches; the reference averages micro-batch token-means (§3.12);
+2. π_old comes from the training forward pass itself when there is one mini-batch and one epoch (ρ ≡ 1 then, as
+   in the reference where "r = 1 for the first mini-batch"); otherwise one no-grad pass per batch (§3.10);
+3. the reference model is not loaded when β = 0 (§3.12: kl_loss_coef = 0.0 in the IF run);
+4. responses whose reward failed (judge failure) are kept out of the advantage (score None → advantage 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from herl_core.advantage import get_advantage
+from herl_core.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from herl_core.config import Config
+from herl_core.hindsight.step import hindsight_step
+from herl_core.logprobs import pack_batch, sequence_logprobs
+from herl_core.loss import agg_loss, get_policy_loss, kl_k3
+from herl_core.models import encode_prompt, load_policy
+from herl_core.records import PromptRecord, RolloutRecord
+from herl_core.rewards import make_reward
+from herl_core.rewards.base import RewardFn
+from herl_core.rollout import make_engine
+from herl_core.rollout.base import RolloutEngine, SamplingParams
+from herl_core.samples import Group, Sample
+from herl_core.sink import MetricsSink, NullSink
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when updates keep producing NaN/inf: the run stops instead of saving a corrupted checkpoint."""
+
+
+def call_seed(seed: int, step: int, phase: int) -> int:
+    """A distinct, reproducible sampling seed per (run seed, step, phase): resume replays the same samples."""
+    return (seed * 1_000_003 + step * 16 + phase) % (2**31 - 1)
+
+
+def frac_zero_std(groups: Sequence[Group]) -> float:
+    """Fraction of groups whose scored rewards are all equal (no GRPO signal; TRL's frac_reward_zero_std)."""
+    flat = 0
+    for g in groups:
+        scores = [s for s in g.scores if s is not None]
+        flat += len(scores) < 2 or max(scores) - min(scores) < 1e-12
+    return flat / max(len(groups), 1)
+
+
+@dataclass
+class Prepared:
+    """The flattened training batch of one step (group-major)."""
+
+    samples: list[Sample]
+    group_ids: torch.Tensor
+    advantages: torch.Tensor
+    minibatches: list[list[int]]
+
+
+class Trainer:
+    """Owns the policy, optimizer, engine and reward; ``step()`` runs one training step."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        prompts: Sequence[PromptRecord],
+        *,
+        model=None,
+        tokenizer=None,
+        reward: RewardFn | None = None,
+        engine: RolloutEngine | None = None,
+        sink: MetricsSink | None = None,
+    ):
+        self.cfg = cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        if len(prompts) < cfg.train.prompts_per_step:
+            raise ValueError(
+                f"train.prompts_per_step ({cfg.train.prompts_per_step}) exceeds the {len(prompts)} training prompts"
+            )
+        self.prompts = list(prompts)
+        if model is None or tokenizer is None:
+            model, tokenizer = load_policy(cfg.model)
+        self.model, self.tokenizer = model, tokenizer
+        if cfg.train.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.ref_model = self._frozen_copy(model) if cfg.train.kl_coef > 0 else None
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=cfg.train.lr,
+            betas=cfg.train.betas,
+            weight_decay=cfg.train.weight_decay,
+        )
+        self.engine = engine if engine is not None else make_engine(cfg.rollout, model, tokenizer)
+        self.reward = reward if reward is not None else make_reward(cfg.reward)
+        self.sink = sink or NullSink()
+        self.state = TrainerState()
+        self.advantage_fn = get_advantage(cfg.train.advantage)
+        self.loss_fn = get_policy_loss(cfg.train.policy_loss)
+
+    @staticmethod
+    def _frozen_copy(model):
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    # ---------------------------------------------------------------------------------------------------- data
+    def next_prompts(self) -> list[PromptRecord]:
+        """The next ``prompts_per_step`` prompts; a fresh seeded permutation per epoch, last partial batch dropped
+        (§3.1: the dataloader drops the last partial batch)."""
+        per_step, n = self.cfg.train.prompts_per_step, len(self.prompts)
+        if self.state.position + per_step > n:
+            self.state.epoch, self.state.position = self.state.epoch + 1, 0
+        order = np.arange(n)
+        if self.cfg.train.shuffle:
+            order = np.random.default_rng([self.cfg.train.seed, self.state.epoch]).permutation(n)
+        picked = order[self.state.position : self.state.position + per_step]
+        self.state.position += per_step
+        return [self.prompts[i] for i in picked]
+
+    # ---------------------------------------------------------------------------------------------------- rollout
+    def rollout(self, records: Sequence[PromptRecord], step: int) -> list[Group]:
+        """G samples per prompt (§3.2) and their rewards (§3.3)."""
+        r = self.cfg.rollout
+        prompt_ids = [encode_prompt(self.tokenizer, rec.prompt, r.system_prompt) for rec in records]
+        for rec, ids in zip(records, prompt_ids, strict=True):
+            if len(ids) > r.max_prompt_tokens:
+                raise ValueError(
+                    f"prompt {rec.id!r} has {len(ids)} tokens > rollout.max_prompt_tokens ({r.max_prompt_tokens})"
+                )
+        sampling = SamplingParams(
+            r.temperature, r.top_p, r.top_k, r.max_new_tokens, call_seed(self.cfg.train.seed, step, 0)
+        )
+        gens = self.engine.generate(prompt_ids, r.n, sampling)
+        texts = [self.tokenizer.decode(g.completion_ids, skip_special_tokens=True) for g in gens]
+        results = self.reward.score([rec for rec in records for _ in range(r.n)], texts)
+        groups = []
+        for i, rec in enumerate(records):
+            samples = [
+                Sample(list(prompt_ids[i]), list(g.completion_ids), t, res, res.score, finished=g.finished)
+                for g, t, res in zip(
+                    gens[i * r.n : (i + 1) * r.n],
+                    texts[i * r.n : (i + 1) * r.n],
+                    results[i * r.n : (i + 1) * r.n],
+                    strict=True,
+                )
+            ]
+            groups.append(Group(rec, list(prompt_ids[i]), samples))
+        return groups
+
+    # ---------------------------------------------------------------------------------------------------- advantage
+    def prepare(self, groups: Sequence[Group]) -> tuple[Prepared, dict[str, float]]:
+        """GRPO advantages over each group's slots (§3.11) and mini-batches of whole groups (§3.13)."""
+        samples = [s for g in groups for s in g.samples]
+        gid = torch.tensor([i for i, g in enumerate(groups) for _ in g.samples], dtype=torch.long)
+        valid = torch.tensor([s.score is not None for s in samples])
+        scores = torch.tensor([s.score if s.score is not None else 0.0 for s in samples], dtype=torch.float32)
+        adv, metrics = self.advantage_fn(
+            scores, gid, valid, eps=self.cfg.train.adv_eps, norm_by_std=self.cfg.train.norm_adv_by_std
+        )
+        per_mb = self.cfg.train.mini_batch_prompts
+        minibatches = []
+        for start in range(0, len(groups), per_mb):
+            members = set(range(start, min(start + per_mb, len(groups))))
+            minibatches.append([i for i, g in enumerate(gid.tolist()) if g in members])
+        return Prepared(samples, gid, adv, minibatches), metrics
+
+    # ---------------------------------------------------------------------------------------------------- update
+    def _micro_batches(self, idx: list[int]) -> list[list[int]]:
+        """Length-bucketed micro-batches (less padding; results do not depend on the split, see module doc)."""
+        order = sorted(idx, key=lambda i: len(self._samples[i].train_prompt_ids) + len(self._samples[i].completion_ids))
+        m = self.cfg.train.micro_batch_size
+        return [order[k : k + m] for k in range(0, len(order), m)]
+
+    def _logprobs(self, model, idx: list[int], grad: bool) -> tuple[torch.Tensor, object]:
+        batch = pack_batch(
+            [self._samples[i].train_prompt_ids for i in idx],
+            [self._samples[i].completion_ids for i in idx],
+            self.tokenizer.pad_token_id,
+        )
+        with torch.set_grad_enabled(grad):
+            return sequence_logprobs(model, batch, self.cfg.train.logprob_temperature), batch
+
+    def _no_grad_logprobs(self, model, idx: list[int]) -> dict[int, torch.Tensor]:
+        """Per-sample completion log-probs (1-D), one no-grad pass (old policy or reference, §3.10)."""
+        out = {}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for mb in self._micro_batches(idx):
+                logp, batch = self._logprobs(model, mb, grad=False)
+                for row, i in enumerate(mb):
+                    out[i] = logp[row][batch.response_mask[row].bool()].clone()
+        model.train(was_training)
+        return out
+
+    @staticmethod
+    def _pad_like(rows: list[torch.Tensor], like: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(like)
+        for r, t in enumerate(rows):
+            out[r][mask[r].bool()] = t
+        return out
+
+    def update(self, prep: Prepared) -> dict[str, float]:
+        """PPO-style update over mini-batches with grad accumulation, grad clipping, non-finite guard (§3.12-3.13)."""
+        t = self.cfg.train
+        self._samples = prep.samples
+        everything = list(range(len(prep.samples)))
+        single_pass = len(prep.minibatches) == 1 and t.ppo_epochs == 1
+        old = None if single_pass else self._no_grad_logprobs(self.model, everything)
+        ref = self._no_grad_logprobs(self.ref_model, everything) if self.ref_model is not None else None
+        self.model.train()
+        sums: dict[str, float] = {}
+        updates = skipped = 0
+        for _ in range(t.ppo_epochs):
+            for mb in prep.minibatches:
+                stats = self._update_minibatch(mb, prep, old, ref)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if stats["actor/skipped"]:
+                    skipped += 1
+                else:
+                    updates += 1
+        n = max(len(prep.minibatches) * t.ppo_epochs, 1)
+        metrics = {k: v / n for k, v in sums.items() if k != "actor/skipped"}
+        metrics.update({"actor/updates": float(updates), "actor/nonfinite_skipped": float(skipped)})
+        return metrics
+
+    def _update_minibatch(self, mb, prep, old, ref) -> dict[str, float]:
+        t = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
+        n_tok = sum(len(self._samples[i].completion_ids) for i in mb)
+        n_seq = len(mb)
+        acc = {"actor/loss": 0.0, "actor/pg_loss": 0.0, "actor/kl": 0.0, "actor/clipfrac": 0.0}
+        for micro in self._micro_batches(mb):
+            logp, batch = self._logprobs(self.model, micro, grad=True)
+            mask = batch.response_mask.to(logp.dtype)
+            old_logp = logp.detach() if old is None else self._pad_like([old[i] for i in micro], logp, mask)
+            adv = prep.advantages[micro]
+            guided = torch.tensor([self._samples[i].guided for i in micro])
+            per_token, lm = self.loss_fn(
+                logp, old_logp, adv, mask, guided,
+                clip_low=t.clip_ratio_low, clip_high=t.clip_ratio_high, clip_c=t.clip_ratio_c,
+                gamma=self.cfg.herl.shaping_gamma,
+            )  # fmt: skip
+            share = mask.sum().item() / n_tok if t.loss_agg == "token-mean" else len(micro) / n_seq
+            pg = agg_loss(per_token, mask, t.loss_agg) * share
+            loss = pg
+            if ref is not None:
+                kl = (
+                    agg_loss(kl_k3(logp, self._pad_like([ref[i] for i in micro], logp, mask)), mask, t.loss_agg) * share
+                )
+                loss = loss + t.kl_coef * kl
+                acc["actor/kl"] += kl.item()
+            loss.backward()
+            acc["actor/loss"] += loss.item()
+            acc["actor/pg_loss"] += pg.item()
+            acc["actor/clipfrac"] += lm.get("actor/clipfrac", 0.0) * mask.sum().item() / n_tok
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        finite = math.isfinite(acc["actor/loss"]) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.state.consecutive_nonfinite = 0
+        else:  # skip the update, count it, stop if it keeps happening (issue 5 item 4)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.consecutive_nonfinite += 1
+            self.state.nonfinite_total += 1
+            if self.state.consecutive_nonfinite >= t.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{self.state.consecutive_nonfinite} consecutive updates had a non-finite loss or gradient "
+                    f"(loss={acc['actor/loss']}, grad_norm={float(grad_norm)}); stopping without saving. "
+                    "Lower train.lr or check the rewards."
+                )
+        return {**acc, "actor/grad_norm": float(grad_norm), "actor/skipped": float(not finite)}
+
+    # ---------------------------------------------------------------------------------------------------- step
+    def step(self) -> dict[str, float]:
+        """One training step, spec §3.15 top to bottom."""
+        step, t0 = self.state.step, time.perf_counter()
+        records = self.next_prompts()
+        groups = self.rollout(records, step)  # §3.2-3.3
+        t_rollout = time.perf_counter()
+        self.sink.log_records("rollouts", self._rollout_records(groups, step), step)
+        metrics = self._reward_metrics(groups)
+        gen_tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
+        if self.cfg.herl.enabled:  # §3.4-3.9
+            rng = np.random.default_rng([self.cfg.train.seed, step])
+            out = hindsight_step(
+                groups, self.engine, self.reward, self.tokenizer, self.cfg.herl, self.cfg.rollout, rng,
+                seed=call_seed(self.cfg.train.seed, step, 1), step=step,
+            )  # fmt: skip
+            metrics.update(out.metrics)
+            gen_tokens += sum(
+                len(self.tokenizer(e.rewrite, add_special_tokens=False)["input_ids"]) for e in out.experiences
+            )
+            self.sink.log_records("experiences", out.experiences, step)
+            self.sink.log_records("merges", out.merges, step)
+        t_hindsight = time.perf_counter()
+        prep, adv_metrics = self.prepare(groups)  # §3.11
+        metrics.update(adv_metrics)
+        metrics.update(self.update(prep))  # §3.12-3.13
+        t_end = time.perf_counter()
+        metrics.update(
+            {
+                "perf/step_s": t_end - t0,
+                "perf/rollout_s": t_rollout - t0,
+                "perf/hindsight_s": t_hindsight - t_rollout,
+                "perf/update_s": t_end - t_hindsight,
+                "perf/gen_tokens": float(gen_tokens),
+                "perf/tokens_per_s": gen_tokens / max(t_end - t0, 1e-9),
+            }
+        )
+        self.state.step += 1
+        self.sink.log_metrics(metrics, step)
+        return metrics
+
+    def _reward_metrics(self, groups: Sequence[Group]) -> dict[str, float]:
+        scores = [s.score for g in groups for s in g.samples if s.score is not None]
+        n_all = sum(len(g.samples) for g in groups)
+        return {
+            "reward/mean": float(np.mean(scores)) if scores else float("nan"),
+            "reward/max_group_mean": float(
+                np.mean([max((x for x in g.scores if x is not None), default=0) for g in groups])
+            ),
+            "reward/frac_zero_std": frac_zero_std(groups),
+            "reward/all_met_frac": float(np.mean([s >= 1.0 for s in scores])) if scores else 0.0,
+            "reward/failed_calls": float(n_all - len(scores)),
+            "rollout/response_len": float(np.mean([len(s.completion_ids) for g in groups for s in g.samples])),
+            "rollout/truncated_frac": float(np.mean([not s.finished for g in groups for s in g.samples])),
+        }
+
+    @staticmethod
+    def _rollout_records(groups: Sequence[Group], step: int) -> list[RolloutRecord]:
+        return [
+            RolloutRecord(
+                prompt_id=g.record.id,
+                sample_index=k,
+                response=s.text,
+                reward=s.reward,
+                n_tokens=len(s.completion_ids),
+                finished=s.finished,
+                step=step,
+            )  # fmt: skip
+            for g in groups
+            for k, s in enumerate(g.samples)
+        ]
+
+    # ---------------------------------------------------------------------------------------------------- state
+    def save(self, root: str, keep: int = 1, extras: dict | None = None) -> str:
+        if extras:
+            self.state.extras.update(extras)
+        return str(save_checkpoint(root, self.model, self.tokenizer, self.optimizer, self.state, keep=keep))
+
+    def resume(self, root: str) -> bool:
+        """Restore the newest complete checkpoint under ``root``; False when there is none."""
+        found = latest_checkpoint(root)
+        if found is None:
+            return False
+        self.state = load_checkpoint(found, self.model, self.optimizer)
+        return True
+
+    def train(self, steps: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Run until ``state.step == steps`` (default train.steps), checkpointing every ``save_every`` steps."""
+        target = steps if steps is not None else self.cfg.train.steps
+        history = []
+        while self.state.step < target:
+            metrics = self.step()
+            history.append(metrics)
+            every = self.cfg.train.save_every
+            if every and self.state.step % every == 0 and self.state.step < target:
+                self.save(self.cfg.train.checkpoint_dir, keep=self.cfg.train.keep_checkpoints)
+            if on_step is not None:
+                on_step(self.state.step, metrics)
+        return history

@@ -1,0 +1,77 @@
+"""Atomic writes and the validated JSONL reader: bad lines are reported with file, line and field."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from herl_core.io import DataError, atomic_dir, atomic_open, read_jsonl, write_jsonl_atomic
+from herl_core.records import PromptRecord
+
+GOOD = {"id": "p1", "prompt": "Say hi.", "rubrics": [{"id": "change_case:english_lowercase"}]}
+
+
+def test_roundtrip(tmp_path):
+    p = tmp_path / "a.jsonl"
+    rows = [PromptRecord.model_validate(GOOD), PromptRecord.model_validate({**GOOD, "id": "p2"})]
+    assert write_jsonl_atomic(p, rows) == 2
+    assert read_jsonl(p, PromptRecord) == rows
+
+
+def test_failed_write_leaves_previous_file_and_no_temp(tmp_path):
+    p = tmp_path / "out.txt"
+    p.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(p) as fh:
+            fh.write("half")
+            raise RuntimeError("killed")
+    assert p.read_text() == "old"
+    assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_atomic_dir_replaces_whole_or_nothing(tmp_path):
+    d = tmp_path / "model"
+    with atomic_dir(d) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(ValueError):
+        with atomic_dir(d) as tmp:
+            (tmp / "b").write_text("2")
+            raise ValueError
+    assert sorted(os.listdir(d)) == ["a"]
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (json.dumps(GOOD) + "\n\n", ":2: empty line"),
+        ('{"id": "p1", "prompt": "x"', ":1: invalid JSON"),
+        (json.dumps({**GOOD, "rubrics": "nope"}), ":1: field 'rubrics'"),
+        (json.dumps({**GOOD, "prompt": 3}), ":1: field 'prompt'"),
+        (json.dumps({**GOOD, "extra": 1}), ":1: field 'extra': Extra inputs are not permitted"),
+        (json.dumps(GOOD) + "\n" + json.dumps(GOOD), ":2: field 'id': duplicate value 'p1' (first on line 1)"),
+        ("[1, 2]", ":1: expected a JSON object"),
+        ("", "empty file"),
+    ],
+)
+def test_bad_lines_name_file_line_field(tmp_path, content, message):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_jsonl(p, PromptRecord)
+    assert str(p) in str(err.value) and message in str(err.value)
+
+
+def test_non_utf8_and_huge_line(tmp_path, monkeypatch):
+    p = tmp_path / "bin.jsonl"
+    p.write_bytes(json.dumps(GOOD).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"bin.jsonl:2: not UTF-8"):
+        read_jsonl(p, PromptRecord)
+    import herl_core.io as io_mod
+
+    monkeypatch.setattr(io_mod, "MAX_LINE_BYTES", 1000)
+    p.write_text(json.dumps({**GOOD, "prompt": "x" * 5000}))
+    with pytest.raises(DataError, match="line longer than 1000 bytes"):
+        read_jsonl(p, PromptRecord)
