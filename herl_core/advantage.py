@@ -9,6 +9,10 @@ Every estimator is ``fn(scores, group_ids, valid, *, eps, norm_by_std) -> (advan
 * returns the per-response advantage A_i (N,) (the trainer broadcasts it over the response tokens) and a dict of
   float metrics.
 
+Metrics: ``adv/mean``, ``adv/std``, ``adv/max``, ``adv/min`` over valid entries; ``adv/frac_zero_std``, the fraction
+of groups (with ≥ 1 valid member) whose valid scores are all equal, i.e. that carry no GRPO signal, measured on the
+scores actually trained on (after bonus and merge); ``adv/frac_invalid``.
+
 Register a new estimator with ``@register_advantage("name")``; look one up with ``get_advantage("name")``.
 
 Departures from the authors' code (veRL ``compute_grpo_outcome_advantage``, CA L267-330):
@@ -113,7 +117,7 @@ def _grpo(scores: Tensor, group_ids: Tensor, valid: Tensor, eps: float, norm_by_
 
 
 def _metrics(adv: Tensor, valid: Tensor, group_zero_std: Tensor) -> dict[str, float]:
-    """adv/* over valid entries; reward/frac_zero_std over groups with ≥ 1 valid member (1 member counts as 0 std)."""
+    """adv/* over valid entries; adv/frac_zero_std over groups with ≥ 1 valid member (1 member counts as 0 std)."""
     a = adv[valid].double()
     n = a.numel()
     return {
@@ -121,8 +125,8 @@ def _metrics(adv: Tensor, valid: Tensor, group_zero_std: Tensor) -> dict[str, fl
         "adv/std": float(a.std()) if n > 1 else 0.0,
         "adv/max": float(a.max()) if n else 0.0,
         "adv/min": float(a.min()) if n else 0.0,
-        "reward/frac_zero_std": float(group_zero_std.double().mean()) if group_zero_std.numel() else 0.0,
-        "reward/frac_invalid": float((~valid).double().mean()) if valid.numel() else 0.0,
+        "adv/frac_zero_std": float(group_zero_std.double().mean()) if group_zero_std.numel() else 0.0,
+        "adv/frac_invalid": float((~valid).double().mean()) if valid.numel() else 0.0,
     }
 
 

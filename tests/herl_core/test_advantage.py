@@ -54,7 +54,7 @@ def test_zero_variance_group_is_all_zero_even_for_inexact_floats():
     assert adv[:3].tolist() == [0.0, 0.0, 0.0]
     assert adv[3].item() == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-6), abs=1e-6)
     assert adv[4].item() == pytest.approx(-0.5 / (math.sqrt(0.5) + 1e-6), abs=1e-6)
-    assert m["reward/frac_zero_std"] == pytest.approx(0.5)  # 1 of 2 groups
+    assert m["adv/frac_zero_std"] == pytest.approx(0.5)  # 1 of 2 groups
 
 
 def test_invalid_entries_are_excluded_and_get_zero():
@@ -66,7 +66,7 @@ def test_invalid_entries_are_excluded_and_get_zero():
     adv, m = grpo(scores, torch.zeros(5, dtype=torch.long), valid, eps=1e-6, norm_by_std=True)
     std = math.sqrt(1 / 3) + 1e-6
     assert torch.allclose(adv, _t([(1 / 3) / std, -(2 / 3) / std, (1 / 3) / std, 0.0, 0.0]), atol=1e-6)
-    assert m["reward/frac_invalid"] == pytest.approx(2 / 5)
+    assert m["adv/frac_invalid"] == pytest.approx(2 / 5)
 
 
 def test_single_member_group_gets_zero():
@@ -76,7 +76,7 @@ def test_single_member_group_gets_zero():
     valid = torch.tensor([True, True, False])
     adv, m = grpo(scores, gids, valid, eps=1e-6, norm_by_std=True)
     assert adv.tolist() == [0.0, 0.0, 0.0]
-    assert m["reward/frac_zero_std"] == 1.0
+    assert m["adv/frac_zero_std"] == 1.0
 
 
 def test_bonus_only_spread_is_amplified_to_order_one():
@@ -102,8 +102,8 @@ def test_metrics_hand_computed():
     assert m["adv/mean"] == pytest.approx(0.0, abs=1e-7)
     assert m["adv/max"] == pytest.approx(0.866024, abs=1e-6)
     assert m["adv/min"] == pytest.approx(-0.866024, abs=1e-6)
-    assert m["reward/frac_zero_std"] == 0.0
-    assert m["reward/frac_invalid"] == 0.0
+    assert m["adv/frac_zero_std"] == 0.0
+    assert m["adv/frac_invalid"] == 0.0
 
 
 # ------------------------------------------------------------------ reference loop vs vectorized
