@@ -21,8 +21,8 @@ Departures from the authors' code (veRL ``compute_grpo_outcome_advantage``, CA L
    judge call 0.0 and normalises it with the rest (§4.2, §9-A12).
 2. A group with a single (valid) member gets A = 0. veRL uses mean 0, std 1 there, i.e. A = s.
 3. A group whose valid scores are all equal gets exactly A = 0. veRL computes (s − mean)/(0 + ε), which is 0 up to
-   floating-point noise that ε = 1e-6 can blow up (e.g. three scores of 1/3). Group statistics are computed in
-   float64 for the same reason.
+   floating-point noise that ε = 1e-6 can blow up (seven float32 scores of 0.1 give A = −0.0074). Group statistics
+   are computed in float64 for the same reason.
 """
 
 from __future__ import annotations

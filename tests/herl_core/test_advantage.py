@@ -46,14 +46,17 @@ def test_grpo_ties_hand_computed():
 
 
 def test_zero_variance_group_is_all_zero_even_for_inexact_floats():
-    # group 0: three scores of 1/3 (not exact in binary) → A = 0 exactly; group 1: [1, 0] → mean 0.5,
-    # std = sqrt((0.25+0.25)/1) = 0.707107 → A = ±0.5/0.707108 = ±0.707106
-    scores = _t([1 / 3, 1 / 3, 1 / 3, 1.0, 0.0])
-    gids = _t([0, 0, 0, 1, 1], torch.long)
-    adv, m = grpo(scores, gids, _all_valid(5), eps=1e-6, norm_by_std=True)
-    assert adv[:3].tolist() == [0.0, 0.0, 0.0]
-    assert adv[3].item() == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-6), abs=1e-6)
-    assert adv[4].item() == pytest.approx(-0.5 / (math.sqrt(0.5) + 1e-6), abs=1e-6)
+    # group 0: seven scores of 0.1. Naively in float32, (x − x.mean())/(x.std() + 1e-6) gives −0.0074 for each
+    # (rounding in the float32 mean, divided by ε); the spec's intent is A = 0 exactly.
+    # group 1: [1, 0] → mean 0.5, std = sqrt((0.25+0.25)/1) = 0.707107 → A = ±0.5/0.707108 = ±0.707106
+    scores = _t([0.1] * 7 + [1.0, 0.0])
+    gids = _t([0] * 7 + [1, 1], torch.long)
+    naive = (scores[:7] - scores[:7].mean()) / (scores[:7].std() + 1e-6)
+    assert naive.abs().max() > 1e-3  # the float32 noise this test guards against is real
+    adv, m = grpo(scores, gids, _all_valid(9), eps=1e-6, norm_by_std=True)
+    assert adv[:7].tolist() == [0.0] * 7
+    assert adv[7].item() == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-6), abs=1e-6)
+    assert adv[8].item() == pytest.approx(-0.5 / (math.sqrt(0.5) + 1e-6), abs=1e-6)
     assert m["adv/frac_zero_std"] == pytest.approx(0.5)  # 1 of 2 groups
 
 
