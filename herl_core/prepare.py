@@ -82,11 +82,18 @@ def _benchmark_record(row: dict, source: str, where: str) -> PromptRecord:
     return PromptRecord(id=f"{source}-{row['key']}", prompt=row["prompt"], rubrics=rubrics, source=source)
 
 
+def _json_line(text: str, where: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
+
+
 def _load_benchmark(path: Path, source: str) -> list[PromptRecord]:
     records = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
-            records.append(_benchmark_record(json.loads(line), source, f"{path}:{lineno}"))
+            records.append(_benchmark_record(_json_line(line, f"{path}:{lineno}"), source, f"{path}:{lineno}"))
     return records
 
 
@@ -118,9 +125,11 @@ def _read_rows(path: Path) -> list[tuple[str, object]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         lines = path.read_text(encoding="utf-8").splitlines()
-        return [(f"{path}:{n}", json.loads(line)) for n, line in enumerate(lines, start=1) if line.strip()]
+        return [
+            (f"{path}:{n}", _json_line(line, f"{path}:{n}")) for n, line in enumerate(lines, start=1) if line.strip()
+        ]
     if suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = _json_line(path.read_text(encoding="utf-8"), str(path))
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of objects or strings, got {type(rows).__name__}")
         return [(f"{path}: item {n}", row) for n, row in enumerate(rows)]
