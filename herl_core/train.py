@@ -243,6 +243,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         n_tok = sum(len(self._samples[i].completion_ids) for i in mb)
         n_seq = len(mb)
+        n_on = float(sum(len(self._samples[i].completion_ids) for i in mb if not self._samples[i].guided))
         acc = {"actor/loss": 0.0, "actor/pg_loss": 0.0, "actor/kl": 0.0, "actor/clipfrac": 0.0}
         for micro in self._micro_batches(mb):
             logp, batch = self._logprobs(self.model, micro, grad=True)
@@ -267,7 +268,8 @@ class Trainer:
             loss.backward()
             acc["actor/loss"] += loss.item()
             acc["actor/pg_loss"] += pg.item()
-            acc["actor/clipfrac"] += lm.get("actor/clipfrac", 0.0) * mask.sum().item() / n_tok
+            on_tok = (mask * (~guided).unsqueeze(1).to(mask.dtype)).sum().item()  # clipfrac is over on-policy tokens
+            acc["actor/clipfrac"] += lm.get("actor/clipfrac", 0.0) * on_tok / max(n_on, 1.0)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         finite = math.isfinite(acc["actor/loss"]) and bool(torch.isfinite(grad_norm))
         if finite:

@@ -1,0 +1,179 @@
+"""The online loop end to end on the tiny model: HeRL and GRPO through one code path, determinism, resume,
+the old-log-prob shortcut, the reference model only when β > 0, and the non-finite guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from herl_core.checkpoint import latest_checkpoint, list_checkpoints
+from herl_core.config import Config
+from herl_core.models import load_policy
+from herl_core.records import PromptRecord, Rubric
+from herl_core.stages import run_train
+from herl_core.train import NonFiniteError, Trainer
+
+PROMPTS = [
+    PromptRecord(
+        id=f"p{i}", prompt=p, rubrics=[Rubric(id=c), Rubric(id="keywords:existence", kwargs={"keywords": ["blue"]})]
+    )
+    for i, (p, c) in enumerate(
+        [
+            ("Write a note about cats.", "change_case:english_lowercase"),
+            ("Describe the sea.", "punctuation:no_comma"),
+            ("Tell me about trees.", "change_case:english_capital"),
+            ("Explain rain.", "punctuation:no_comma"),
+        ]
+    )
+]
+
+
+def tiny_cfg(tmp_path, **over) -> Config:
+    tree = {
+        "model": {"name_or_path": "tiny"},
+        "rollout": {"n": 4, "max_new_tokens": 8, "generation_batch_size": 16},
+        "herl": {"rewrite_max_new_tokens": 8},
+        "train": {
+            "steps": 2, "prompts_per_step": 2, "mini_batch_prompts": 1, "micro_batch_size": 4, "lr": 1e-3,
+            "out_dir": str(tmp_path / "policy"), "checkpoint_dir": str(tmp_path / "ckpt"),
+            "report_dir": str(tmp_path / "reports"), "data": str(tmp_path / "train.jsonl"),
+        },
+    }  # fmt: skip
+    for section, values in over.items():
+        tree.setdefault(section, {}).update(values)
+    return Config.model_validate(tree)
+
+
+def trainer(cfg: Config) -> Trainer:
+    model, tok = load_policy(cfg.model)
+    return Trainer(cfg, PROMPTS, model=model, tokenizer=tok)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_two_herl_steps_change_the_policy_and_report_every_metric(tmp_path):
+    t = trainer(tiny_cfg(tmp_path))
+    before = weights(t.model)
+    history = t.train()
+    assert len(history) == 2 and t.state.step == 2
+    for key in ["reward/mean", "reward/frac_zero_std", "herl/failed_groups", "herl/rewrites",
+                "herl/rewrite_success_rate", "herl/over_prev_best_rate", "herl/bonus_mean", "actor/loss",
+                "actor/kl", "actor/clipfrac", "perf/tokens_per_s", "perf/step_s"]:  # fmt: skip
+        assert key in history[0], key
+    # a random tiny model meets few constraints → failed groups → rewrites
+    assert sum(h["herl/rewrites"] for h in history) > 0
+    assert all(h["actor/updates"] == 2 for h in history)  # 2 prompts / 1 per mini-batch
+    after = weights(t.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_grpo_flag_uses_the_same_loop_without_hindsight(tmp_path):
+    t = trainer(tiny_cfg(tmp_path, herl={"enabled": False}))
+    history = t.train()
+    assert not any(k.startswith("herl/") for k in history[0])
+    assert all(not s.guided for s in t._samples)
+
+
+def test_same_seed_same_rollouts_and_losses(tmp_path):
+    h1 = trainer(tiny_cfg(tmp_path / "a")).train()
+    h2 = trainer(tiny_cfg(tmp_path / "b")).train()
+    for a, b in zip(h1, h2, strict=True):
+        for k in a:
+            if not k.startswith("perf/"):
+                assert a[k] == b[k], k
+
+
+def test_single_pass_takes_old_logprobs_from_the_training_forward(tmp_path):
+    # one mini-batch, one epoch: ρ ≡ 1, so nothing can be clipped and the ratio mean is exactly 1
+    t = trainer(tiny_cfg(tmp_path, train={"mini_batch_prompts": 2}))
+    calls = []
+    orig = t._no_grad_logprobs
+    t._no_grad_logprobs = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    m = t.step()
+    assert calls == [] and m["actor/clipfrac"] == 0.0 and m["actor/updates"] == 1
+    # two mini-batches: one no-grad pass for π_old over the whole batch
+    t2 = trainer(tiny_cfg(tmp_path / "2"))
+    calls2 = []
+    orig2 = t2._no_grad_logprobs
+    t2._no_grad_logprobs = lambda *a, **k: calls2.append(1) or orig2(*a, **k)
+    t2.step()
+    assert calls2 == [1]
+
+
+def test_reference_model_only_when_kl_is_on(tmp_path):
+    assert trainer(tiny_cfg(tmp_path)).ref_model is None
+    t = trainer(tiny_cfg(tmp_path / "kl", train={"kl_coef": 0.1}))
+    assert t.ref_model is not None
+    m = t.step()
+    # first update of step 0 starts at π_θ = π_ref: KL of the first mini-batch is 0; after an update it is > 0
+    assert m["actor/kl"] >= 0.0
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    full = trainer(tiny_cfg(tmp_path / "full"))
+    full.train()
+    cfg = tiny_cfg(tmp_path / "split")
+    first = trainer(cfg)
+    first.train(steps=1)
+    first.save(cfg.train.checkpoint_dir)
+    resumed = trainer(cfg)
+    assert resumed.resume(cfg.train.checkpoint_dir) and resumed.state.step == 1
+    resumed.train()
+    a, b = weights(full.model), weights(resumed.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, train={"max_nonfinite_steps": 2, "mini_batch_prompts": 2})
+    t = trainer(cfg)
+    before = weights(t.model)
+    orig = t.loss_fn
+
+    def nan_loss(*a, **k):
+        per_token, m = orig(*a, **k)
+        return per_token * float("nan"), m
+
+    t.loss_fn = nan_loss
+    m = t.step()  # first non-finite update: skipped and counted
+    assert m["actor/nonfinite_skipped"] == 1 and t.state.nonfinite_total == 1
+    assert all(torch.equal(before[k], v) for k, v in weights(t.model).items())
+    with pytest.raises(NonFiniteError, match="2 consecutive updates"):
+        t.step()
+
+
+def test_run_train_writes_policy_reports_and_resumes(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_cfg(tmp_path)
+    (tmp_path / "train.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in PROMPTS))
+    summary = run_train(cfg)
+    assert summary["steps"] == 2
+    model = AutoModelForCausalLM.from_pretrained(cfg.train.out_dir)  # plain transformers loads it
+    assert model.config.vocab_size == 49152
+    steps = [json.loads(x) for x in (tmp_path / "reports" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [0, 1]
+    exp = (tmp_path / "reports" / "experiences.jsonl").read_text().splitlines()
+    assert exp and "hindsight_prompt" in json.loads(exp[0])
+    assert latest_checkpoint(cfg.train.checkpoint_dir).name == "step-000002"
+    # a second call resumes at step 2 = done: nothing is recomputed, the step log is not duplicated
+    run_train(cfg)
+    steps2 = [json.loads(x)["step"] for x in (tmp_path / "reports" / "steps.jsonl").read_text().splitlines()]
+    assert steps2 == [0, 1] and len(list_checkpoints(cfg.train.checkpoint_dir)) == 1
+
+
+@pytest.mark.smollm2
+def test_one_herl_step_on_smollm2_with_real_ifeval_rubrics(tmp_path):
+    cfg = tiny_cfg(
+        tmp_path,
+        model={"name_or_path": "smollm2-135m-instruct"},
+        rollout={"n": 2, "max_new_tokens": 24},
+        herl={"rewrite_max_new_tokens": 24},
+        train={"steps": 1, "prompts_per_step": 1, "mini_batch_prompts": 1, "lr": 1e-6},
+    )
+    t = trainer(cfg)
+    m = t.step()
+    assert m["perf/gen_tokens"] > 0 and torch.isfinite(torch.tensor(m["actor/loss"]))
