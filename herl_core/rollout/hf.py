@@ -166,7 +166,7 @@ class HFEngine:
         return gens
 
     def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
-        """Neutral warper knobs when sampling (herl passes the warpers itself), so none comes from the model's config."""
+        """Neutral warper knobs when sampling (herl passes the warpers), so none comes from the model's config."""
         knobs: dict[str, Any] = {"do_sample": False}
         if sampling.temperature > 0:
             knobs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "typical_p": 1.0}
