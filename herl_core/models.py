@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from herl_core.config import ModelConfig
+from herl_core.io import atomic_dir
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 TOKENIZER_NAME = "smollm2-tokenizer"
@@ -262,21 +263,13 @@ def encode_prompt(tokenizer: Any, text: str, system_prompt: str | None = None, c
 def save_checkpoint_weights(model: Any, tokenizer: Any, folder: str | Path) -> Path:
     """Write model (safetensors) + tokenizer so that plain ``AutoModelForCausalLM.from_pretrained(folder)`` loads it.
 
-    Written into a temporary folder beside ``folder`` and renamed into place (an existing folder is replaced).
+    Written through ``io.atomic_dir`` (a temporary folder beside ``folder``, then swapped in; an existing folder is
+    replaced). Callers may pass the temporary folder of their own ``atomic_dir``: the swap then replaces that folder.
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_tmp(folder)
-    try:
+    with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)  # transformers 5 writes safetensors only
         tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
