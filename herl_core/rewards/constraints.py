@@ -116,10 +116,15 @@ def _registries() -> dict[str, dict[str, type]]:
     return {"ifeval": dict(INSTRUCTION_DICT), "ifbench": _import_ifbench_registry()}
 
 
-def checker_registry() -> dict[str, type]:
-    """Instruction id → checker class, IFEval and IFBench; IFEval wins on a shared bare id (module doc)."""
+@functools.cache
+def _merged() -> dict[str, type]:
     regs = _registries()
     return {**regs["ifbench"], **regs["ifeval"]}
+
+
+def checker_registry() -> dict[str, type]:
+    """Instruction id → checker class, IFEval and IFBench; IFEval wins on a shared bare id (module doc)."""
+    return dict(_merged())
 
 
 def checker_class(instruction_id: str) -> type:
@@ -129,7 +134,7 @@ def checker_class(instruction_id: str) -> type:
     if sep and source in regs:
         found = regs[source].get(bare)
     else:
-        found = checker_registry().get(instruction_id)
+        found = _merged().get(instruction_id)
     if found is None:
         raise ValueError(f"unknown constraint id {instruction_id!r} (not an IFEval or IFBench instruction id)")
     return found
