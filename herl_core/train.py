@@ -324,6 +324,9 @@ class Trainer:
                 "perf/tokens_per_s": gen_tokens / max(t_end - t0, 1e-9),
             }
         )
+        stats = getattr(self.reward, "stats", None)  # judge client: cumulative calls / retries / failures
+        if isinstance(stats, dict):
+            metrics.update({f"judge/{k}": float(v) for k, v in stats.items()})
         self.state.step += 1
         self.sink.log_metrics(metrics, step)
         return metrics

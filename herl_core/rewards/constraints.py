@@ -111,6 +111,11 @@ def _import_ifbench_registry() -> dict[str, type]:
 def _registries() -> dict[str, dict[str, type]]:
     """Both registries, loaded once; punkt is made available first (lm_eval tries a download at import)."""
     ensure_punkt()
+    import langdetect
+
+    # langdetect samples randomly per call: "hello, world" came out "en" or "nl" from run to run. A fixed seed makes
+    # the language checkers (english_lowercase, english_capital, response_language) reproducible.
+    langdetect.DetectorFactory.seed = 0
     from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
 
     return {"ifeval": dict(INSTRUCTION_DICT), "ifbench": _import_ifbench_registry()}
