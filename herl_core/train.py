@@ -29,12 +29,13 @@ from herl_core.config import Config
 from herl_core.hindsight.step import hindsight_step
 from herl_core.logprobs import pack_batch, sequence_logprobs
 from herl_core.loss import agg_loss, get_policy_loss, kl_k3
-from herl_core.models import encode_prompt, load_policy
+from herl_core.models import load_policy
 from herl_core.records import PromptRecord, RolloutRecord
 from herl_core.rewards import make_reward
 from herl_core.rewards.base import RewardFn
 from herl_core.rollout import make_engine
-from herl_core.rollout.base import RolloutEngine, SamplingParams
+from herl_core.rollout.base import RolloutEngine
+from herl_core.rollout.groups import rollout_records, sample_groups
 from herl_core.samples import Group, Sample
 from herl_core.sink import MetricsSink, NullSink
 
@@ -133,32 +134,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------- rollout
     def rollout(self, records: Sequence[PromptRecord], step: int) -> list[Group]:
         """G samples per prompt (§3.2) and their rewards (§3.3)."""
-        r = self.cfg.rollout
-        prompt_ids = [encode_prompt(self.tokenizer, rec.prompt, r.system_prompt) for rec in records]
-        for rec, ids in zip(records, prompt_ids, strict=True):
-            if len(ids) > r.max_prompt_tokens:
-                raise ValueError(
-                    f"prompt {rec.id!r} has {len(ids)} tokens > rollout.max_prompt_tokens ({r.max_prompt_tokens})"
-                )
-        sampling = SamplingParams(
-            r.temperature, r.top_p, r.top_k, r.max_new_tokens, call_seed(self.cfg.train.seed, step, 0)
-        )
-        gens = self.engine.generate(prompt_ids, r.n, sampling)
-        texts = [self.tokenizer.decode(g.completion_ids, skip_special_tokens=True) for g in gens]
-        results = self.reward.score([rec for rec in records for _ in range(r.n)], texts)
-        groups = []
-        for i, rec in enumerate(records):
-            samples = [
-                Sample(list(prompt_ids[i]), list(g.completion_ids), t, res, res.score, finished=g.finished)
-                for g, t, res in zip(
-                    gens[i * r.n : (i + 1) * r.n],
-                    texts[i * r.n : (i + 1) * r.n],
-                    results[i * r.n : (i + 1) * r.n],
-                    strict=True,
-                )
-            ]
-            groups.append(Group(rec, list(prompt_ids[i]), samples))
-        return groups
+        seed = call_seed(self.cfg.train.seed, step, 0)
+        return sample_groups(records, self.engine, self.reward, self.tokenizer, self.cfg.rollout, seed)
 
     # ---------------------------------------------------------------------------------------------------- advantage
     def prepare(self, groups: Sequence[Group]) -> tuple[Prepared, dict[str, float]]:
@@ -270,6 +247,8 @@ class Trainer:
             acc["actor/pg_loss"] += pg.item()
             on_tok = (mask * (~guided).unsqueeze(1).to(mask.dtype)).sum().item()  # clipfrac is over on-policy tokens
             acc["actor/clipfrac"] += lm.get("actor/clipfrac", 0.0) * on_tok / max(n_on, 1.0)
+            for key in ("actor/dual_clipfrac", "actor/ratio_mean", "actor/guided_token_frac"):  # token-weighted
+                acc[key] = acc.get(key, 0.0) + lm.get(key, 0.0) * mask.sum().item() / n_tok
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         finite = math.isfinite(acc["actor/loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
@@ -348,19 +327,7 @@ class Trainer:
 
     @staticmethod
     def _rollout_records(groups: Sequence[Group], step: int) -> list[RolloutRecord]:
-        return [
-            RolloutRecord(
-                prompt_id=g.record.id,
-                sample_index=k,
-                response=s.text,
-                reward=s.reward,
-                n_tokens=len(s.completion_ids),
-                finished=s.finished,
-                step=step,
-            )  # fmt: skip
-            for g in groups
-            for k, s in enumerate(g.samples)
-        ]
+        return rollout_records(groups, step)
 
     # ---------------------------------------------------------------------------------------------------- state
     def save(self, root: str, keep: int = 1, extras: dict | None = None) -> str:
