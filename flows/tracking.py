@@ -1,0 +1,440 @@
+"""MLflow tracking of the stages: one run per stage, children of a pipeline run (issue 3 "MLflow", issue 5 items 1, 5).
+
+Every CLI stage command wraps its work in ``stage_run(cfg, stage)``::
+
+    with stage_run(cfg, "train") as tracker:
+        summary = run_train(cfg, sink=tracker.sink)
+        tracker.finish(summary, outputs=[cfg.train.report_dir])
+
+What a run gets (docs/tracking.md):
+
+* params: the validated, resolved config flattened (``section.key``) + ``config.json`` artifact;
+* lineage tags on every run: git commit and dirty flag, config hash, profile, stage, Prefect flow-run id, the
+  stage's dvc.lock md5s of deps and outs, DVC experiment name/baseline;
+* per-step metrics (``log_batch`` with steps), records as ``records/<name>.jsonl`` and ONE ``experiences`` table per
+  run (mlflow/mlflow#11874: every ``log_table`` appends to a 5000-char tag);
+* at ``finish``: summary metrics + ``summary.json``; for ``train`` a reward-curve PNG and the model folder as an
+  artifact with a registered version and alias.
+
+Rules: ``MlflowClient`` with explicit run ids only (the fluent API's active run is thread-local, mlflow/mlflow#13610),
+so tracking is safe under Prefect's thread pool. Nothing from the environment is logged except the named lineage
+variables below; the judge API key lives only in the variable named by ``reward.judge.api_key_env``.
+Records are spooled to ``.herl/mlflow/<run_id>/`` as they arrive, so a crashed train run that is resumed still logs
+the experiences of the steps before the crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from herl_core.checkpoint import STATE_FILE, latest_checkpoint  # noqa: E402
+from herl_core.config import Config  # noqa: E402
+from herl_core.sink import JsonlSink  # noqa: E402
+
+PARENT_ENV = "HERL_MLFLOW_PARENT_RUN_ID"
+RUN_ENV = "HERL_MLFLOW_RUN_ID"
+FLOW_RUN_ENV = "HERL_PREFECT_FLOW_RUN_ID"
+SPOOL_DIR = ".herl/mlflow"
+TABLE_FILE = "experiences.json"
+CELL_CHARS = 1500
+CURVE_KEYS = ("reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# where: tracking URI and experiment
+
+
+def tracking_uri(cfg: Config, root: str | Path = ".") -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``cfg.tracking.tracking_uri`` with a relative sqlite path made absolute."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str((Path(root) / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def artifact_location(cfg: Config, uri: str, root: str | Path = ".") -> str | None:
+    """Absolute file URI of ``tracking.artifact_root`` for local backends; None (the server decides) otherwise.
+
+    Without it MLflow puts artifacts in ``./mlruns`` relative to the CWD (stack_notes §3).
+    """
+    if not (uri.startswith("sqlite:") or uri.startswith("file:")):
+        return None
+    return (Path(root) / cfg.tracking.artifact_root).resolve().as_uri()
+
+
+def experiment_id(client: MlflowClient, name: str, location: str | None) -> str:
+    """Get or create the experiment (a concurrent creator may win the race: then look it up again)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# what: params and lineage tags
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}, "c": [1, 2]}`` → ``{"a.b": "1", "c": "[1, 2]"}`` (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def git_info(root: str | Path) -> dict[str, str]:
+    """``mlflow.source.git.commit`` and ``herl.git.dirty`` (tracked files changed; untracked ones do not count)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"mlflow.source.git.commit": "unknown", "herl.git.dirty": "unknown"}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"mlflow.source.git.commit": commit, "herl.git.dirty": str(bool(status)).lower()}
+
+
+def read_lock(root: str | Path) -> dict[str, Any]:
+    """The ``stages`` mapping of ``<root>/dvc.lock`` ({} when there is no lock yet)."""
+    import yaml
+
+    path = Path(root) / "dvc.lock"
+    if not path.is_file():
+        return {}
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {}) or {}
+
+
+def dvc_tags(root: str | Path, stage: str) -> dict[str, str]:
+    """``dvc.dep.<path>.md5`` / ``dvc.out.<path>.md5`` of one stage in dvc.lock (``md5.dir`` for folders)."""
+    entry = read_lock(root).get(stage) or {}
+    tags = {}
+    for kind in ("deps", "outs"):
+        for item in entry.get(kind) or []:
+            if item.get("md5"):
+                tags[f"dvc.{kind[:-1]}.{item['path']}.md5"] = str(item["md5"])
+    return tags
+
+
+def pipeline_dvc_tags(root: str | Path) -> dict[str, str]:
+    """For the parent run: every stage's outs, and the deps that no stage produces (code, raw data)."""
+    stages = read_lock(root)
+    outs = {item["path"]: item.get("md5") for e in stages.values() for item in (e.get("outs") or [])}
+    tags = {f"dvc.out.{p}.md5": str(m) for p, m in outs.items() if m}
+    for e in stages.values():
+        for item in e.get("deps") or []:
+            if item["path"] not in outs and item.get("md5"):
+                tags[f"dvc.dep.{item['path']}.md5"] = str(item["md5"])
+    return tags
+
+
+def prefect_flow_run_id() -> str | None:
+    """``HERL_PREFECT_FLOW_RUN_ID`` if set, else the current Prefect flow run (only if prefect is already loaded)."""
+    if os.environ.get(FLOW_RUN_ENV):
+        return os.environ[FLOW_RUN_ENV]
+    if "prefect" not in sys.modules:  # not inside a flow; importing prefect would cost a second for nothing
+        return None
+    from prefect.runtime import flow_run
+
+    return flow_run.id
+
+
+def lineage_tags(cfg: Config, stage: str, root: str | Path) -> dict[str, str]:
+    """The tags every run carries (issue 3 "lineage tags on every run")."""
+    tags = {
+        **git_info(root),
+        "herl.config_hash": cfg.hash(),
+        "herl.profile": str(cfg.profile),
+        "herl.stage": stage,
+        **(dvc_tags(root, stage) if stage != "pipeline" else pipeline_dvc_tags(root)),
+    }
+    flow_run = prefect_flow_run_id()
+    if flow_run:
+        tags["prefect.flow_run_id"] = str(flow_run)
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the sink the trainer writes to
+
+
+class MlflowSink:
+    """``herl_core.sink.MetricsSink`` over one MLflow run: metrics now (batched), records spooled until ``finish``."""
+
+    def __init__(self, client: MlflowClient, run_id: str, spool: Path):
+        self.client, self.run_id = client, run_id
+        self.spool = JsonlSink(spool)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        rows = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        for i in range(0, len(rows), 1000):  # log_batch takes at most 1000 metrics
+            self.client.log_batch(self.run_id, metrics=rows[i : i + 1000])
+
+    def log_records(self, name: str, records: Sequence[BaseModel], step: int) -> None:
+        rows = []
+        for r in records:
+            row = r.model_dump(mode="json")
+            row["step"] = step if row.get("step") is None else row["step"]
+            rows.append(row)
+        self.spool._append(name, rows)
+
+
+def _cell(text: Any) -> Any:
+    if isinstance(text, str) and len(text) > CELL_CHARS:
+        return text[:CELL_CHARS] + f" …[{len(text) - CELL_CHARS} more chars]"
+    return text
+
+
+def experiences_table(rows: list[dict]) -> dict[str, list]:
+    """Columns of the MLflow ``experiences`` table from HindsightRecord rows (long text cut to CELL_CHARS)."""
+    columns = ["step", "prompt_id", "draft", "unmet_rubrics", "hindsight_prompt", "rewrite"]
+    columns += ["draft_score", "rewrite_score", "bonus", "selected"]
+    table: dict[str, list] = {c: [] for c in columns}
+    for row in rows:
+        verdicts = row.get("verdicts") or []
+        unmet = [v.get("description") or v.get("rubric_id") for v in verdicts if v.get("passed") is False]
+        values = {**row, "unmet_rubrics": "; ".join(unmet)}
+        for c in columns:
+            table[c].append(_cell(values.get(c)))
+    return table
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# one stage run
+
+
+def _numbers(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a (nested) summary, keys joined with '/'; bools and strings are left to the JSON artifact."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+class StageTracker:
+    """One MLflow run of one stage. ``sink`` goes to the trainer; ``finish`` logs the summary and the outputs."""
+
+    def __init__(self, client: MlflowClient, run_id: str, cfg: Config, stage: str, root: Path):
+        self.client, self.run_id, self.cfg, self.stage, self.root = client, run_id, cfg, stage, root
+        self.spool_dir = root / SPOOL_DIR / run_id
+        self.sink = MlflowSink(client, run_id, self.spool_dir)
+        self.finished = False
+
+    # ------------------------------------------------------------------------------------------------ public
+    def finish(self, summary: dict, outputs: Sequence[str | Path] = ()) -> None:
+        """Summary metrics + summary.json, records + experiences table, outputs, and for train: curve and model."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in _numbers(summary).items()]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+        self.client.log_dict(self.run_id, summary, "summary.json")
+        self.log_records(table=True)
+        for out in outputs:
+            self._log_output(self.root / out)
+        if self.stage == "train":
+            self._log_curve()
+            if self.cfg.tracking.log_model:
+                self._log_model()
+        if self.stage != "train":  # train keeps its spool: a later resume of this run appends to it
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
+        self.finished = True
+
+    def log_records(self, table: bool) -> None:
+        """Spooled records → ``records/<name>.jsonl``; with ``table``, new experience rows → the one MLflow table."""
+        for path in sorted(self.spool_dir.glob("*.jsonl")):
+            self.client.log_artifact(self.run_id, str(path), "records")
+        path = self.spool_dir / "experiences.jsonl"
+        if not (table and path.is_file()):
+            return
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        done = int(self.client.get_run(self.run_id).data.tags.get("herl.table_rows", 0))
+        if rows[done:]:  # log_table appends to an existing table: send only rows it does not hold yet
+            self.client.log_table(self.run_id, experiences_table(rows[done:]), TABLE_FILE)
+            self.client.set_tag(self.run_id, "herl.table_rows", str(len(rows)))
+
+    # ------------------------------------------------------------------------------------------------ parts
+    def _log_output(self, path: Path) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), f"outputs/{path.name}")
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), "outputs")
+        else:
+            self.client.set_tag(self.run_id, f"herl.missing_output.{path.name}", str(path))
+
+    def _log_curve(self) -> None:
+        """``plots/reward_curve.png``: the per-step history of CURVE_KEYS, read back from MLflow (resume-proof)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        history = {k: self.client.get_metric_history(self.run_id, k) for k in CURVE_KEYS}
+        history = {k: sorted((m.step, m.value) for m in v) for k, v in history.items() if v}
+        if not history:
+            return
+        fig, axes = plt.subplots(len(history), 1, figsize=(6, 2.2 * len(history)), sharex=True, squeeze=False)
+        for ax, (key, points) in zip(axes[:, 0], history.items(), strict=True):
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="o")
+            ax.set_ylabel(key, fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle(f"herl train ({self.cfg.profile}, config {self.cfg.hash()})", fontsize=9)
+        fig.tight_layout()
+        with tempfile.TemporaryDirectory() as tmp:
+            fig.savefig(Path(tmp) / "reward_curve.png", dpi=100)
+            self.client.log_artifact(self.run_id, str(Path(tmp) / "reward_curve.png"), "plots")
+        plt.close(fig)
+
+    def _log_model(self) -> None:
+        """``model/`` = the policy folder (safetensors, no pickle) + a registered version with the alias."""
+        folder = self.root / self.cfg.train.out_dir
+        if not folder.is_dir():
+            self.client.set_tag(self.run_id, "herl.register_error", f"no model folder at {folder}")
+            return
+        self.client.log_artifacts(self.run_id, str(folder), "model")
+        name, alias = self.cfg.tracking.registered_model, self.cfg.tracking.model_alias
+        try:
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
+            tags = {"herl.config_hash": self.cfg.hash(), "herl.profile": str(self.cfg.profile)}
+            version = self.client.create_model_version(name, source, run_id=self.run_id, tags=tags)
+            self.client.set_registered_model_alias(name, alias, version.version)
+            self.client.set_tag(self.run_id, "herl.model_version", f"{name}/{version.version}@{alias}")
+        except Exception as exc:  # the run's data is already logged; registry trouble must not lose it
+            warnings.warn(f"registering {name} failed: {exc}", stacklevel=2)
+            self.client.set_tag(self.run_id, "herl.register_error", str(exc)[:1000])
+
+
+def resume_target(client: MlflowClient, cfg: Config, root: Path) -> tuple[str | None, int]:
+    """(run id, resume step) from the newest train checkpoint's ``extras.mlflow_run_id``; (None, 0) if none usable."""
+    ckpt = latest_checkpoint(root / cfg.train.checkpoint_dir)
+    if ckpt is None:
+        return None, 0
+    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")).get("trainer", {})
+    run_id = (state.get("extras") or {}).get("mlflow_run_id")
+    if not run_id:
+        return None, 0
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:  # another tracking store, or the run was purged
+        return None, 0
+    if run.info.lifecycle_stage != "active":
+        return None, 0
+    return run_id, int(state.get("step", 0))
+
+
+def _log_params(client: MlflowClient, run_id: str, cfg: Config) -> None:
+    """Flattened config as params; on a re-attached run, changed values are named in a tag (params are immutable)."""
+    params = flatten(cfg.model_dump(mode="json"))
+    have = client.get_run(run_id).data.params
+    new = [Param(k, v[:6000]) for k, v in params.items() if k not in have]
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i : i + 100])
+    changed = sorted(k for k, v in params.items() if k in have and have[k] != v[:6000])
+    if changed:
+        client.set_tag(run_id, "herl.params_changed_on_resume", ",".join(changed)[:5000])
+    client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
+
+
+def _open_run(client: MlflowClient, uri: str, cfg: Config, stage: str, root: Path, resume: bool) -> tuple[str, int]:
+    run_id, step = resume_target(client, cfg, root) if stage == "train" and resume else (None, 0)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "herl.resumed_at_step", str(step))
+    else:
+        exp = experiment_id(client, cfg.tracking.experiment, artifact_location(cfg, uri, root))
+        run_id = client.create_run(exp, run_name=stage).info.run_id
+    tags = lineage_tags(cfg, stage, root)
+    if os.environ.get(PARENT_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+    set_tags(client, run_id, tags)
+    _log_params(client, run_id, cfg)
+    return run_id, step
+
+
+@contextmanager
+def stage_run(
+    cfg: Config, stage: str, params_path: str | Path = "params.yaml", *, resume: bool = True
+) -> Iterator[StageTracker]:
+    """An MLflow run for one stage (child of ``$HERL_MLFLOW_PARENT_RUN_ID`` when set), ended when the block ends.
+
+    ``train`` re-attaches to the run named in the newest checkpoint (``extras.mlflow_run_id``) unless
+    ``resume=False``. While the block runs, ``$HERL_MLFLOW_RUN_ID`` holds the run id (for the trainer to save).
+    An exception marks the run FAILED (records so far are logged; the train spool is kept for the resume).
+    """
+    root = Path(params_path).resolve().parent
+    uri = tracking_uri(cfg, root)
+    client = MlflowClient(tracking_uri=uri)
+    run_id, step = _open_run(client, uri, cfg, stage, root, resume)
+    tracker = StageTracker(client, run_id, cfg, stage, root)
+    if step:
+        tracker.sink.spool.truncate_after(step - 1)  # steps >= step are recomputed by the resumed trainer
+    previous = os.environ.get(RUN_ENV)
+    os.environ[RUN_ENV] = run_id
+    try:
+        yield tracker
+        if not tracker.finished:
+            tracker.finish({})
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        tracker.log_records(table=False)
+        client.set_tag(run_id, "herl.error", f"{type(exc).__name__}: {exc}"[:1000])
+        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_ENV, None)
+        else:
+            os.environ[RUN_ENV] = previous
