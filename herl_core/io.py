@@ -3,6 +3,10 @@
 Every file herl writes appears whole or not at all: it is written to a temp file in the same folder, flushed,
 fsync'ed and renamed over the target. Every JSONL it reads is validated line by line; errors name the file, the
 line and the field and say what was expected.
+
+Temp names are ``.<name>.<pid>.<random>.tmp`` (files and folders) and ``.<name>.old-<pid>`` (a folder being
+replaced): dot-files that no reader, stage or DVC output path names. A process killed mid-write leaves one behind;
+the next successful write of the same target deletes such leftovers of processes that are no longer running.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -28,12 +33,42 @@ class DataError(ValueError):
     """A data file that does not validate; the message names the file, the line and the field."""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Delete ``.<name>.<pid>.*.tmp`` / ``.<name>.old-<pid>`` siblings of ``path`` whose process is gone."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\..+\.tmp|old-(\d+))")
+    removed = []
+    for p in path.parent.glob(".*"):
+        m = pattern.fullmatch(p.name)
+        if m is None:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temp file beside ``path``; on success fsync and rename it over ``path``, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     binary = "b" in mode
     try:
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as fh:
@@ -45,6 +80,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    remove_stale_temps(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -74,7 +110,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success replace ``path`` with it (old content removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         old = None
@@ -87,6 +123,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_stale_temps(path)
 
 
 def _describe(err: dict) -> str:

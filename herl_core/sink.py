@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
+from herl_core.io import write_text_atomic
+
 
 @runtime_checkable
 class MetricsSink(Protocol):
@@ -35,14 +37,15 @@ class JsonlSink:
     """Appends ``{"step": s, **metrics}`` to ``<dir>/steps.jsonl`` and records to ``<dir>/<name>.jsonl``.
 
     Lines are appended and flushed per step; on resume, ``truncate_after(step)`` drops lines of steps that are
-    about to be recomputed, so the files never hold a step twice.
+    about to be recomputed, so the files never hold a step twice. The folder is created at the first write, so a
+    run that fails on bad input before its first step leaves nothing behind.
     """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     def _append(self, name: str, rows: list[dict]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         with (self.folder / f"{name}.jsonl").open("a", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -65,9 +68,7 @@ class JsonlSink:
                     continue  # a line cut by a crash
                 if row_step is None or row_step <= step:
                     kept.append(line)
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(f"{k}\n" for k in kept), encoding="utf-8")
-            tmp.replace(path)
+            write_text_atomic(path, "".join(f"{k}\n" for k in kept))
 
     def reset(self) -> None:
         for path in self.folder.glob("*.jsonl"):
