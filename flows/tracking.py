@@ -45,7 +45,6 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from herl_core.checkpoint import STATE_FILE, latest_checkpoint  # noqa: E402
 from herl_core.config import Config  # noqa: E402
 from herl_core.sink import JsonlSink  # noqa: E402
 
@@ -359,6 +358,8 @@ class StageTracker:
 
 def resume_target(client: MlflowClient, cfg: Config, root: Path) -> tuple[str | None, int]:
     """(run id, resume step) from the newest train checkpoint's ``extras.mlflow_run_id``; (None, 0) if none usable."""
+    from herl_core.checkpoint import STATE_FILE, latest_checkpoint  # imports torch: only for the train stage
+
     ckpt = latest_checkpoint(root / cfg.train.checkpoint_dir)
     if ckpt is None:
         return None, 0

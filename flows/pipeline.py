@@ -1,0 +1,287 @@
+"""Prefect orchestration of the DVC pipeline: Prefect outside, DVC inside (issue 3 "Orchestration", issue 5 item 6).
+
+* One flow per stage (``prepare``, ``rollout``, ``hindsight``, ``train``, ``evaluate``; names as in dvc.yaml), each
+  running ONE task: ``dvc repro --single-item <stage>``. One execution path: every stage Prefect runs goes through
+  DVC, so ``dvc.lock`` stays true and unchanged stages are skipped by DVC (the task has ``cache_policy=NO_CACHE``:
+  no second cache on top of DVC's, peers_and_conventions §2.5).
+* The task retries (2×, back-off) only transient failures (DVC lock contention, I/O, connection/judge errors);
+  config and data errors fail at once.
+* ``pipeline`` takes an exclusive workspace lock (``.herl/pipeline.lock``, ``fcntl.flock``, non-blocking), opens
+  the MLflow parent run, runs the stage flows in order as subflows, tags each stage's child run with the fresh
+  dvc.lock md5s (the lock is written after the stage command, so the stage itself only sees the previous one) and
+  ends the parent with the evaluate metrics.
+* Profiles: the pipeline never edits params.yaml. ``profile:`` in params.yaml (or ``dvc exp run -S profile=tiny``)
+  selects it; a ``profile`` argument that disagrees with params.yaml is refused with that advice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+STAGES = ("prepare", "rollout", "hindsight", "train", "evaluate")  # == herl_core.stages.STAGES (tested)
+LOCK_FILE = ".herl/pipeline.lock"
+RETRY_DELAYS = [10, 30]
+TAIL_LINES = 40
+TRANSIENT_MARKERS = (
+    "Unable to acquire lock",  # another dvc process (treeverse/dvc#10465)
+    "database is locked",
+    "Resource temporarily unavailable",
+    "Stale file handle",
+    "Connection refused",
+    "Connection reset",
+    "ConnectionError",
+    "ConnectError",
+    "RemoteDisconnected",
+    "timed out",
+    "TimeoutError",
+    "Temporary failure in name resolution",
+    "Too Many Requests",
+    "Service Unavailable",
+    "JudgeError",
+)
+FATAL_MARKERS = ("ConfigError", "invalid config", "DataError", "ValidationError", "NonFiniteError", "No such file")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# one workspace, one pipeline
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another herl pipeline holds this workspace's lock."""
+
+
+_HELD: dict[Path, int] = {}  # lock file → fd; re-entrant within one process (the CLI locks, then runs the flow)
+
+
+@contextmanager
+def workspace_lock(root: str | Path) -> Iterator[None]:
+    """Hold ``<root>/.herl/pipeline.lock`` exclusively or raise ``WorkspaceBusy`` at once naming the holder."""
+    path = (Path(root) / LOCK_FILE).resolve()
+    if path in _HELD:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = path.read_text(encoding="utf-8").strip() or "pid unknown"
+        os.close(fd)
+        raise WorkspaceBusy(
+            f"another herl pipeline is running in this workspace ({holder}); wait for it or use `dvc exp run --queue`"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}, started {datetime.now().isoformat(timespec='seconds')}\n".encode())
+    _HELD[path] = fd
+    try:
+        yield
+    finally:
+        del _HELD[path]
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the task: dvc repro one stage
+
+
+class StageError(RuntimeError):
+    """``dvc repro <stage>`` failed; ``transient`` says whether a retry may help."""
+
+    def __init__(self, stage: str, returncode: int, tail: str, transient: bool):
+        kind = "transient" if transient else "not transient"
+        super().__init__(f"dvc repro {stage} exited with {returncode} ({kind}); last output:\n{tail}")
+        self.stage, self.returncode, self.tail, self.transient = stage, returncode, tail, transient
+
+
+def is_transient(returncode: int, tail: str) -> bool:
+    """Exit 2 (usage/config) and config/data errors are never transient; lock, I/O and network errors are."""
+    if returncode == 2 or any(m in tail for m in FATAL_MARKERS):
+        return False
+    return any(m in tail for m in TRANSIENT_MARKERS)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry StageError(transient) and OSError, nothing else."""
+    try:
+        state.result()
+    except StageError as exc:
+        return exc.transient
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def stage_env(parent_run_id: str | None, flow_run_id: str | None, tracking_uri: str | None) -> dict[str, str]:
+    """The stage process's environment: ours + MLflow parent, Prefect flow run, tracking URI, this venv on PATH."""
+    from flows.tracking import FLOW_RUN_ENV, PARENT_ENV, RUN_ENV
+
+    env = dict(os.environ)
+    env.pop(RUN_ENV, None)
+    env.update({k: v for k, v in ((PARENT_ENV, parent_run_id), (FLOW_RUN_ENV, flow_run_id)) if v})
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@task(
+    name="dvc-repro",
+    task_run_name="dvc repro {stage}",
+    retries=2,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+)
+def dvc_repro(stage: str, root: str, parent_run_id: str | None = None, tracking_uri: str | None = None) -> str:
+    """``dvc repro --single-item <stage>`` in ``root``, output streamed to the Prefect log; returns the output."""
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    env = stage_env(parent_run_id, flow_run.id, tracking_uri)
+    lines: list[str] = []
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logger.info("%s", line.rstrip())
+            lines.append(line)
+            tail.append(line)
+        returncode = proc.wait()
+    if returncode != 0:
+        text = "".join(tail)
+        raise StageError(stage, returncode, text, is_transient(returncode, text))
+    return "".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# flows
+
+
+def make_stage_flow(stage: str):
+    """The Prefect flow of one stage (flow name = stage name)."""
+
+    @flow(name=stage, flow_run_name=stage, log_prints=True)
+    def stage_flow(root: str = ".", parent_run_id: str | None = None, tracking_uri: str | None = None) -> str:
+        return dvc_repro(stage, root, parent_run_id, tracking_uri)
+
+    stage_flow.__doc__ = f"Run `dvc repro --single-item {stage}` as one task."
+    return stage_flow
+
+
+STAGE_FLOWS = {stage: make_stage_flow(stage) for stage in STAGES}
+prepare, rollout, hindsight, train, evaluate = (STAGE_FLOWS[s] for s in STAGES)
+
+
+def check_profile(chosen: str | None, requested: str | None, params: str) -> None:
+    """The pipeline runs params.yaml as it is; a different ``profile`` request is refused with the way to get it."""
+    if requested is not None and requested != chosen:
+        raise ValueError(
+            f"{params} selects profile {chosen!r} but profile {requested!r} was requested; the pipeline runs "
+            f"`dvc repro`, which reads {params} as it is and herl never edits it. Set `profile: {requested}` in "
+            f"{params}, or run `dvc exp run -S profile={requested}`."
+        )
+
+
+def ordered_stages(stages: list[str] | None) -> list[str]:
+    chosen = list(STAGES) if not stages else stages
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+    return sorted(chosen, key=STAGES.index)
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(
+    root: str = ".", params: str = "params.yaml", profile: str | None = None, stages: list[str] | None = None
+) -> dict:
+    """The whole chain under one MLflow parent run; refused at once if another pipeline holds the workspace."""
+    from herl_core.config import load_params
+
+    root_path = Path(root).resolve()
+    with workspace_lock(root_path):
+        cfg = load_params(root_path / params)
+        check_profile(cfg.profile, profile, params)
+        return run_stages(cfg, root_path, params, ordered_stages(stages))
+
+
+def run_stages(cfg, root: Path, params: str, stages: list[str]) -> dict:
+    """Parent run → stage subflows in order → fresh dvc.lock tags on each child → parent ends with evaluate metrics."""
+    from flows.tracking import pipeline_dvc_tags, set_tags, stage_run, tracking_uri
+
+    uri = tracking_uri(cfg, root)
+    logger = get_run_logger()
+    with stage_run(cfg, "pipeline", root / params) as parent:
+        outcome = {}
+        for stage in stages:
+            output = STAGE_FLOWS[stage](str(root), parent.run_id, uri)
+            outcome[stage] = tag_child(parent.client, parent.run_id, stage, root, output)
+            logger.info("stage %s: %s", stage, outcome[stage])
+        set_tags(
+            parent.client,
+            parent.run_id,
+            {**pipeline_dvc_tags(root), **{f"herl.stage.{k}": v for k, v in outcome.items()}},
+        )
+        metrics = evaluate_metrics(parent.client, parent.run_id, cfg)
+        outputs = [p for p in (params, "dvc.lock") if (root / p).is_file()]
+        parent.finish(metrics, outputs=outputs)
+    return {"parent_run_id": parent.run_id, "stages": outcome, "metrics": metrics}
+
+
+def find_child(client, parent_run_id: str, stage: str):
+    """The newest run named ``stage`` whose parent is ``parent_run_id`` (None if the stage made none)."""
+    exp = client.get_run(parent_run_id).info.experiment_id
+    found = client.search_runs(
+        [exp],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.run_name = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
+def tag_child(client, parent_run_id: str, stage: str, root: Path, output: str) -> str:
+    """Add the fresh dvc.lock md5s of ``stage`` to its child run; returns the child run id or what happened."""
+    from flows.tracking import dvc_tags, set_tags
+
+    if f"Stage '{stage}' didn't change, skipping" in output:
+        return "skipped (unchanged)"
+    child = find_child(client, parent_run_id, stage)
+    if child is None:
+        return "ran (no MLflow run)"
+    set_tags(client, child.info.run_id, {**dvc_tags(root, stage), "herl.dvc_lock": "after-stage"})
+    return child.info.run_id
+
+
+def evaluate_metrics(client, parent_run_id: str, cfg) -> dict[str, float]:
+    """Metrics of this pipeline's evaluate child, else of the newest finished evaluate run with this config hash."""
+    child = find_child(client, parent_run_id, "evaluate")
+    if child is None:
+        exp = client.get_run(parent_run_id).info.experiment_id
+        runs = client.search_runs(
+            [exp],
+            filter_string=f"attributes.run_name = 'evaluate' and tags.`herl.config_hash` = '{cfg.hash()}' "
+            "and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        child = runs[0] if runs else None
+    if child is None:
+        return {}
+    client.set_tag(parent_run_id, "herl.evaluate_run_id", child.info.run_id)
+    return dict(child.data.metrics)

@@ -1,0 +1,293 @@
+"""flows/pipeline.py with the real tools: Prefect (test harness and a real `prefect server`), DVC in a temp git repo,
+MLflow on a temp sqlite store (issue 3 "Orchestration", issue 5 item 6).
+
+The temp repo has its own two-stage dvc.yaml (stages ``prepare`` and ``rollout``) whose commands call
+flows.tracking.stage_run like the real stage commands do; this keeps the tests to seconds and independent of the
+model stages.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from flows.pipeline import (
+    LOCK_FILE,
+    STAGES,
+    StageError,
+    WorkspaceBusy,
+    is_transient,
+    pipeline,
+    retry_if_transient,
+)
+
+pytestmark = pytest.mark.integration
+MAIN = Path(__file__).resolve().parents[2]
+
+STAGE_PY = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from herl_core.config import load_params
+    from flows.tracking import stage_run
+
+    stage = sys.argv[1]
+    cfg = load_params("params.yaml")
+    with stage_run(cfg, stage) as tracker:
+        gate = os.environ.get("HERL_TEST_GATE")
+        if gate:  # hold the stage (and the pipeline's workspace lock) until the test opens the gate
+            Path(gate + ".started").touch()
+            while not Path(gate).exists():
+                time.sleep(0.1)
+        src = {"prepare": "raw.txt", "rollout": "out/prepare.txt"}[stage]
+        Path("out").mkdir(exist_ok=True)
+        text = Path(src).read_text() + stage + "\\n"
+        Path(f"out/{stage}.txt").write_text(text)
+        tracker.sink.log_metrics({"lines": len(text.splitlines())}, 0)
+        tracker.finish({"lines": len(text.splitlines())})
+    """
+)
+
+DVC_YAML = {
+    "stages": {
+        "prepare": {
+            "cmd": "python stage.py prepare",
+            "deps": ["stage.py", "raw.txt"],
+            "params": ["prepare.seed"],
+            "outs": ["out/prepare.txt"],
+        },
+        "rollout": {
+            "cmd": "python stage.py rollout",
+            "deps": ["stage.py", "out/prepare.txt"],
+            "outs": ["out/rollout.txt"],
+        },
+    }
+}
+
+
+@pytest.fixture
+def repo(tmp_path, mlflow_uri, monkeypatch, init_repo, request) -> Path:
+    """A git + DVC repo: the project's params.yaml on the tiny profile (own experiment), stage.py, dvc.yaml."""
+    params = (MAIN / "params.yaml").read_text()
+    params = params.replace("profile: cpu", "profile: tiny", 1).replace(
+        "experiment: herl-tiny", f"experiment: p-{request.node.name}"
+    )
+    (tmp_path / "params.yaml").write_text(params)
+    (tmp_path / "stage.py").write_text(STAGE_PY)
+    (tmp_path / "raw.txt").write_text("raw\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    (tmp_path / ".gitignore").write_text(".herl/\nmlartifacts/\n")
+    init_repo(tmp_path)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "dvc init"], cwd=tmp_path, check=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    return tmp_path
+
+
+def lock_md5(root: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"][stage]
+    return next(o["md5"] for o in lock["outs"] if o["path"] == path)
+
+
+def flow_runs_by_name() -> dict[str, list]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        runs = client.read_flow_runs()
+    out: dict[str, list] = {}
+    for run in runs:
+        out.setdefault(flows[run.flow_id], []).append(run)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ unit-level
+
+
+def test_stage_names_match_herl_core():
+    from herl_core.stages import STAGES as CORE
+
+    assert STAGES == CORE
+
+
+def test_only_transient_failures_are_retried():
+    assert is_transient(1, "ERROR: Unable to acquire lock. Most likely another DVC process is running")
+    assert is_transient(1, "httpx.ConnectError: [Errno 111] Connection refused")
+    assert not is_transient(2, "Connection refused")  # exit 2 = usage/config: never retried
+    assert not is_transient(1, "herl_core.config.ConfigError: invalid config ... timed out")  # config wins
+    assert not is_transient(1, "ZeroDivisionError: division by zero")  # unknown: fail fast
+
+    class State:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def result(self):
+            raise self.exc
+
+    assert retry_if_transient(None, None, State(StageError("train", 1, "database is locked", True)))
+    assert not retry_if_transient(None, None, State(StageError("train", 1, "DataError", False)))
+    assert retry_if_transient(None, None, State(OSError("disk hiccup")))
+    assert not retry_if_transient(None, None, State(ValueError("bad")))
+
+
+# ------------------------------------------------------------------------------------------------------ flows
+
+
+def test_pipeline_runs_stages_as_flows_with_mlflow_children_and_fresh_lock_tags(repo):
+    result = pipeline(root=str(repo), stages=["prepare", "rollout"])
+    assert (repo / "out/rollout.txt").read_text() == "raw\nprepare\nrollout\n"
+    runs = flow_runs_by_name()
+    for name in ("pipeline", "prepare", "rollout"):
+        assert runs[name] and all(r.state.is_completed() for r in runs[name]), name
+    client = MlflowClient()
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["herl.stage"] == "pipeline"
+    assert parent.data.tags["prefect.flow_run_id"] in {str(r.id) for r in runs["pipeline"]}
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert sorted(c.info.run_name for c in children) == ["prepare", "rollout"]
+    stage_flow_ids = {str(r.id) for name in ("prepare", "rollout") for r in runs[name]}
+    for child in children:
+        stage = child.info.run_name
+        # the md5 in dvc.lock AFTER the stage ran (the stage itself could only see the previous lock: none)
+        assert child.data.tags[f"dvc.out.out/{stage}.txt.md5"] == lock_md5(repo, stage, f"out/{stage}.txt")
+        assert child.data.tags["prefect.flow_run_id"] in stage_flow_ids
+        assert child.info.status == "FINISHED" and child.data.metrics["lines"] == {"prepare": 2, "rollout": 3}[stage]
+    assert result["stages"] == {c.info.run_name: c.info.run_id for c in children}
+    assert parent.data.tags["dvc.out.out/rollout.txt.md5"] == lock_md5(repo, "rollout", "out/rollout.txt")
+
+    again = pipeline(root=str(repo), stages=["prepare", "rollout"])  # nothing changed: DVC skips both stages
+    assert again["stages"] == {"prepare": "skipped (unchanged)", "rollout": "skipped (unchanged)"}
+
+
+def test_profile_request_that_disagrees_with_params_is_refused(repo):
+    with pytest.raises(ValueError, match="dvc exp run -S profile=cpu"):
+        pipeline(root=str(repo), profile="cpu", stages=["prepare"])
+    assert not (repo / "dvc.lock").exists()  # nothing ran
+
+
+def test_second_concurrent_pipeline_is_refused_and_the_first_completes(repo, tmp_path_factory):
+    import typer
+    from prefect.settings import PREFECT_API_URL
+    from typer.testing import CliRunner
+
+    from flows.pipeline_cli import register
+
+    gate = tmp_path_factory.mktemp("gate") / "open"
+    env = {**os.environ, "HERL_TEST_GATE": str(gate), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    code = f"from flows.pipeline import pipeline; pipeline(root={str(repo)!r}, stages=['prepare'])"
+    first = subprocess.Popen([sys.executable, "-c", code], cwd=repo, env=env)
+    try:
+        deadline = time.time() + 90
+        while not Path(str(gate) + ".started").exists():  # the stage runs: the first pipeline holds the lock
+            assert first.poll() is None and time.time() < deadline, "first pipeline did not start its stage"
+            time.sleep(0.2)
+        assert (repo / LOCK_FILE).read_text().startswith(f"pid {first.pid}, started ")
+        message = f"another herl pipeline is running in this workspace (pid {first.pid}, started "
+        with pytest.raises(WorkspaceBusy, match=r"wait for it or use `dvc exp run --queue`") as refused:
+            pipeline(root=str(repo), stages=["prepare"])
+        assert message in str(refused.value)
+        app = typer.Typer()
+        register(app)
+        t0 = time.time()
+        cli = CliRunner().invoke(app, ["pipeline", "--params", str(repo / "params.yaml"), "--stages", "prepare"])
+        assert cli.exit_code == 3 and message in " ".join(cli.output.split())
+        assert time.time() - t0 < 5  # refused at once, before any Prefect or DVC work
+        assert first.poll() is None  # the first is unharmed
+        gate.touch()
+        assert first.wait(timeout=120) == 0
+    finally:
+        gate.touch()
+        if first.poll() is None:
+            first.kill()
+    assert (repo / "out/prepare.txt").read_text() == "raw\nprepare\n"
+    assert "prepare" in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert (repo / LOCK_FILE).read_text() == ""  # released
+
+
+# ------------------------------------------------------------------------------------------------------ deployment
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = check()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_cron_deployment_registers_and_runs_on_a_real_prefect_server(repo, tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+    }
+    prefect = [sys.executable, "-m", "prefect"]
+    server = subprocess.Popen(
+        [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    serve = None
+    try:
+        wait_for(lambda: httpx.get(f"{api}/health", timeout=2).json() is True, 90, "prefect server health")
+        code = (
+            "from flows.deploy import serve_pipeline; "
+            f"serve_pipeline(name='nightly', cron='0 3 * * *', root={str(repo)!r}, stages=['prepare'])"
+        )
+        serve = subprocess.Popen([sys.executable, "-c", code], cwd=MAIN, env=env, start_new_session=True)
+        dep = wait_for(
+            lambda: (
+                (r := httpx.get(f"{api}/deployments/name/pipeline/nightly", timeout=5)).status_code == 200 and r.json()
+            ),
+            60,
+            "deployment pipeline/nightly",
+        )
+        assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+        assert dep["parameters"] == {"root": str(repo.resolve()), "params": "params.yaml", "stages": ["prepare"]}
+        subprocess.run([*prefect, "deployment", "run", "pipeline/nightly"], env=env, check=True, capture_output=True)
+
+        def runs(state: str):
+            body = {"deployments": {"id": {"any_": [dep["id"]]}}, "flow_runs": {"state": {"type": {"any_": [state]}}}}
+            return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=5).json()
+
+        done = wait_for(lambda: runs("COMPLETED"), 120, "the triggered deployment run to complete")
+        assert len(done) == 1 and (repo / "out/prepare.txt").read_text() == "raw\nprepare\n"
+        wait_for(lambda: runs("SCHEDULED"), 30, "cron runs scheduled by the server")  # the scheduler works
+    finally:
+        for proc in (serve, server):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
