@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -61,6 +62,72 @@ def format_step(step: int, metrics: dict) -> str:
     return "  ".join(parts)
 
 
+def quiet_transformers() -> None:
+    """No "Loading weights" / "Writing model shards" progress bars from transformers in the stage output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def stage_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can fix (bad data, config, model source, diverged training): a message, exit code 1."""
+    from herl_core.models import ModelSourceError
+    from herl_core.train import NonFiniteError
+
+    return ValueError, FileNotFoundError, ModelSourceError, NonFiniteError
+
+
+def run_tracked(stage: str, params: Path, cfg, runner: Callable, outputs: list[str], resume: bool = True) -> dict:
+    """``runner(tracker)`` inside the stage's MLflow run (flows.tracking.stage_run); user errors → exit code 1."""
+    from flows.tracking import stage_run
+
+    quiet_transformers()
+    try:
+        with stage_run(cfg, stage, params_path=params, resume=resume) as tracker:
+            summary = runner(tracker)
+            tracker.finish(summary, outputs=outputs)
+    except stage_errors() as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    json.dump(summary, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return summary
+
+
+def banner(stage: str, cfg) -> None:
+    console.print(f"[bold]herl {stage}[/bold] profile={cfg.profile} model={cfg.model.name_or_path} config={cfg.hash()}")
+
+
+@app.command()
+def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Write the training prompts (seeded constraints) and the held-out IFEval/IFBench sets to prepare.out_dir."""
+    from herl_core.stages import run_prepare
+
+    cfg = load_config(params, profile, set_)
+    banner("prepare", cfg)
+    run_tracked("prepare", params, cfg, lambda t: run_prepare(cfg, sink=t.sink), [cfg.prepare.out_dir])
+
+
+@app.command()
+def rollout(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Sample G responses per prompt from the policy and score them (readiness probe, part 1) → rollout.out_dir."""
+    from herl_core.stages import run_rollout
+
+    cfg = load_config(params, profile, set_)
+    banner("rollout", cfg)
+    run_tracked("rollout", params, cfg, lambda t: run_rollout(cfg, sink=t.sink), [cfg.rollout.out_dir])
+
+
+@app.command()
+def hindsight(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Hindsight prompts, rewrites, re-scores and bonus on the rollouts (readiness probe, part 2) → herl.out_dir."""
+    from herl_core.stages import run_hindsight
+
+    cfg = load_config(params, profile, set_)
+    banner("hindsight", cfg)
+    run_tracked("hindsight", params, cfg, lambda t: run_hindsight(cfg, sink=t.sink), [cfg.herl.out_dir])
+
+
 @app.command()
 def train(
     params: ParamsOpt = Path("params.yaml"),
@@ -71,9 +138,7 @@ def train(
     """Train the policy with HeRL (or GRPO with --set herl.enabled=false): rollout → hindsight → update per step."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from herl_core.io import DataError
     from herl_core.stages import run_train
-    from herl_core.train import NonFiniteError
 
     cfg = load_config(params, profile, set_)
     console.print(f"[bold]herl train[/bold] profile={cfg.profile} model={cfg.model.name_or_path} "
@@ -85,14 +150,22 @@ def train(
             bar.update(task, completed=step)
             bar.console.print(format_step(step, metrics))
 
-        try:
-            summary = run_train(cfg, resume=resume, on_step=on_step)
-        except (DataError, NonFiniteError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
+        def runner(tracker) -> dict:
+            extras = {"mlflow_run_id": tracker.run_id}
+            return run_train(cfg, resume=resume, sink=tracker.sink, on_step=on_step, checkpoint_extras=extras)
+
+        run_tracked("train", params, cfg, runner, [cfg.train.report_dir], resume=resume)
     console.print(f"policy saved to {cfg.train.out_dir}")
-    json.dump(summary, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+
+
+@app.command()
+def evaluate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Score the trained policy on evaluate.benchmarks (IFEval/IFBench official metrics) → evaluate.out_dir."""
+    from herl_core.stages import run_evaluate
+
+    cfg = load_config(params, profile, set_)
+    banner("evaluate", cfg)
+    run_tracked("evaluate", params, cfg, lambda t: run_evaluate(cfg, sink=t.sink), [cfg.evaluate.out_dir])
 
 
 @app.command("config")

@@ -2,20 +2,34 @@
 
 Stage names are the same everywhere: ``prepare``, ``rollout``, ``hindsight``, ``train``, ``evaluate`` (the CLI
 subcommands, flows/, dvc.yaml and the MLflow child runs). Each function returns a small summary dict (the stage's
-DVC metric) and never leaves a half-written output.
+DVC metric) and never leaves a half-written output. Outputs (docs/pipeline.md):
+
+* prepare   → ``prepare.out_dir``/{train,ifeval,ifbench}.jsonl, report.json
+* rollout   → ``rollout.out_dir``/rollouts.jsonl (RolloutRecord), summary.json          (spec §3.2-3.3)
+* hindsight → ``herl.out_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json  (spec §3.4-3.9)
+* train     → ``train.out_dir`` (policy), ``train.report_dir``/*.jsonl, summary.json     (spec §3.15)
+* evaluate  → ``evaluate.out_dir``/<benchmark>/{metrics,per_type}.json, samples.jsonl, metrics.json  (spec §3.14)
+
+The rollout and hindsight stages run the functions of one training step once (the readiness probe,
+herl_core.probe), with the seeds of step 0 (``call_seed(train.seed, 0, phase)``); they are not inputs of train.
+Departure: ``run_train`` resumes only from a checkpoint written under the same training settings
+(``train_fingerprint``); otherwise it starts fresh and deletes the stale checkpoints, so a changed parameter under
+``dvc repro`` / ``dvc exp run`` never continues the previous run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from herl_core.config import Config
-from herl_core.io import DataError, atomic_dir, read_jsonl, write_json_atomic
+from herl_core.config import Config, ModelConfig
+from herl_core.io import DataError, atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic
 from herl_core.models import save_checkpoint_weights
-from herl_core.records import PromptRecord
-from herl_core.sink import JsonlSink, MetricsSink, MultiSink
+from herl_core.records import PromptRecord, RolloutRecord
+from herl_core.sink import JsonlSink, MetricsSink, MultiSink, NullSink
 
 STAGES = ("prepare", "rollout", "hindsight", "train", "evaluate")
 
@@ -59,21 +73,26 @@ def run_train(
     sink: MetricsSink | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     trainer_kwargs: dict | None = None,
+    checkpoint_extras: dict | None = None,
 ) -> dict:
     """The ``train`` stage: the online HeRL loop; writes the policy folder, per-step logs and a summary.
 
     Outputs: ``train.out_dir`` (HF safetensors policy), ``train.report_dir``/{steps,experiences,merges,
-    rollouts}.jsonl and summary.json. Resume checkpoints live in ``train.checkpoint_dir``.
+    rollouts}.jsonl and summary.json. Resume checkpoints live in ``train.checkpoint_dir``; ``checkpoint_extras``
+    (e.g. the tracking run id, for re-attaching on resume) is stored in every checkpoint written from now on.
     """
     from herl_core.train import Trainer
 
     prompts = load_prompts(cfg.train.data)
     report = JsonlSink(cfg.train.report_dir)
     trainer = Trainer(cfg, prompts, sink=MultiSink(report, sink) if sink else report, **(trainer_kwargs or {}))
-    if resume and trainer.resume(cfg.train.checkpoint_dir):
+    fingerprint = train_fingerprint(cfg)
+    if resume and _resumable(cfg, fingerprint) and trainer.resume(cfg.train.checkpoint_dir):
         report.truncate_after(trainer.state.step - 1)
     else:
+        _drop_checkpoints(cfg.train.checkpoint_dir)
         report.reset()
+    trainer.state.extras.update({**(checkpoint_extras or {}), "train_fingerprint": fingerprint})
     history = _read_history(Path(cfg.train.report_dir) / "steps.jsonl")
     history += trainer.train(on_step=on_step)
     trainer.save(cfg.train.checkpoint_dir, keep=cfg.train.keep_checkpoints)
@@ -88,3 +107,167 @@ def _read_history(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# Settings that do not change what a training step computes: a checkpoint written under other values still resumes.
+_RESUME_NEUTRAL = {
+    "train": {"steps", "save_every", "keep_checkpoints", "out_dir", "checkpoint_dir", "report_dir", "threads",
+              "max_nonfinite_steps"},
+    "rollout": {"prompts", "policy", "out_dir"},
+    "herl": {"prompts", "out_dir"},
+}  # fmt: skip
+
+
+def train_fingerprint(cfg: Config) -> str:
+    """Hash of what a training step depends on: the model/reward/rollout/herl/train settings (minus
+    ``_RESUME_NEUTRAL``) and the bytes of ``train.data``. Stored in every checkpoint; resume needs it equal."""
+    tree = {}
+    for section in ("model", "reward", "rollout", "herl", "train"):
+        values = getattr(cfg, section).model_dump(mode="json")
+        tree[section] = {k: v for k, v in values.items() if k not in _RESUME_NEUTRAL.get(section, set())}
+    data = Path(cfg.train.data)
+    tree["data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest() if data.is_file() else None
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resumable(cfg: Config, fingerprint: str) -> bool:
+    """The newest checkpoint was written under ``fingerprint`` and not past ``train.steps``."""
+    from herl_core.checkpoint import STATE_FILE, latest_checkpoint
+
+    found = latest_checkpoint(cfg.train.checkpoint_dir)
+    if found is None:
+        return False
+    trainer = json.loads((found / STATE_FILE).read_text(encoding="utf-8"))["trainer"]
+    return trainer.get("extras", {}).get("train_fingerprint") == fingerprint and trainer["step"] <= cfg.train.steps
+
+
+def _drop_checkpoints(root: str) -> None:
+    from herl_core.checkpoint import list_checkpoints
+
+    for folder in list_checkpoints(root):
+        shutil.rmtree(folder)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# prepare, rollout, hindsight, evaluate
+
+
+def run_prepare(cfg: Config, sink: MetricsSink | None = None) -> dict:
+    """The ``prepare`` stage: training prompts (``prepare.train_source`` or ``prepare.hub_dataset``, a local
+    .json/.jsonl/.parquet file or a hub id) with seeded constraints, and the held-out IFEval/IFBench sets.
+    Returns the data report (also ``prepare.out_dir``/report.json)."""
+    from herl_core.prepare import run_prepare as prepare_data
+
+    return prepare_data(cfg.prepare)
+
+
+def policy_config(cfg: Config, policy: str | None) -> ModelConfig:
+    """``cfg.model`` pointed at a checkpoint folder when ``policy`` is given."""
+    if policy is None:
+        return cfg.model
+    if not Path(policy).is_dir():
+        raise DataError(f"{policy}: policy folder not found")
+    return cfg.model.model_copy(update={"name_or_path": policy})
+
+
+def run_rollout(cfg: Config, sink: MetricsSink | None = None) -> dict:
+    """The ``rollout`` stage: G = ``rollout.n`` samples for each of the first ``rollout.prompts`` prompts of
+    ``train.data`` from ``rollout.policy`` (else ``model``), scored; writes rollouts.jsonl and summary.json."""
+    from herl_core.models import load_policy
+    from herl_core.probe import rollout_summary
+    from herl_core.rewards import make_reward
+    from herl_core.rollout import make_engine
+    from herl_core.rollout.groups import rollout_records, sample_groups
+    from herl_core.train import call_seed
+
+    prompts = load_prompts(cfg.train.data)[: cfg.rollout.prompts]
+    model, tok = load_policy(policy_config(cfg, cfg.rollout.policy))
+    engine = make_engine(cfg.rollout, model, tok, seed=cfg.train.seed)
+    seed = call_seed(cfg.train.seed, 0, 0)  # the seed of training step 0's rollout
+    groups = sample_groups(prompts, engine, make_reward(cfg.reward), tok, cfg.rollout, seed)
+    rows = rollout_records(groups, step=None)
+    (sink or NullSink()).log_records("rollouts", rows, 0)
+    out = Path(cfg.rollout.out_dir)
+    write_jsonl_atomic(out / "rollouts.jsonl", rows)
+    summary = {**rollout_summary(rows), "policy": cfg.rollout.policy or cfg.model.name_or_path}
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
+    """The ``hindsight`` stage (the readiness probe): the hindsight step of spec §3.4-3.9 once, on the groups of the
+    first ``herl.prompts`` prompts of ``rollout.out_dir``/rollouts.jsonl, by the policy that wrote them."""
+    import numpy as np
+
+    from herl_core.hindsight.step import hindsight_step
+    from herl_core.models import load_policy
+    from herl_core.probe import hindsight_summary
+    from herl_core.rewards import make_reward
+    from herl_core.rollout import make_engine
+    from herl_core.rollout.groups import groups_from_rollouts
+    from herl_core.train import call_seed
+
+    source = Path(cfg.rollout.out_dir) / "rollouts.jsonl"
+    rows = read_jsonl(source, RolloutRecord)
+    prompts = load_prompts(cfg.train.data)
+    model, tok = load_policy(policy_config(cfg, cfg.rollout.policy))
+    groups = groups_from_rollouts(prompts, rows, tok, cfg.rollout, source=str(source))[: cfg.herl.prompts]
+    engine = make_engine(cfg.rollout, model, tok, seed=cfg.train.seed)
+    seed = cfg.train.seed
+    out = hindsight_step(
+        groups, engine, make_reward(cfg.reward), tok, cfg.herl, cfg.rollout, np.random.default_rng([seed, 0]),
+        seed=call_seed(seed, 0, 1),
+    )  # fmt: skip
+    sink = sink or NullSink()
+    sink.log_records("experiences", out.experiences, 0)
+    sink.log_records("merges", out.merges, 0)
+    folder = Path(cfg.herl.out_dir)
+    write_jsonl_atomic(folder / "experiences.jsonl", out.experiences)
+    write_jsonl_atomic(folder / "merges.jsonl", out.merges)
+    summary = hindsight_summary(out.experiences, out.metrics, groups=len(groups))
+    write_json_atomic(folder / "summary.json", summary)
+    return summary
+
+
+def eval_policy(cfg: Config) -> tuple[ModelConfig, str, bool]:
+    """(model config, policy name, fallback?): ``evaluate.policy``, else ``train.out_dir`` when it holds a trained
+    policy, else the untrained ``model.name_or_path`` (fallback = True, reported in the summary)."""
+    if cfg.evaluate.policy is not None:
+        return policy_config(cfg, cfg.evaluate.policy), cfg.evaluate.policy, False
+    if (Path(cfg.train.out_dir) / "config.json").is_file():
+        return policy_config(cfg, cfg.train.out_dir), cfg.train.out_dir, False
+    return cfg.model, cfg.model.name_or_path, True
+
+
+def run_evaluate(cfg: Config, sink: MetricsSink | None = None) -> dict:
+    """The ``evaluate`` stage: greedy (``evaluate.temperature``) chat-template answers of the policy on each of
+    ``evaluate.benchmarks`` (``prepare.out_dir``/<benchmark>.jsonl, first ``evaluate.limit``), official IF metrics,
+    ``evaluate.self_improve_rounds`` of test-time hindsight revision. Returns the flat metrics.json."""
+    from herl_core.evaluate import evaluate_policy, write_eval
+    from herl_core.models import encode_prompt, load_policy
+    from herl_core.rollout import make_engine
+    from herl_core.rollout.base import SamplingParams
+
+    e = cfg.evaluate
+    model_cfg, policy, fallback = eval_policy(cfg)
+    model, tok = load_policy(model_cfg)
+    engine = make_engine(cfg.rollout.model_copy(update={"generation_batch_size": e.batch_size}), model, tok)
+    sampling = SamplingParams(temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=cfg.train.seed)
+
+    def answer(texts: list[str], chat: bool) -> list[str]:
+        ids = [encode_prompt(tok, t, cfg.rollout.system_prompt, chat=chat) for t in texts]
+        return [g.text for g in engine.generate(ids, 1, sampling)]
+
+    metrics: dict = {"policy": policy, "policy_fallback": fallback}
+    for bench in e.benchmarks:
+        records = load_prompts(Path(cfg.prepare.out_dir) / f"{bench}.jsonl", validate_constraints=False)[: e.limit]
+        result = evaluate_policy(
+            records,
+            generate=lambda texts: answer(texts, chat=True),
+            rounds=e.self_improve_rounds,
+            revise=lambda texts: answer(texts, chat=cfg.herl.hindsight_chat_template),
+        )
+        write_eval(result, Path(e.out_dir) / bench)
+        metrics.update({f"{bench}/{k}": v for k, v in result.metrics.items() if not isinstance(v, (list, dict))})
+    write_json_atomic(Path(e.out_dir) / "metrics.json", metrics)
+    return metrics
