@@ -1,0 +1,556 @@
+"""The HeRL-vs-GRPO study (issue 4 items 3-4; the paper's claim and ablation are spec §7.1-7.2).
+
+Arms (spec §7.2 ablation at our scale; "NaiveHE" has no code path, §7.2, so it is not an arm):
+
+* ``base``: the starting model, not trained, evaluated once (greedy decoding does not depend on the seed);
+* ``grpo``: RLVR through the same trainer (``herl.enabled=false``, spec §6 baselines);
+* ``herl``: the defaults (hindsight rewrites + bonus, spec §3.4-3.12);
+* ``herl_no_bonus``: hindsight without the bonus reward (``herl.bonus_enabled=false``, §3.8; the ablation's "+HE").
+
+Equal rollout budget: every trained arm runs with the same resolved ``rollout``/``train`` budget keys
+(``check_equal_budget``); HeRL's rewrites are extra generation by design and are reported (``perf/gen_tokens``).
+Every arm × seed writes only under ``<out_dir>/<arm>-s<seed>/`` (``run_overrides``), never into the pipeline's DVC
+outputs. This module is pure: planning, statistics, report text and plots; ``flows/study.py`` runs the commands.
+
+Statistics: mean ± 95% confidence half-width with Student's t over the n seeds (``mean_ci``); n = 1 → no CI.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from herl_core.config import Config, StrictModel, _deep_merge, _line_of, parse_overrides
+
+ArmName = Literal["base", "grpo", "herl", "herl_no_bonus"]
+ARMS: dict[str, list[str]] = {
+    "base": [],
+    "grpo": ["herl.enabled=false"],
+    "herl": [],
+    "herl_no_bonus": ["herl.bonus_enabled=false"],
+}
+"""Arm → the ``--set`` overrides that define it (on top of the study's shared overrides)."""
+
+METRICS = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose")
+BUDGET_KEYS = (
+    "rollout.n",
+    "rollout.max_new_tokens",
+    "rollout.temperature",
+    "train.steps",
+    "train.prompts_per_step",
+    "train.mini_batch_prompts",
+    "train.lr",
+    "train.data",
+    "model.name_or_path",
+    "evaluate.benchmarks",
+    "evaluate.limit",
+    "evaluate.max_new_tokens",
+    "evaluate.self_improve_rounds",
+)
+"""Resolved config keys that must agree across trained arms (same prompts, G, lengths, steps, eval set)."""
+
+
+class StudyError(ValueError):
+    """A study file that does not validate, or a run folder that belongs to another configuration."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# config (study.yaml)
+
+
+class StudyConfig(StrictModel):
+    """One study: which params profile, arms, seeds and shared overrides; where runs and the report go."""
+
+    params: Annotated[str, Field(description="herl params file every command loads.")] = "params.yaml"
+    params_profile: Annotated[str, Field(description="Profile of the params file passed as --profile.")] = "cpu"
+    arms: Annotated[list[ArmName], Field(min_length=1, description="Arms to run (ARMS).")] = list(ARMS)  # type: ignore[assignment]
+    seeds: Annotated[list[int], Field(min_length=1, description="train.seed values; one run per trained arm each.")] = [
+        0,
+        1,
+        2,
+    ]
+    overrides: Annotated[
+        list[str], Field(description="--set section.key=value applied to every command of every arm (the budget).")
+    ] = []
+    out_dir: Annotated[str, Field(description="Root of the run folders <arm>-s<seed>/ and the prepared data.")] = (
+        "runs/study"
+    )
+    report: Annotated[str, Field(description="Markdown report; .json next to it, plots in the folder of its stem.")] = (
+        "reports/study.md"
+    )
+    experiment: Annotated[str, Field(description="MLflow experiment of the study runs (tracking.experiment).")] = (
+        "herl-study"
+    )
+
+    @field_validator("seeds", "arms")
+    @classmethod
+    def _unique(cls, value: list) -> list:
+        if len(set(value)) != len(value):
+            raise ValueError(f"entries must be unique, got {value}")
+        return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _parsable(cls, value: list[str]) -> list[str]:
+        parse_overrides(value)  # raises ConfigError (a ValueError) naming the bad item
+        return value
+
+
+def load_study(path: str | Path = "study.yaml", profile: str | None = None) -> StudyConfig:
+    """Load ``study.yaml``: base keys ← ``profiles[profile]`` (else the file's ``profile``); errors name file:line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw, root = yaml.safe_load(text) or {}, yaml.compose(text)
+    except FileNotFoundError as exc:
+        raise StudyError(f"{path}: file not found") from exc
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: top level must be a mapping")
+    profiles = raw.pop("profiles", {}) or {}
+    chosen = profile if profile is not None else raw.pop("profile", None)
+    raw.pop("profile", None)
+    origin: tuple[str, ...] = ()
+    if chosen is not None:
+        if chosen not in profiles:
+            raise StudyError(f"{path}: unknown study profile {chosen!r}; known: {sorted(profiles)}")
+        raw, origin = _deep_merge(raw, profiles[chosen] or {}), ("profiles", chosen)
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            line = _line_of(root, origin + loc[:1]) or _line_of(root, loc[:1])
+            lines.append(f"{path}:{line or '?'}: {'.'.join(map(str, loc))}: {err['msg']} (got {err.get('input')!r})")
+        raise StudyError("invalid study config:\n  " + "\n  ".join(lines)) from exc
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# planning: one run folder and one command list per arm × seed
+
+
+def run_name(arm: str, seed: int | None) -> str:
+    """``base`` (seed-independent) or ``<arm>-s<seed>``."""
+    return arm if arm == "base" else f"{arm}-s{seed}"
+
+
+def data_dir(study: StudyConfig) -> Path:
+    """The study's own prepared data (``herl prepare`` output), so the pipeline's data/prepared is never touched."""
+    return Path(study.out_dir) / "data"
+
+
+def shared_overrides(study: StudyConfig) -> list[str]:
+    """``--set`` common to every command: the budget, the study's data folder, its experiment, no model logging."""
+    data = data_dir(study)
+    sets = [*study.overrides, f"prepare.out_dir={data}", f"train.data={data / 'train.jsonl'}"]
+    return [*sets, f"tracking.experiment={study.experiment}", "tracking.log_model=false"]
+
+
+def run_overrides(study: StudyConfig, arm: str, seed: int | None) -> list[str]:
+    """Every ``--set`` of one arm × seed: shared ones, the arm's definition, all outputs under its run folder.
+
+    ``base`` gets a ``train.out_dir`` that is never written, so evaluate falls back to ``model.name_or_path``
+    (the untrained model) instead of a pipeline policy.
+    """
+    run = Path(study.out_dir) / run_name(arm, seed)
+    sets = [*shared_overrides(study), *ARMS[arm], f"train.out_dir={run / 'policy'}"]
+    sets += [f"evaluate.out_dir={run / 'evaluate'}"]
+    if arm == "base":
+        return sets
+    sets += [f"train.seed={seed}", f"train.checkpoint_dir={run / 'checkpoints'}", f"train.report_dir={run / 'train'}"]
+    return [*sets, f"evaluate.policy={run / 'policy'}"]
+
+
+def herl_command(study: StudyConfig, stage: str, sets: Sequence[str]) -> list[str]:
+    """``herl <stage> --params P --profile p --set ...`` as an argv list (``herl`` = ``python -m flows.cli``)."""
+    argv = ["herl", stage, "--params", study.params, "--profile", study.params_profile]
+    for item in sets:
+        argv += ["--set", item]
+    return argv
+
+
+def plan(study: StudyConfig) -> list[dict[str, Any]]:
+    """The runs in order: base once, then each trained arm per seed (seed-major, so early seeds finish first)."""
+    runs = [{"arm": "base", "seed": None}] if "base" in study.arms else []
+    runs += [{"arm": a, "seed": s} for s in study.seeds for a in study.arms if a != "base"]
+    for run in runs:
+        sets = run_overrides(study, run["arm"], run["seed"])
+        stages = ["evaluate"] if run["arm"] == "base" else ["train", "evaluate"]
+        run["name"] = run_name(run["arm"], run["seed"])
+        run["dir"] = str(Path(study.out_dir) / run["name"])
+        run["overrides"] = sets
+        run["commands"] = [herl_command(study, stage, sets) for stage in stages]
+    return runs
+
+
+def prepare_command(study: StudyConfig) -> list[str]:
+    """``herl prepare`` into the study's own data folder (done when its report.json, written last, exists)."""
+    return herl_command(study, "prepare", shared_overrides(study))
+
+
+def eval_metrics_path(run: Mapping[str, Any]) -> Path:
+    """The file whose existence marks a finished arm × seed (the evaluate stage writes it last)."""
+    return Path(run["dir"]) / "evaluate" / "metrics.json"
+
+
+def collect_run(run: Mapping[str, Any], benchmarks: Sequence[str]) -> dict[str, Any]:
+    """A finished run's results for ``aggregate``: flat eval metrics, per-benchmark rounds, training steps."""
+    from herl_core.io import DataError
+
+    def read(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: cannot read the run's result: {exc}") from exc
+
+    folder = Path(run["dir"])
+    rounds = {b: read(folder / "evaluate" / b / "metrics.json").get("rounds") or [] for b in benchmarks}
+    steps = folder / "train" / "steps.jsonl"
+    history = (
+        [json.loads(x) for x in steps.read_text(encoding="utf-8").splitlines() if x.strip()] if steps.is_file() else []
+    )
+    return {
+        "arm": run["arm"],
+        "seed": run["seed"],
+        "eval": read(eval_metrics_path(run)),
+        "rounds": rounds,
+        "history": history,
+    }
+
+
+def check_equal_budget(configs: Mapping[str, Config]) -> None:
+    """Raise ``StudyError`` when trained arms differ in any BUDGET_KEYS value (names the key and the values)."""
+
+    def get(cfg: Config, dotted: str) -> Any:
+        section, key = dotted.split(".")
+        return getattr(getattr(cfg, section), key)
+
+    for key in BUDGET_KEYS:
+        values = {name: get(cfg, key) for name, cfg in configs.items()}
+        if len({repr(v) for v in values.values()}) > 1:
+            raise StudyError(f"unequal budget: {key} differs across arms: {values}")
+
+
+def shell_line(argv: Sequence[str]) -> str:
+    """The argv as one copy-pasteable shell line."""
+    return shlex.join(argv)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# statistics
+
+
+def _t_cdf(x: float, df: int) -> float:
+    """Exact Student t CDF for integer ν (Abramowitz & Stegun 26.7.3-4), θ = atan(x/√ν), c = cos θ:
+
+    ν odd:  2F − 1 = (2/π)[θ + sin θ (c + (2/3)c³ + (2·4)/(3·5)c⁵ + … + (2·4…(ν−3))/(3·5…(ν−2)) c^(ν−2))]
+    ν even: 2F − 1 = sin θ [1 + (1/2)c² + (1·3)/(2·4)c⁴ + … + (1·3…(ν−3))/(2·4…(ν−2)) c^(ν−2)]
+    """
+    theta = math.atan(x / math.sqrt(df))
+    c, s = math.cos(theta), math.sin(theta)
+    if df % 2:
+        term, total = c, c if df > 1 else 0.0
+        for k in range(3, df - 1, 2):  # term_k = term_{k-2} · (k−1)/k · c²
+            term *= (k - 1) / k * c * c
+            total += term
+        return 0.5 + (theta + s * total) / math.pi
+    term, total = 1.0, 1.0
+    for k in range(2, df - 1, 2):  # term_k = term_{k-2} · (k−1)/k · c²
+        term *= (k - 1) / k * c * c
+        total += term
+    return 0.5 + s * total / 2
+
+
+@functools.lru_cache(maxsize=256)
+def t_quantile(p: float, df: int) -> float:
+    """Student t quantile t(p, df) for 0.5 ≤ p < 1: the x with F(x) = p, by bisection on the exact CDF.
+
+    e.g. t(0.975, 1) = tan(0.475π) = 12.7062, t(0.975, 2) = 4.3027, t(0.975, ∞) → 1.96.
+    """
+    if not 0.5 <= p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 <= p < 1 and df >= 1, got p={p}, df={df}")
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean, sample sd (n−1) and the Student-t half-width h = t((1+level)/2, n−1) · s / √n; n = 1 → sd, h = None.
+
+    [0.2, 0.4, 0.6]: mean 0.4, s = 0.2, h = 4.3027 · 0.2 / √3 = 0.49683.
+    """
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(vals)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "half": None, "values": []}
+    mean = sum(vals) / n
+    if n == 1:
+        return {"n": 1, "mean": mean, "sd": None, "half": None, "values": vals}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = t_quantile((1 + level) / 2, n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "half": half, "values": vals}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# per-run values
+
+
+def eval_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """``{"<bench>/<metric>": value}`` for METRICS from the evaluate stage's flat ``metrics.json``."""
+    found = {k: v for k, v in metrics.items() if "/" in k and k.rsplit("/", 1)[1] in METRICS}
+    if not found:
+        raise StudyError(f"evaluate metrics.json holds no '<benchmark>/<metric>' key for {METRICS}: {sorted(metrics)}")
+    return found
+
+
+def round_values(rounds: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, float | None]]:
+    """Per self-improvement round r (0 = plain generation): ``{"<bench>/<metric>": value}``.
+
+    ``rounds``: ``{bench: the "rounds" list of <evaluate.out_dir>/<bench>/metrics.json}``; [] when not run.
+    """
+    n = max((len(r) for r in rounds.values()), default=0)
+    out = []
+    for i in range(n):
+        row: dict[str, float | None] = {}
+        for bench, per_round in rounds.items():
+            row.update({f"{bench}/{m}": per_round[i].get(m) if i < len(per_round) else None for m in METRICS})
+        out.append(row)
+    return out
+
+
+TRAIN_KEYS = {
+    "reward_final": ("reward/mean", "last"),
+    "reward_mean": ("reward/mean", "mean"),
+    "frac_zero_std_mean": ("reward/frac_zero_std", "mean"),
+    "rewrite_success_rate_mean": ("herl/rewrite_success_rate", "mean"),
+    "bonus_mean": ("herl/bonus_mean", "mean"),
+    "gen_tokens": ("perf/gen_tokens", "sum"),
+    "step_s_mean": ("perf/step_s", "mean"),
+}
+"""Training diagnostic → (per-step metric in steps.jsonl, reduction over steps)."""
+
+
+def train_values(history: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """TRAIN_KEYS reduced over one run's steps (None when the metric was never logged, e.g. herl/* for GRPO)."""
+    out: dict[str, float | None] = {}
+    for name, (key, how) in TRAIN_KEYS.items():
+        vals = [float(h[key]) for h in history if h.get(key) is not None and math.isfinite(float(h[key]))]
+        if not vals:
+            out[name] = None
+        elif how == "last":
+            out[name] = vals[-1]
+        else:
+            out[name] = sum(vals) if how == "sum" else sum(vals) / len(vals)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# aggregation over seeds
+
+
+def _ci_table(rows: Sequence[Mapping[str, float | None]]) -> dict[str, dict[str, Any]]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: mean_ci([r.get(k) for r in rows]) for k in keys}
+
+
+def curve(histories: Sequence[Sequence[Mapping[str, Any]]], key: str) -> dict[str, list]:
+    """Per step: mean over the runs that logged ``key`` and the 95% CI band (band = mean where n = 1)."""
+    steps = sorted({int(h["step"]) for hist in histories for h in hist if h.get(key) is not None})
+    out: dict[str, list] = {"step": steps, "mean": [], "low": [], "high": []}
+    for step in steps:
+        ci = mean_ci([h[key] for hist in histories for h in hist if h.get("step") == step and h.get(key) is not None])
+        half = ci["half"] or 0.0
+        out["mean"].append(ci["mean"])
+        out["low"].append(ci["mean"] - half)
+        out["high"].append(ci["mean"] + half)
+    return out
+
+
+CURVES = ("reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate")
+
+
+def aggregate(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per arm over seeds: eval metrics, per-round metrics and training diagnostics as ``mean_ci`` dicts, curves.
+
+    ``results``: one ``{"arm", "seed", "eval": flat metrics.json, "rounds": {bench: rounds}, "history": steps.jsonl
+    rows}`` per finished run (``collect_run``).
+    ``gen_tokens_vs_grpo[arm]`` = mean gen tokens of the arm / those of grpo (the real cost of the rewrites).
+    """
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    out: dict[str, Any] = {"eval": {}, "rounds": {}, "train": {}, "curves": {}, "seeds": {}}
+    for arm in arms:
+        runs = [r for r in results if r["arm"] == arm]
+        out["seeds"][arm] = [r["seed"] for r in runs]
+        out["eval"][arm] = _ci_table([eval_values(r["eval"]) for r in runs])
+        per_round = [round_values(r.get("rounds") or {}) for r in runs]
+        n_rounds = max((len(p) for p in per_round), default=0)
+        out["rounds"][arm] = [_ci_table([p[i] for p in per_round if i < len(p)]) for i in range(n_rounds)]
+        if arm != "base":
+            out["train"][arm] = _ci_table([train_values(r["history"]) for r in runs])
+            out["curves"][arm] = {k: curve([r["history"] for r in runs], k) for k in CURVES}
+    grpo_tokens = out["train"].get("grpo", {}).get("gen_tokens", {}).get("mean")
+    out["gen_tokens_vs_grpo"] = {}
+    for arm, table in out["train"].items():
+        mine = table.get("gen_tokens", {}).get("mean")
+        out["gen_tokens_vs_grpo"][arm] = mine / grpo_tokens if mine is not None and grpo_tokens else None
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# report
+
+
+def fmt_ci(ci: Mapping[str, Any] | None, scale: float = 100.0, digits: int = 1) -> str:
+    """``"41.2 ± 3.1"`` (values × scale); n = 1 → ``"41.2 (CI n/a)"``; no value → ``"–"``."""
+    if not ci or ci.get("mean") is None:
+        return "–"
+    mean = f"{ci['mean'] * scale:.{digits}f}"
+    return f"{mean} (CI n/a)" if ci.get("half") is None else f"{mean} ± {ci['half'] * scale:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _eval_section(summary: Mapping[str, Any]) -> list[str]:
+    keys = list(dict.fromkeys(k for table in summary["eval"].values() for k in table))
+    rows = [
+        [arm, str(len(summary["seeds"][arm])), *(fmt_ci(table.get(k)) for k in keys)]
+        for arm, table in summary["eval"].items()
+    ]
+    intro = "Accuracy in %, mean ± 95% CI half-width over seeds (Student t, n − 1 df); n = 1 → CI n/a."
+    return ["## Held-out evaluation (greedy)", "", intro, "", *_table(["arm", "n", *keys], rows), ""]
+
+
+def _rounds_section(summary: Mapping[str, Any]) -> list[str]:
+    if not any(len(r) > 1 for r in summary["rounds"].values()):
+        return ["## Test-time self-improvement", "", "Not run (evaluate.self_improve_rounds = 0).", ""]
+    keys = list(dict.fromkeys(k for rounds in summary["rounds"].values() for t in rounds for k in t))
+    rows = [
+        [arm, str(r), *(fmt_ci(table.get(k)) for k in keys)]
+        for arm, rounds in summary["rounds"].items()
+        for r, table in enumerate(rounds)
+    ]
+    intro = "Round 0 = plain generation; round r = after r revisions with the strict checker verdicts visible."
+    return ["## Test-time self-improvement", "", intro, "", *_table(["arm", "round", *keys], rows), ""]
+
+
+def _train_section(summary: Mapping[str, Any]) -> list[str]:
+    header = ["arm", "reward final", "reward mean", "frac_zero_std", "rewrite success", "bonus", "gen tokens", "× grpo"]
+    rows = []
+    for arm, t in summary["train"].items():
+        ratio = summary["gen_tokens_vs_grpo"].get(arm)
+        rows.append(
+            [
+                arm,
+                *(fmt_ci(t.get(k), 1.0, 3) for k in ("reward_final", "reward_mean", "frac_zero_std_mean")),
+                *(fmt_ci(t.get(k), 1.0, 3) for k in ("rewrite_success_rate_mean", "bonus_mean")),
+                fmt_ci(t.get("gen_tokens"), 1.0, 0),
+                "–" if ratio is None else f"{ratio:.2f}",
+            ]
+        )
+    intro = (
+        "Per run, then mean ± 95% CI over seeds: reward = mean constraint reward of the rollouts (final step / mean "
+        "over steps); frac_zero_std = share of groups with no reward spread (no GRPO signal), mean over steps; "
+        "rewrite success = share of rewrites scoring above their draft; gen tokens = rollout + rewrite tokens over "
+        "the whole run (× grpo = the extra generation HeRL pays)."
+    )
+    return ["## Training diagnostics", "", intro, "", *_table(header, rows), ""]
+
+
+def render_markdown(summary: Mapping[str, Any]) -> str:
+    """reports/study.md: header (command, date, budget), eval table, per-round table, diagnostics, plots, runs."""
+    meta = summary["meta"]
+    lines = [f"# HeRL vs GRPO study: profile `{meta['study_profile']}`", ""]
+    lines += [f"- date: {meta['date']}", f"- command: `{meta['command']}`"]
+    lines += [f"- params: `{meta['params']}` profile `{meta['params_profile']}`, seeds {meta['seeds']}"]
+    lines += [f"- equal budget (every trained arm): {meta['budget']}", ""]
+    lines += _eval_section(summary) + _rounds_section(summary) + _train_section(summary)
+    lines += ["## Plots", ""] + [f"![{name}]({path})" for name, path in meta.get("plots", {}).items()] + [""]
+    lines += ["## Runs", "", "Each run's exact commands (`herl` = `python -m flows.cli`):", ""]
+    for run in meta["runs"]:
+        lines += [f"- `{run['name']}`" + (" (reused)" if run.get("reused") else "")]
+        lines += [f"  - `{cmd}`" for cmd in run["commands"]]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# plots (matplotlib, Agg backend)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(summary: Mapping[str, Any], path: str | Path) -> Path | None:
+    """CURVES per step, one line per trained arm (mean over seeds) with its 95% CI band; None if nothing logged."""
+    keys = [k for k in CURVES if any(c.get(k, {}).get("step") for c in summary["curves"].values())]
+    if not keys:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys, strict=True):
+        for arm, curves in summary["curves"].items():
+            c = curves.get(key) or {}
+            if c.get("step"):
+                ax.plot(c["step"], c["mean"], marker="o", ms=3, label=arm)
+                ax.fill_between(c["step"], c["low"], c["high"], alpha=0.2)
+        ax.set_ylabel(key, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    axes[-1, 0].set_xlabel("training step")
+    fig.suptitle("training curves: mean over seeds, band = 95% CI", fontsize=9)
+    return _save(plt, fig, path)
+
+
+def plot_eval(summary: Mapping[str, Any], path: str | Path) -> Path | None:
+    """Grouped bars: one group per eval metric, one bar per arm (mean, %), whiskers = 95% CI half-width."""
+    keys = list(dict.fromkeys(k for table in summary["eval"].values() for k in table))
+    if not keys:
+        return None
+    plt = _pyplot()
+    arms = list(summary["eval"])
+    width = 0.8 / len(arms)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(keys)), 3.6))
+    for i, arm in enumerate(arms):
+        cis = [summary["eval"][arm].get(k) or {} for k in keys]
+        means = [100 * (c.get("mean") or 0.0) for c in cis]
+        errs = [100 * (c.get("half") or 0.0) for c in cis]
+        ax.bar([j + (i - (len(arms) - 1) / 2) * width for j in range(len(keys))], means, width, yerr=errs, label=arm)
+    ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("held-out evaluation: mean over seeds, whiskers = 95% CI", fontsize=9)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

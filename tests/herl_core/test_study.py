@@ -1,0 +1,282 @@
+"""herl_core.study: Student-t CI arithmetic, aggregation over seeds, planning, budget check, report and plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from herl_core.config import load_params
+from herl_core.study import (
+    ARMS,
+    StudyConfig,
+    StudyError,
+    aggregate,
+    check_equal_budget,
+    curve,
+    eval_values,
+    fmt_ci,
+    load_study,
+    mean_ci,
+    plan,
+    plot_curves,
+    plot_eval,
+    render_markdown,
+    round_values,
+    t_quantile,
+    train_values,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize(
+    ("p", "df", "expected"),
+    [
+        (0.975, 1, 12.7062),  # = tan(π·0.475), closed form for df = 1
+        (0.975, 2, 4.3027),  # = (2p−1)/√(2p(1−p)) = 0.95/√0.04875 = 4.30265, closed form for df = 2
+        (0.975, 4, 2.7764),  # printed t tables
+        (0.975, 29, 2.0452),
+        (0.95, 9, 1.8331),
+        (0.5, 3, 0.0),  # the median
+    ],
+)
+def test_t_quantile_matches_tables(p, df, expected):
+    assert t_quantile(p, df) == pytest.approx(expected, abs=5e-4)
+
+
+def test_t_quantile_closed_forms_exactly():
+    assert t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-7)
+    assert t_quantile(0.9, 2) == pytest.approx(0.8 / math.sqrt(2 * 0.9 * 0.1), rel=1e-7)
+
+
+def test_t_quantile_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="df >= 1"):
+        t_quantile(0.975, 0)
+    with pytest.raises(ValueError, match="0.5 <= p < 1"):
+        t_quantile(0.2, 3)
+
+
+def test_mean_ci_three_values_by_hand():
+    # mean = 0.4; s² = (0.04 + 0 + 0.04) / 2 = 0.04 → s = 0.2; h = 4.3027 · 0.2 / √3 = 0.49683
+    ci = mean_ci([0.2, 0.4, 0.6])
+    assert ci["n"] == 3
+    assert ci["mean"] == pytest.approx(0.4)
+    assert ci["sd"] == pytest.approx(0.2)
+    assert ci["half"] == pytest.approx(0.49683, abs=1e-5)
+
+
+def test_mean_ci_one_seed_has_no_ci_and_skips_missing():
+    assert mean_ci([0.7]) == {"n": 1, "mean": 0.7, "sd": None, "half": None, "values": [0.7]}
+    # None and NaN are not seeds: [0.1, 0.3] → mean 0.2, s = 0.141421, h = 12.7062 · 0.141421 / √2 = 1.27062
+    ci = mean_ci([0.1, None, float("nan"), 0.3])
+    assert (ci["n"], ci["mean"]) == (2, pytest.approx(0.2))
+    assert ci["half"] == pytest.approx(1.27062, abs=1e-4)
+    assert mean_ci([])["mean"] is None
+
+
+def test_fmt_ci():
+    assert fmt_ci({"mean": 0.4, "half": 0.49683}) == "40.0 ± 49.7"
+    assert fmt_ci({"mean": 0.4123, "half": None}) == "41.2 (CI n/a)"
+    assert fmt_ci(None) == "–"
+    assert fmt_ci({"mean": 1234.4, "half": 10.26}, 1.0, 0) == "1234 ± 10"
+
+
+# ---------------------------------------------------------------------------------------------------- aggregation
+
+
+def _history(rewards, zero_std, tokens, success=None):
+    rows = []
+    for step, (r, z, t) in enumerate(zip(rewards, zero_std, tokens, strict=True)):
+        row = {"step": step, "reward/mean": r, "reward/frac_zero_std": z, "perf/gen_tokens": t, "perf/step_s": 2.0}
+        if success is not None:
+            row |= {"herl/rewrite_success_rate": success[step], "herl/bonus_mean": 0.01}
+        rows.append(row)
+    return rows
+
+
+def _eval(ps, inst):
+    return {"policy": "x", "ifeval/prompt_strict": ps, "ifeval/inst_strict": inst, "ifeval/n_prompts": 4}
+
+
+RESULTS = [
+    {"arm": "base", "seed": None, "eval": _eval(0.25, 0.5), "rounds": {}, "history": []},
+    {"arm": "grpo", "seed": 0, "eval": _eval(0.30, 0.5), "history": _history([0.1, 0.3], [0.5, 0.25], [100, 100])},
+    {"arm": "grpo", "seed": 1, "eval": _eval(0.40, 0.6), "history": _history([0.2, 0.4], [0.5, 0.75], [100, 100])},
+    {
+        "arm": "herl",
+        "seed": 0,
+        "eval": _eval(0.50, 0.7),
+        "history": _history([0.2, 0.6], [0.25, 0.25], [150, 250], success=[0.5, 1.0]),
+    },
+]
+
+
+def test_eval_and_train_values_per_run():
+    assert eval_values(_eval(0.3, 0.5)) == {"ifeval/prompt_strict": 0.3, "ifeval/inst_strict": 0.5}
+    with pytest.raises(StudyError, match="no '<benchmark>/<metric>'"):
+        eval_values({"policy": "x"})
+    got = train_values(RESULTS[3]["history"])
+    # final reward 0.6, mean (0.2+0.6)/2 = 0.4, zero_std mean 0.25, success mean 0.75, tokens 150+250 = 400
+    assert got["reward_final"] == 0.6
+    assert got["reward_mean"] == pytest.approx(0.4)
+    assert got["frac_zero_std_mean"] == pytest.approx(0.25)
+    assert got["rewrite_success_rate_mean"] == pytest.approx(0.75)
+    assert got["gen_tokens"] == 400
+    assert train_values(RESULTS[1]["history"])["rewrite_success_rate_mean"] is None  # GRPO logs no herl/*
+
+
+def test_aggregate_over_seeds_by_hand():
+    summary = aggregate(RESULTS)
+    grpo = summary["eval"]["grpo"]["ifeval/prompt_strict"]
+    # [0.30, 0.40]: mean 0.35, s = 0.0707107, h = 12.7062 · 0.0707107 / √2 = 0.635310
+    assert grpo["mean"] == pytest.approx(0.35)
+    assert grpo["half"] == pytest.approx(0.635310, abs=1e-5)
+    assert summary["eval"]["base"]["ifeval/prompt_strict"]["half"] is None  # n = 1
+    assert summary["seeds"] == {"base": [None], "grpo": [0, 1], "herl": [0]}
+    assert "base" not in summary["train"]
+    # grpo final rewards [0.3, 0.4] → 0.35; frac_zero_std means [0.375, 0.625] → 0.5
+    assert summary["train"]["grpo"]["reward_final"]["mean"] == pytest.approx(0.35)
+    assert summary["train"]["grpo"]["frac_zero_std_mean"]["mean"] == pytest.approx(0.5)
+    # herl 400 tokens vs grpo 200 per run → 2.0× the generation
+    assert summary["gen_tokens_vs_grpo"] == {"grpo": pytest.approx(1.0), "herl": pytest.approx(2.0)}
+
+
+def test_curve_mean_and_band_per_step():
+    c = curve([RESULTS[1]["history"], RESULTS[2]["history"]], "reward/mean")
+    # step 0: [0.1, 0.2] → 0.15 ± 12.7062 · 0.0707107 / √2 = 0.635310; step 1: [0.3, 0.4] → 0.35
+    assert c["step"] == [0, 1]
+    assert c["mean"] == [pytest.approx(0.15), pytest.approx(0.35)]
+    assert c["high"][0] - c["mean"][0] == pytest.approx(0.635310, abs=1e-5)
+    single = curve([RESULTS[3]["history"]], "herl/rewrite_success_rate")
+    assert single["low"] == single["mean"] == single["high"] == [0.5, 1.0]
+
+
+def test_round_values_per_round_and_benchmark():
+    rounds = {"ifeval": [{"prompt_strict": 0.2}, {"prompt_strict": 0.3}], "ifbench": [{"prompt_strict": 0.1}]}
+    got = round_values(rounds)
+    assert len(got) == 2
+    assert got[1]["ifeval/prompt_strict"] == 0.3
+    assert got[1]["ifbench/prompt_strict"] is None  # ifbench ran one round only
+    assert round_values({}) == []
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _meta():
+    return {
+        "study_profile": "tiny",
+        "date": "2025-01-01T00:00:00+00:00",
+        "command": "herl study --profile tiny",
+        "params": "params.yaml",
+        "params_profile": "tiny",
+        "seeds": [0, 1],
+        "budget": {"rollout.n": 4},
+        "plots": {"eval_bars": "study/eval_bars.png"},
+        "runs": [{"name": "grpo-s0", "commands": ["herl train --set train.seed=0"], "reused": True}],
+    }
+
+
+def test_render_markdown_rows():
+    with_rounds = [dict(r) for r in RESULTS]
+    with_rounds[0]["rounds"] = {"ifeval": [{"prompt_strict": 0.25}, {"prompt_strict": 0.5}]}
+    text = render_markdown({"meta": _meta(), **aggregate(with_rounds)})
+    assert "| arm | n | ifeval/prompt_strict | ifeval/inst_strict |" in text
+    assert "| base | 1 | 25.0 (CI n/a) | 50.0 (CI n/a) |" in text
+    # grpo prompt_strict 35.0 ± 63.5; inst_strict [0.5, 0.6] → 55.0 ± 63.5
+    assert "| grpo | 2 | 35.0 ± 63.5 | 55.0 ± 63.5 |" in text
+    assert "| base | 1 | 50.0 (CI n/a) |" in text  # round 1 of the self-improvement table
+    assert "| herl | 0.600 (CI n/a) | 0.400 (CI n/a) | 0.250 (CI n/a) | 0.750 (CI n/a) |" in text
+    assert "| 2.00 |" in text  # herl's generation vs grpo
+    assert "`herl study --profile tiny`" in text and "2025-01-01" in text
+    assert "![eval_bars](study/eval_bars.png)" in text
+    assert "- `grpo-s0` (reused)" in text
+
+
+def test_render_markdown_without_rounds_says_so():
+    text = render_markdown({"meta": _meta(), **aggregate(RESULTS)})
+    assert "Not run (evaluate.self_improve_rounds = 0)." in text
+
+
+def test_plots_are_png(tmp_path):
+    summary = aggregate(RESULTS)
+    for made in (plot_curves(summary, tmp_path / "c.png"), plot_eval(summary, tmp_path / "e.png")):
+        assert made is not None and made.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_curves(aggregate(RESULTS[:1]), tmp_path / "none.png") is None  # base only: no curves
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+
+
+def test_plan_puts_every_output_under_the_run_folder():
+    study = StudyConfig(params_profile="tiny", seeds=[0, 1], overrides=["train.steps=2"], out_dir="runs/s")
+    runs = plan(study)
+    # base once, then 3 trained arms × 2 seeds, seed-major
+    assert [r["name"] for r in runs] == [
+        "base",
+        "grpo-s0",
+        "herl-s0",
+        "herl_no_bonus-s0",
+        "grpo-s1",
+        "herl-s1",
+        "herl_no_bonus-s1",
+    ]
+    herl = runs[2]
+    sets = dict(item.split("=", 1) for item in herl["overrides"])
+    for key in ("train.out_dir", "train.checkpoint_dir", "train.report_dir", "evaluate.out_dir", "evaluate.policy"):
+        assert sets[key].startswith("runs/s/herl-s0/"), key
+    assert sets["train.seed"] == "0" and sets["train.steps"] == "2" and sets["tracking.log_model"] == "false"
+    assert sets["train.data"] == "runs/s/data/train.jsonl"
+    assert [c[:2] for c in herl["commands"]] == [["herl", "train"], ["herl", "evaluate"]]
+    assert "herl.bonus_enabled=false" in runs[3]["overrides"] and "herl.enabled=false" in runs[1]["overrides"]
+    base = dict(item.split("=", 1) for item in runs[0]["overrides"])
+    assert "train.seed" not in base and "evaluate.policy" not in base  # falls back to model.name_or_path
+    assert base["train.out_dir"] == "runs/s/base/policy"
+    assert [c[1] for c in runs[0]["commands"]] == ["evaluate"]
+
+
+def test_equal_budget_check():
+    study = StudyConfig(params_profile="tiny", seeds=[0])
+    configs = {r["name"]: load_params(ROOT / "params.yaml", "tiny", r["overrides"]) for r in plan(study)}
+    check_equal_budget(configs)  # arms differ only in herl.* and seeds: passes
+    configs["herl-s0"] = load_params(ROOT / "params.yaml", "tiny", [*plan(study)[2]["overrides"], "rollout.n=6"])
+    with pytest.raises(StudyError, match=r"rollout\.n differs"):
+        check_equal_budget(configs)
+
+
+# ---------------------------------------------------------------------------------------------------- study.yaml
+
+
+@pytest.mark.parametrize("profile", ["tiny", "cpu", "gpu"])
+def test_repo_study_yaml_profiles_validate_with_params(profile):
+    study = load_study(ROOT / "study.yaml", profile)
+    assert set(study.arms) <= set(ARMS)
+    for run in plan(study)[:2]:
+        load_params(ROOT / study.params, study.params_profile, run["overrides"])  # raises on a bad override
+
+
+def test_load_study_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("seeds: [0]\nprofiles:\n  a:\n    seedz: [1]\n", encoding="utf-8")
+    with pytest.raises(StudyError, match=r"study\.yaml:4: seedz: Extra inputs"):
+        load_study(path, "a")
+    with pytest.raises(StudyError, match="unknown study profile 'b'"):
+        load_study(path, "b")
+    path.write_text("seeds: [0, 0]\n", encoding="utf-8")
+    with pytest.raises(StudyError, match=r"study\.yaml:1: seeds: .*unique"):
+        load_study(path)
+    path.write_text("arms: [base, dpo]\n", encoding="utf-8")
+    with pytest.raises(StudyError, match=r"arms\.1"):
+        load_study(path)
+
+
+def test_t_quantile_equals_scipy_where_available():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 5, 8, 30, 120):
+        for p in (0.9, 0.975, 0.995):
+            assert t_quantile(p, df) == pytest.approx(float(stats.t.ppf(p, df)), rel=1e-9)
