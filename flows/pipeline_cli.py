@@ -46,12 +46,15 @@ def register(app: typer.Typer) -> None:
         stages: StagesOpt = None,
     ) -> None:
         """Run the whole pipeline (dvc repro per stage as Prefect flows, MLflow parent + stage runs)."""
-        from flows.pipeline import WorkspaceBusy, pipeline, workspace_lock
+        from flows.pipeline import WorkspaceBusy, check_profile, ordered_stages, pipeline, workspace_lock
+        from herl_core.config import load_params
 
         root = params.resolve().parent
         try:
             with workspace_lock(root):  # refuse before spending seconds on a Prefect server
-                result = pipeline(root=str(root), params=params.name, profile=profile, stages=_stages(stages))
+                check_profile(load_params(params).profile, profile, params.name)  # ConfigError is a ValueError
+                chosen = ordered_stages(_stages(stages))
+                result = pipeline(root=str(root), params=params.name, profile=profile, stages=chosen)
         except WorkspaceBusy as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(3) from exc
@@ -98,7 +101,8 @@ def register(app: typer.Typer) -> None:
         from flows.tracking import tracking_uri
 
         uri = tracking_uri(cfg, params.resolve().parent)
-        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.tracking.experiment)
+        exists = not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///") :]).is_file()  # do not create one
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.tracking.experiment) if exists else None
         fragment = f"#/experiments/{exp.experiment_id}/runs" if exp else "(no runs yet: run `herl pipeline` first)"
         if uri.startswith(("http://", "https://")):
             print(f"tracking server: {uri.rstrip('/')}/{fragment}")
