@@ -1,0 +1,342 @@
+"""Prefect flow ``study``: HeRL vs GRPO (+ ablation) over seeds, then the report (issue 4 items 3-4, spec §7).
+
+What it does (planning, statistics and rendering live in ``herl_core.study``):
+
+1. load ``study.yaml`` (profile ``tiny`` | ``cpu`` | ``gpu``), resolve and validate the params config of every
+   arm × seed before running anything, and check the trained arms share one rollout budget;
+2. ``herl prepare`` into ``<out_dir>/data`` (skipped when its report.json exists);
+3. per arm × seed, as subprocesses: ``herl train`` then ``herl evaluate`` (``base``: evaluate only), every output
+   under ``<out_dir>/<arm>-s<seed>/``. A run whose ``evaluate/metrics.json`` exists is skipped; an interrupted
+   train resumes from its checkpoint (``herl train`` resumes by default). ``study_run.json`` in each run folder
+   records the config hash: a finished run made under another config is an error, never silently reused;
+4. aggregate → ``reports/study.md``, ``reports/study.json``, PNG plots in ``reports/study/``.
+
+These runs are experiments, not pipeline outputs: nothing is written to DVC-tracked paths (data/prepared,
+models/policy, reports/train, reports/evaluate), and dvc.yaml has no study stage (docs/study.md).
+
+MLflow (the simplest robust way): this flow creates, with ``MlflowClient`` and explicit run ids, a parent run
+``study`` and one child run per arm; each arm's stage commands run with ``HERL_MLFLOW_PARENT_RUN_ID`` = the arm's run
+id, so their own ``train`` / ``evaluate`` runs (flows/tracking.py) nest under the arm. After the report the arm runs
+get the aggregated metrics (``<metric>/mean``, ``<metric>/ci95``) and the parent the report files. The run ids are
+kept in ``<out_dir>/mlflow_runs.json`` so a resumed study logs to the same runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from herl_core.config import Config, load_params
+from herl_core.io import write_json_atomic, write_text_atomic
+from herl_core.study import (
+    BUDGET_KEYS,
+    StudyConfig,
+    StudyError,
+    aggregate,
+    check_equal_budget,
+    collect_run,
+    data_dir,
+    eval_metrics_path,
+    load_study,
+    plan,
+    plot_curves,
+    plot_eval,
+    prepare_command,
+    render_markdown,
+    shell_line,
+)
+
+RUN_FILE = "study_run.json"
+RUNS_FILE = "mlflow_runs.json"
+LOCK_FILE = ".study.lock"
+TAIL_LINES = 30
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# one command
+
+
+def _logger():
+    """The Prefect run logger inside a flow/task run, else a plain logger (``study.fn`` in unit tests)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("herl.study")
+
+
+class CommandError(RuntimeError):
+    """A herl subprocess failed; the message holds the command, the log file and the last lines."""
+
+
+def argv_of(cmd: list[str]) -> list[str]:
+    """``["herl", ...]`` → ``[python, "-m", "flows.cli", ...]`` (the same interpreter as this flow)."""
+    return [sys.executable, "-m", "flows.cli", *cmd[1:]] if cmd and cmd[0] == "herl" else list(cmd)
+
+
+def command_env(parent_run_id: str | None, tracking_uri: str | None) -> dict[str, str]:
+    """This process's environment + the MLflow parent of the stage runs and the study's tracking URI."""
+    from flows.tracking import PARENT_ENV, RUN_ENV
+
+    env = dict(os.environ)
+    env.pop(RUN_ENV, None)
+    env.pop(PARENT_ENV, None)
+    if parent_run_id:
+        env[PARENT_ENV] = parent_run_id
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+@task(name="herl-command", task_run_name="{label}", cache_policy=NO_CACHE)
+def run_command(cmd: list[str], root: str, log: str, env: dict[str, str], label: str = "herl") -> None:
+    """Run one ``herl`` command in ``root``, appending its output to ``log``; raise ``CommandError`` on failure."""
+    logger = _logger()
+    logger.info("%s", shell_line(cmd))
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    path = Path(root) / log
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as out:
+        out.write(f"\n$ {shell_line(cmd)}\n")
+        out.flush()
+        with subprocess.Popen(
+            argv_of(cmd), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                tail.append(line)
+            code = proc.wait()
+    if code != 0:
+        raise CommandError(f"`{shell_line(cmd)}` exited with {code} (log: {path}); last lines:\n{''.join(tail)}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# resume bookkeeping
+
+
+@contextmanager
+def study_lock(out_dir: Path) -> Iterator[None]:
+    """One study per ``out_dir`` at a time (``fcntl.flock`` on ``<out_dir>/.study.lock``, non-blocking)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StudyError(f"another study is running in {out_dir} (lock {out_dir / LOCK_FILE})") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def is_finished(run: dict[str, Any], root: Path, config_hash: str) -> bool:
+    """True when the run's evaluate metrics exist under the same config; a finished run of another config raises."""
+    folder = root / run["dir"]
+    if not (root / eval_metrics_path(run)).is_file():
+        return False
+    record = folder / RUN_FILE
+    made = json.loads(record.read_text(encoding="utf-8")).get("config_hash") if record.is_file() else None
+    if made != config_hash:
+        raise StudyError(
+            f"{folder} holds a finished run made under config {made or 'unknown'}, not {config_hash}: delete the "
+            "folder to recompute it, or set another out_dir in study.yaml"
+        )
+    return True
+
+
+def resolve(study: StudyConfig, runs: list[dict[str, Any]], root: Path) -> dict[str, Config]:
+    """Load and validate the params config of every run (fails before anything runs); check the budget."""
+    configs = {r["name"]: load_params(root / study.params, study.params_profile, r["overrides"]) for r in runs}
+    check_equal_budget(configs)
+    return configs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MLflow: parent "study", one child per arm
+
+
+def open_mlflow(study: StudyConfig, cfg: Config, root: Path, profile: str | None) -> tuple[Any, str, dict[str, str]]:
+    """(client, tracking uri, {"study": id, <arm>: id}); ids reused from ``<out_dir>/mlflow_runs.json`` if live."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from flows.tracking import artifact_location, experiment_id, git_info, set_tags, tracking_uri
+
+    uri = tracking_uri(cfg, root)
+    client = MlflowClient(tracking_uri=uri)
+    saved_path = root / study.out_dir / RUNS_FILE
+    saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
+    ids: dict[str, str] = {}
+    if saved.get("tracking_uri") == uri:
+        for name, run_id in saved.get("runs", {}).items():
+            try:
+                if client.get_run(run_id).info.lifecycle_stage == "active":
+                    ids[name] = run_id
+            except MlflowException:
+                pass
+    exp = experiment_id(client, study.experiment, artifact_location(cfg, uri, root))
+    tags = {**git_info(root), "herl.stage": "study", "herl.study_profile": str(profile)}
+    if "study" not in ids:
+        ids["study"] = client.create_run(exp, run_name="study").info.run_id
+    set_tags(client, ids["study"], tags)
+    for arm in study.arms:
+        if arm not in ids:
+            arm_tags = {"mlflow.parentRunId": ids["study"], "herl.arm": arm}
+            ids[arm] = client.create_run(exp, run_name=arm, tags=arm_tags).info.run_id
+        set_tags(client, ids[arm], {**tags, "herl.stage": "study-arm", "herl.arm": arm})
+    write_json_atomic(saved_path, {"tracking_uri": uri, "runs": ids})
+    return client, uri, ids
+
+
+def log_summary(client: Any, ids: dict[str, str], summary: dict[str, Any], files: list[Path]) -> None:
+    """Arm runs: aggregated eval + training metrics (mean, ci95); the parent: the report files. All end FINISHED."""
+    from mlflow.entities import Metric
+
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    for arm, run_id in ids.items():
+        if arm == "study":
+            continue
+        tables = {**summary["eval"].get(arm, {}), **summary["train"].get(arm, {})}
+        rows = []
+        for key, ci in tables.items():
+            rows += [Metric(f"{key}/mean", ci["mean"], now, 0)] if ci.get("mean") is not None else []
+            rows += [Metric(f"{key}/ci95", ci["half"], now, 0)] if ci.get("half") is not None else []
+        if rows:
+            client.log_batch(run_id, metrics=rows)
+        client.set_terminated(run_id, "FINISHED")
+    for path in files:
+        client.log_artifact(ids["study"], str(path), "report" if path.suffix != ".png" else "report/plots")
+    client.set_terminated(ids["study"], "FINISHED")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the flow
+
+
+def select(study: StudyConfig, arms: list[str] | None, seeds: list[int] | None) -> StudyConfig:
+    """The study restricted to ``arms`` / ``seeds`` (re-validated; None keeps the file's)."""
+    update = {k: v for k, v in (("arms", arms), ("seeds", seeds)) if v}
+    return StudyConfig.model_validate({**study.model_dump(), **update}) if update else study
+
+
+def write_report(study: StudyConfig, runs: list[dict], configs: dict[str, Config], root: Path, meta: dict) -> dict:
+    """Collect finished runs, aggregate, write study.json / study.md / plots; returns the summary."""
+    benchmarks = next(iter(configs.values())).evaluate.benchmarks
+    summary = aggregate([collect_run({**r, "dir": root / r["dir"]}, benchmarks) for r in runs])
+    report = root / study.report
+    plots_dir = report.with_suffix("")
+    made = {
+        "reward_curves": plot_curves(summary, plots_dir / "reward_curves.png"),
+        "eval_bars": plot_eval(summary, plots_dir / "eval_bars.png"),
+    }
+    meta["plots"] = {k: str(p.relative_to(report.parent)) for k, p in made.items() if p is not None}
+    summary = {"meta": meta, **summary}
+    write_json_atomic(report.with_suffix(".json"), summary)
+    write_text_atomic(report, render_markdown(summary))
+    return summary
+
+
+@flow(name="study", flow_run_name="study-{profile}", log_prints=True)
+def study(
+    study_file: str = "study.yaml",
+    profile: str | None = None,
+    root: str = ".",
+    arms: list[str] | None = None,
+    seeds: list[int] | None = None,
+    command: str | None = None,
+) -> dict:
+    """Run (or resume) the study of ``study_file``'s ``profile`` in ``root``; returns the report summary."""
+    logger = _logger()
+    base = Path(root).resolve()
+    spec = select(load_study(base / study_file, profile), arms, seeds)
+    runs = plan(spec)
+    configs = resolve(spec, runs, base)
+    first = next(iter(configs.values()))
+    meta = {
+        "study_profile": profile,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command or shlex.join(["herl", "study", "--study", study_file, "--profile", str(profile)]),
+        "params": spec.params,
+        "report": spec.report,
+        "params_profile": spec.params_profile,
+        "seeds": spec.seeds,
+        "budget": {k: getattr(getattr(first, k.split(".")[0]), k.split(".")[1]) for k in BUDGET_KEYS},
+        "runs": [{"name": r["name"], "commands": [shell_line(c) for c in r["commands"]]} for r in runs],
+    }
+    with study_lock(base / spec.out_dir):
+        client, uri, ids = open_mlflow(spec, first, base, profile)
+        try:
+            if not (base / data_dir(spec) / "report.json").is_file():
+                env = command_env(ids["study"], uri)
+                run_command(prepare_command(spec), str(base), f"{spec.out_dir}/prepare.log", env, label="prepare")
+            for run, row in zip(runs, meta["runs"], strict=True):
+                row["reused"] = is_finished(run, base, configs[run["name"]].hash())
+                if row["reused"]:
+                    logger.info("%s: finished earlier, reused", run["name"])
+                    continue
+                record = {"config_hash": configs[run["name"]].hash(), "overrides": run["overrides"]}
+                write_json_atomic(base / run["dir"] / RUN_FILE, record)
+                env = command_env(ids[run["arm"]], uri)
+                for cmd in run["commands"]:
+                    label = f"{run['name']}: herl {cmd[1]}"
+                    run_command(cmd, str(base), f"{run['dir']}/study.log", env, label=label)
+            summary = write_report(spec, runs, configs, base, meta)
+        except BaseException as exc:
+            for run_id in ids.values():
+                client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        report = base / spec.report
+        files = [report, report.with_suffix(".json"), *(report.parent / p for p in meta["plots"].values())]
+        log_summary(client, ids, summary, files)
+    logger.info("report: %s", report)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``herl study`` to the typer ``app`` (flows/cli.py calls ``register(app)``)."""
+
+    @app.command("study")
+    def study_command(
+        study_file: Annotated[str, typer.Option("--study", help="Study file (arms, seeds, budget).")] = "study.yaml",
+        profile: Annotated[str | None, typer.Option("--profile", help="Study profile: tiny, cpu, gpu.")] = None,
+        arms: Annotated[str | None, typer.Option(help="Comma-separated subset of the arms.")] = None,
+        seeds: Annotated[str | None, typer.Option(help="Comma-separated subset of the seeds.")] = None,
+    ) -> None:
+        """HeRL vs GRPO (+ no-bonus ablation, + base) over seeds at equal rollout budget → reports/study.md."""
+        try:
+            summary = study(
+                study_file=study_file,
+                profile=profile,
+                arms=arms.split(",") if arms else None,
+                seeds=[int(s) for s in seeds.split(",")] if seeds else None,
+                command=shlex.join(["herl", *sys.argv[1:]]),
+            )
+        except (ValueError, CommandError) as exc:  # StudyError, ConfigError, DataError are ValueErrors
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        meta = summary["meta"]
+        reused = sum(bool(r.get("reused")) for r in meta["runs"])
+        typer.echo(f"report: {meta['report']} ({len(meta['runs'])} runs, {reused} reused)")
