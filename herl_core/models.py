@@ -10,8 +10,9 @@ Sources of ``model.name_or_path``:
 * an existing local folder — ``from_pretrained(folder, local_files_only=True)``.
 * anything else — a hub id, loaded only when online (``HF_HUB_OFFLINE`` unset).
 
-Security: ``trust_remote_code`` is always passed explicitly (``cfg.trust_remote_code``, default False) and checkpoints
-are written as safetensors only.
+Security: ``trust_remote_code`` is always passed explicitly (``cfg.trust_remote_code``, default False), checkpoints
+are written as safetensors only, and weights are read from safetensors only (``use_safetensors=True``: a folder
+holding only a pickled ``pytorch_model.bin`` is an error, never unpickled).
 
 Cache folders are built in a temporary folder beside the target, marked complete by a file written last, then renamed
 into place; an ``fcntl.flock`` lock file serialises concurrent builders. A folder without the mark (an interrupted
@@ -225,6 +226,19 @@ def build_tiny(cfg: ModelConfig) -> tuple[Any, Any]:
     return model.to(DTYPES[cfg.dtype]), tok
 
 
+def explain_bad_folder(folder: Path, exc: Exception) -> None:
+    """Re-raise a failed load of a local folder as a clear ``ModelSourceError`` when the folder is not a model:
+    no ``config.json``, or no safetensors weights (pickled ``*.bin`` weights are refused, never unpickled)."""
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"model.name_or_path: {folder} is not a model folder (no config.json)") from exc
+    if isinstance(exc, OSError) and not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        found = f"; found {pickled}, but pickle files are never loaded" if pickled else ""
+        raise ModelSourceError(
+            f"model.name_or_path: {folder} has no safetensors weights (expected model.safetensors{found})"
+        ) from exc
+
+
 def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) for ``cfg``: embedded SmolLM2, tiny, local folder or hub id (see module docstring)."""
     from transformers import AutoModelForCausalLM
@@ -233,9 +247,14 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[A
         model, tok = build_tiny(cfg)
         return model.to(device), tok
     where, kwargs = _resolve(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        where, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kwargs
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, use_safetensors=True, **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        if kwargs.get("local_files_only"):
+            explain_bad_folder(Path(where), exc)
+        raise
     tok = load_tokenizer(cfg)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id

@@ -3,7 +3,8 @@
 The killed run is stopped after step 2's rollouts were logged and before its metrics were (the middle of a step:
 hindsight and the update are still running). ``herl train`` again (resume is the default) must then reproduce the
 uninterrupted run exactly: the same per-step metrics (timings aside), the same rollouts, experiences and merges, no
-step logged twice, and bit-identical final weights. A second process is killed while writing a checkpoint: the
+step logged twice, bit-identical final weights, and one MLflow run (the killed one, re-attached) holding each step
+once. A second process is killed while writing a checkpoint: the
 previous checkpoint stays the latest and the half-written folder is never counted.
 """
 
@@ -80,6 +81,7 @@ def test_sigkill_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, herl
     assert _steps_of(reports / "steps.jsonl") == [0, 1], "the kill was meant to land before step 2's metrics"
     assert 2 in _steps_of(reports / "rollouts.jsonl")  # half a step of records that the resume must drop
     assert not (crash / "models").exists()  # the final policy is written only at the end
+    before = _rows(reports / "steps.jsonl")
 
     resumed = herl.run(crash, "train", "--params", "params.yaml")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -88,6 +90,9 @@ def test_sigkill_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, herl
     # per-step metrics: 3 steps, none twice, equal line by line (timings aside)
     a, b = _rows(full / "reports/train/steps.jsonl"), _rows(reports / "steps.jsonl")
     assert [r["step"] for r in b] == [0, 1, 2]
+    # it really resumed: steps 0-1 were kept from the killed run (their wall-clock timings are the killed run's),
+    # not recomputed by a fresh start (run_train starts fresh when herl_core's code or the settings changed)
+    assert b[:2] == before, "the second run started from scratch instead of resuming"
     assert [_without_timings(r) for r in b] == [_without_timings(r) for r in a]
     assert a[2]["actor/updates"] == 2  # step 2 really trained (2 prompts, 1 per mini-batch): not a vacuous match
     # the records of every step (samples, rewards, hindsight rewrites, merges) are the same, each once
@@ -100,6 +105,25 @@ def test_sigkill_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, herl
     summary = json.loads((reports / "summary.json").read_text())
     assert summary["steps"] == 3.0
     assert latest_checkpoint(crash / "runs/train/checkpoints").name == "step-000003"
+    _assert_one_mlflow_run_with_each_step_once(crash, full)
+
+
+def _assert_one_mlflow_run_with_each_step_once(crash: Path, full: Path) -> None:
+    """The resume re-attached to the killed run: one train run, FINISHED, every step's metrics logged once."""
+    from mlflow import MlflowClient
+
+    def runs(ws: Path):
+        client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns.db'}")
+        exps = [e.experiment_id for e in client.search_experiments()]
+        return client, client.search_runs(exps, "attributes.run_name = 'train'")
+
+    client, (run,) = runs(crash)
+    assert run.info.status == "FINISHED" and run.data.tags.get("herl.resumed_at_step") == "2"
+    history = client.get_metric_history(run.info.run_id, "reward/mean")
+    full_client, (full_run,) = runs(full)
+    want = full_client.get_metric_history(full_run.info.run_id, "reward/mean")
+    assert sorted((m.step, m.value) for m in history) == sorted((m.step, m.value) for m in want)
+    assert sorted(m.step for m in history) == [0, 1, 2]
 
 
 TINY_NET = textwrap.dedent(
