@@ -120,13 +120,19 @@ _RESUME_NEUTRAL = {
 
 def train_fingerprint(cfg: Config) -> str:
     """Hash of what a training step depends on: the model/reward/rollout/herl/train settings (minus
-    ``_RESUME_NEUTRAL``) and the bytes of ``train.data``. Stored in every checkpoint; resume needs it equal."""
+    ``_RESUME_NEUTRAL``), the bytes of ``train.data`` and the herl_core source. Stored in every checkpoint; resume
+    needs it equal (DVC reruns train only when one of these changed, so a rerun never resumes a finished run)."""
     tree = {}
     for section in ("model", "reward", "rollout", "herl", "train"):
         values = getattr(cfg, section).model_dump(mode="json")
         tree[section] = {k: v for k, v in values.items() if k not in _RESUME_NEUTRAL.get(section, set())}
     data = Path(cfg.train.data)
     tree["data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest() if data.is_file() else None
+    code = hashlib.sha256()
+    package = Path(__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        code.update(source.relative_to(package).as_posix().encode() + b"\0" + source.read_bytes())
+    tree["code_sha256"] = code.hexdigest()
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -177,8 +183,7 @@ def run_rollout(cfg: Config, sink: MetricsSink | None = None) -> dict:
     from herl_core.probe import rollout_summary
     from herl_core.rewards import make_reward
     from herl_core.rollout import make_engine
-    from herl_core.rollout.groups import rollout_records, sample_groups
-    from herl_core.train import call_seed
+    from herl_core.rollout.groups import call_seed, rollout_records, sample_groups
 
     prompts = load_prompts(cfg.train.data)[: cfg.rollout.prompts]
     model, tok = load_policy(policy_config(cfg, cfg.rollout.policy))
@@ -204,8 +209,7 @@ def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
     from herl_core.probe import hindsight_summary
     from herl_core.rewards import make_reward
     from herl_core.rollout import make_engine
-    from herl_core.rollout.groups import groups_from_rollouts
-    from herl_core.train import call_seed
+    from herl_core.rollout.groups import call_seed, groups_from_rollouts
 
     source = Path(cfg.rollout.out_dir) / "rollouts.jsonl"
     rows = read_jsonl(source, RolloutRecord)

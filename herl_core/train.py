@@ -35,18 +35,13 @@ from herl_core.rewards import make_reward
 from herl_core.rewards.base import RewardFn
 from herl_core.rollout import make_engine
 from herl_core.rollout.base import RolloutEngine
-from herl_core.rollout.groups import rollout_records, sample_groups
+from herl_core.rollout.groups import call_seed, rollout_records, sample_groups
 from herl_core.samples import Group, Sample
 from herl_core.sink import MetricsSink, NullSink
 
 
 class NonFiniteError(RuntimeError):
     """Raised when updates keep producing NaN/inf: the run stops instead of saving a corrupted checkpoint."""
-
-
-def call_seed(seed: int, step: int, phase: int) -> int:
-    """A distinct, reproducible sampling seed per (run seed, step, phase): resume replays the same samples."""
-    return (seed * 1_000_003 + step * 16 + phase) % (2**31 - 1)
 
 
 def frac_zero_std(groups: Sequence[Group]) -> float:

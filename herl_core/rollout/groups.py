@@ -22,6 +22,12 @@ from herl_core.rollout.base import RolloutEngine, SamplingParams
 from herl_core.samples import Group, Sample
 
 
+def call_seed(seed: int, step: int, phase: int) -> int:
+    """A distinct, reproducible sampling seed per (run seed, step, phase): resume replays the same samples.
+    Phases: 0 = rollout, 1 = hindsight rewrites."""
+    return (seed * 1_000_003 + step * 16 + phase) % (2**31 - 1)
+
+
 def encode_prompts(records: Sequence[PromptRecord], tokenizer, rollout: RolloutConfig) -> list[list[int]]:
     """Chat-templated prompt ids (§3.1); a prompt longer than ``rollout.max_prompt_tokens`` is an error."""
     ids = [encode_prompt(tokenizer, rec.prompt, rollout.system_prompt) for rec in records]
