@@ -291,3 +291,35 @@ def test_cron_deployment_registers_and_runs_on_a_real_prefect_server(repo, tmp_p
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_real_dvc_yaml_runs_all_five_stages_on_the_tiny_profile(tmp_path, mlflow_uri, monkeypatch, init_repo):
+    """The project's dvc.yaml and stage commands, end to end on the tiny profile (the README's chain, small)."""
+    import shutil
+
+    if not (MAIN / "dvc.yaml").is_file():
+        pytest.fail("dvc.yaml is missing from the project")
+    params = (MAIN / "params.yaml").read_text().replace("profile: cpu", "profile: tiny", 1)
+    (tmp_path / "params.yaml").write_text(params)
+    shutil.copy(MAIN / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copytree(MAIN / "herl_core", tmp_path / "herl_core", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / ".gitignore").write_text(".herl/\nmlartifacts/\n")
+    init_repo(tmp_path)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "dvc init"], cwd=tmp_path, check=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    result = pipeline(root=str(tmp_path))
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert sorted(lock) == sorted(STAGES)
+    client = MlflowClient()
+    children = {s: client.get_run(rid) for s, rid in result["stages"].items()}
+    assert sorted(children) == sorted(STAGES) and all(r.info.status == "FINISHED" for r in children.values())
+    for stage, run in children.items():
+        for out in lock[stage]["outs"]:
+            assert run.data.tags[f"dvc.out.{out['path']}.md5"] == out["md5"]
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.data.tags["herl.evaluate_run_id"] == children["evaluate"].info.run_id
+    assert result["metrics"] and result["metrics"] == {k: parent.data.metrics[k] for k in result["metrics"]}
+    assert "herl-policy" in {m.name for m in client.search_registered_models()}
