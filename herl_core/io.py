@@ -126,6 +126,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     remove_stale_temps(path)
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number (JSON has no NaN or Infinity)")
+
+
 def _describe(err: dict) -> str:
     field = ".".join(str(p) for p in err["loc"]) or "<record>"
     got = repr(err.get("input"))
@@ -138,7 +142,8 @@ def read_jsonl(path: str | Path, model: type[T], *, unique_field: str | None = "
     """Read and validate every line of a JSONL file as ``model``.
 
     Raises ``DataError`` on the first bad line: ``<file>:<line>: field 'x.y': <what was expected>``. Empty files,
-    blank lines, non-UTF-8 bytes, truncated JSON, over-long lines and duplicate ``unique_field`` values are errors.
+    blank lines, non-UTF-8 bytes, truncated JSON, NaN/Infinity, over-long lines and duplicate ``unique_field``
+    values are errors. No other exception escapes, whatever the bytes (tests/reliability/test_properties.py).
     """
     path = Path(path)
     if not path.is_file():
@@ -156,9 +161,11 @@ def read_jsonl(path: str | Path, model: type[T], *, unique_field: str | None = "
             if not text.strip():
                 raise DataError(f"{path}:{lineno}: empty line (expected one JSON object per line)")
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, parse_constant=_no_constant)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
+            except (ValueError, RecursionError) as exc:  # NaN/Infinity, a 5000-digit int, [[[[... nested too deep
+                raise DataError(f"{path}:{lineno}: invalid JSON: {str(exc)[:200]}") from exc
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             try:
