@@ -198,3 +198,36 @@ def test_sigkill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path):
     # the next successful save removes the dead process's leftover
     save_checkpoint(root, net, tiny["Tok"](), opt, TrainerState(step=2))
     assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
+
+
+def test_repeated_nonfinite_updates_stop_the_stage_without_a_corrupted_checkpoint(tmp_path, herl, monkeypatch):
+    """Issue 5 item 4 at the stage level: NaN losses are skipped, counted and logged; the run then stops with a
+    clear message, and nothing written holds a non-finite weight (no policy folder at all)."""
+    import herl_core.train as train_mod
+    from herl_core.config import load_params
+    from herl_core.stages import run_train
+    from herl_core.train import NonFiniteError
+
+    real = train_mod.get_policy_loss
+
+    def nan_loss(name):
+        loss = real(name)
+        return lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(loss(*a, **k))
+
+    monkeypatch.setattr(train_mod, "get_policy_loss", nan_loss)
+    ws = herl.make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(ws)
+    cfg = load_params("params.yaml", overrides=["train.max_nonfinite_steps=3"])
+    with pytest.raises(NonFiniteError, match="3 consecutive updates had a non-finite loss or gradient"):
+        run_train(cfg)
+    # 2 updates a step (2 prompts, 1 per mini-batch): step 0 skips both (counted, logged, checkpointed with the
+    # untouched weights); the first update of step 1 is the 3rd in a row and stops the run
+    (logged,) = _rows(ws / "reports/train/steps.jsonl")
+    assert logged["step"] == 0 and logged["actor/nonfinite_skipped"] == 2.0 and logged["actor/updates"] == 0.0
+    assert [p.name for p in list_checkpoints(ws / "runs/train/checkpoints")] == ["step-000001"]
+    saved = load_file(str(ws / "runs/train/checkpoints/step-000001/model.safetensors"))
+    from herl_core.models import build_tiny
+
+    initial = build_tiny(cfg.model)[0].state_dict()
+    assert all(torch.equal(saved[k], initial[k]) for k in saved)  # finite, and no NaN update slipped through
+    assert not (ws / "models").exists()  # no policy from a run that stopped
