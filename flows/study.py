@@ -170,6 +170,23 @@ def resolve(study: StudyConfig, runs: list[dict[str, Any]], root: Path) -> dict[
     return configs
 
 
+def ensure_data(study: StudyConfig, cfg: Config, root: Path, env: dict[str, str]) -> None:
+    """``herl prepare`` into the study's data folder unless done under the same ``prepare`` settings (else raise)."""
+    folder = root / data_dir(study)
+    settings = cfg.prepare.model_dump(mode="json")
+    record = folder / RUN_FILE
+    if (folder / "report.json").is_file():
+        made = json.loads(record.read_text(encoding="utf-8")).get("prepare") if record.is_file() else None
+        if made != settings:
+            raise StudyError(
+                f"{folder} was prepared under other prepare settings ({made}), not {settings}: delete it or set "
+                "another out_dir in study.yaml"
+            )
+        return
+    run_command(prepare_command(study), str(root), f"{study.out_dir}/prepare.log", env, label="prepare")
+    write_json_atomic(record, {"prepare": settings})
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # MLflow: parent "study", one child per arm
 
@@ -249,6 +266,7 @@ def write_report(study: StudyConfig, runs: list[dict], configs: dict[str, Config
         "eval_bars": plot_eval(summary, plots_dir / "eval_bars.png"),
     }
     meta["plots"] = {k: str(p.relative_to(report.parent)) for k, p in made.items() if p is not None}
+    meta["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     summary = {"meta": meta, **summary}
     write_json_atomic(report.with_suffix(".json"), summary)
     write_text_atomic(report, render_markdown(summary))
@@ -285,9 +303,7 @@ def study(
     with study_lock(base / spec.out_dir):
         client, uri, ids = open_mlflow(spec, first, base, profile)
         try:
-            if not (base / data_dir(spec) / "report.json").is_file():
-                env = command_env(ids["study"], uri)
-                run_command(prepare_command(spec), str(base), f"{spec.out_dir}/prepare.log", env, label="prepare")
+            ensure_data(spec, first, base, command_env(ids["study"], uri))
             for run, row in zip(runs, meta["runs"], strict=True):
                 row["reused"] = is_finished(run, base, configs[run["name"]].hash())
                 if row["reused"]:

@@ -477,7 +477,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     """reports/study.md: header (command, date, budget), eval table, per-round table, diagnostics, plots, runs."""
     meta = summary["meta"]
     lines = [f"# HeRL vs GRPO study: profile `{meta['study_profile']}`", ""]
-    lines += [f"- date: {meta['date']}", f"- command: `{meta['command']}`"]
+    lines += [f"- date: started {meta['date']}, report written {meta.get('finished', meta['date'])} (UTC)"]
+    lines += [f"- command: `{meta['command']}`"]
     lines += [f"- params: `{meta['params']}` profile `{meta['params_profile']}`, seeds {meta['seeds']}"]
     lines += [f"- equal budget (every trained arm): {meta['budget']}", ""]
     lines += _eval_section(summary) + _rounds_section(summary) + _train_section(summary)

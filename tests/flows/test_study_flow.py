@@ -172,3 +172,13 @@ def test_register_adds_the_study_command():
     assert result.exit_code == 0
     for option in ("--study", "--profile", "--arms", "--seeds"):
         assert option in result.output
+
+
+def test_data_prepared_under_other_settings_is_refused(project, monkeypatch):
+    monkeypatch.setattr(fs, "run_command", fake_herl([], {None: 0.25, 0: 0.5}))
+    fs.study.fn(study_file="study.yaml", profile="t", root=str(project), arms=["base"])
+    record = project / "runs/study/data" / fs.RUN_FILE
+    assert json.loads(record.read_text())["prepare"]["train_source"] == "synthetic"  # the tiny params profile
+    record.write_text(json.dumps({"prepare": {"seed": 7}}))
+    with pytest.raises(StudyError, match=r"prepared under other prepare settings \(\{'seed': 7\}\)"):
+        fs.study.fn(study_file="study.yaml", profile="t", root=str(project), arms=["base"])
