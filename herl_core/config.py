@@ -430,6 +430,8 @@ def load_params(
     if not isinstance(profiles, dict):
         raise ConfigError(f"{path}:{_line_of(root, ('profiles',))}: 'profiles' must be a mapping of profile names")
     chosen = profile if profile is not None else raw.get("profile")
+    if chosen is not None and not isinstance(chosen, str):
+        raise ConfigError(f"{path}:{_line_of(root, ('profile',))}: profile: expected a profile name, got {chosen!r}")
     tree = dict(raw)
     origin: dict[str, tuple[Any, ...]] = {}
     if chosen is not None:

@@ -181,10 +181,6 @@ def test_load_params_on_any_text_raises_only_config_error(raw):
             pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="herl_core/config.py (not ours): `chosen not in profiles` raises TypeError for an unhashable profile",
-)
 def test_a_list_as_profile_is_a_config_error(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("profile: [a, list]\nprofiles:\n  tiny: {}\n", encoding="utf-8")
