@@ -176,5 +176,15 @@ def show_config(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = N
     sys.stdout.write("\n")
 
 
+def _register_orchestration() -> None:
+    """`herl pipeline | deploy | ui` (flows/pipeline_cli.py) and `herl study` (flows/study.py)."""
+    from flows import pipeline_cli, study
+
+    pipeline_cli.register(app)
+    study.register(app)
+
+
+_register_orchestration()
+
 if __name__ == "__main__":
     app()
