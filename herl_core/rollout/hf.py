@@ -12,10 +12,16 @@ The engine shares the training model, so ``sync_weights`` is a no-op. One ``gene
 Log-probs (what the numbers are): for each sampled token y_t, ``log_softmax(s_t)[y_t]`` where s_t are the scores after
 every logits processor and warper, i.e. the distribution actually sampled from: logits / temperature, then top-k,
 then top-p (filtered tokens get -inf and the rest is renormalised by the softmax). For greedy decoding
-(temperature 0) no warper runs and the numbers are the model's log-probs at temperature 1. A small recorder placed
-last in the processor list gathers them step by step, so memory is O(batch × vocab), not O(steps × batch × vocab) as
-with ``output_scores``. To keep the recorder last, herl passes the temperature / top-k / top-p warpers itself and sets
-the matching ``generate`` knobs to their neutral values.
+(temperature 0) no warper runs and the numbers are the model's log-probs at temperature 1. The processor placed last
+(``_SampleRecorder``) records them step by step, so memory is O(batch × vocab), not O(steps × batch × vocab) as with
+``output_scores``. To keep it last, herl passes the temperature / top-k / top-p warpers itself and sets the matching
+``generate`` knobs to their neutral values.
+
+Sampling (performance, issue 6): ``generate`` always runs greedily; when sampling, the last processor draws the token
+by inverse-CDF sampling (one uniform per row, ``inverse_cdf_sample``) and returns a one-hot score that the argmax
+picks. The distribution is exactly the warped one, as with ``torch.multinomial``, but multinomial spends about as
+long as a decode step of SmolLM2 on a 49k vocabulary on a CPU (docs/performance.md). Departure: the random stream
+differs from HF's own ``do_sample=True`` path, so a seed gives other (equally distributed) samples than HF's sampler.
 
 Determinism: with ``sampling.seed`` set, the call runs under ``torch.random.fork_rng`` seeded with that seed (the
 global RNG is left as it was), so the same prompts, n, sampling and ``batch_size`` give identical outputs. Results do
@@ -41,25 +47,39 @@ from transformers import (
 from herl_core.rollout.base import Generation, SamplingParams
 
 
-class _LogprobRecorder(LogitsProcessor):
-    """Last processor: remembers log_softmax of the processed scores and gathers the token sampled from them."""
+def inverse_cdf_sample(logp: torch.Tensor) -> torch.Tensor:
+    """(B,) one token per row drawn from exp(logp): i = min{i : cdf_i > u·cdf_V}, u ~ U[0, 1) (one draw per row).
 
-    def __init__(self) -> None:
-        self.prev: torch.Tensor | None = None  # (B, V) log-probs of the previous step
-        self.steps: list[torch.Tensor] = []  # per step (B,) log-prob of the sampled token
+    Exact categorical sampling, like ``torch.multinomial``, but with B random numbers instead of B·V work in the RNG:
+    on a CPU, multinomial over a 49k vocabulary costs about as much as the model's decode step (docs/performance.md).
+    u·cdf_V is kept strictly below cdf_V, so a token with zero probability (filtered by top-k/top-p) is never drawn.
+    """
+    cdf = logp.exp().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
+class _SampleRecorder(LogitsProcessor):
+    """Last processor: draws the next token itself (sampling) or takes the argmax (greedy), records its log-prob
+    under the processed scores, and hands ``generate`` (run greedily) a one-hot score so it picks that token."""
+
+    def __init__(self, sample: bool) -> None:
+        self.sample = sample
+        self.steps: list[torch.Tensor] = []  # per step (B,) log-prob of the chosen token
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prev is not None:
-            self.steps.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
-        return scores
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        token = inverse_cdf_sample(logp) if self.sample else scores.argmax(dim=-1)
+        self.steps.append(logp.gather(-1, token[:, None]).squeeze(-1))
+        if not self.sample:
+            return scores
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
 
-    def finish(self, sequences: torch.Tensor, n_new: int) -> torch.Tensor:
-        """(B, n_new) log-probs, the last step gathered from the final tokens."""
-        if n_new > 0 and self.prev is not None:
-            self.steps.append(self.prev.gather(-1, sequences[:, -1:]).squeeze(-1))
+    def finish(self, batch: int, n_new: int) -> torch.Tensor:
+        """(B, n_new) log-probs of the generated tokens."""
         steps = self.steps[:n_new]
-        return torch.stack(steps, dim=1) if steps else torch.zeros((sequences.shape[0], 0))
+        return torch.stack(steps, dim=1) if steps else torch.zeros((batch, 0))
 
 
 def _warpers(sampling: SamplingParams) -> list[LogitsProcessor]:
@@ -148,7 +168,7 @@ class HFEngine:
         for row, s in enumerate(seqs):
             input_ids[row, width - len(s) :] = torch.tensor(s)
             attention_mask[row, width - len(s) :] = 1
-        recorder = _LogprobRecorder()
+        recorder = _SampleRecorder(sample=sampling.temperature > 0)
         out = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -156,7 +176,7 @@ class HFEngine:
             logits_processor=LogitsProcessorList([*_warpers(sampling), recorder]),
         )
         new = out[:, width:]
-        logprobs = recorder.finish(out, new.shape[1]).cpu().tolist()
+        logprobs = recorder.finish(len(seqs), new.shape[1]).cpu().tolist()
         eos = set(self.eos_token_ids)
         gens = []
         for s, toks, lps in zip(seqs, new.cpu().tolist(), logprobs, strict=True):
@@ -166,12 +186,14 @@ class HFEngine:
         return gens
 
     def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
-        """Neutral warper knobs when sampling (herl passes the warpers), so none comes from the model's config."""
-        knobs: dict[str, Any] = {"do_sample": False}
-        if sampling.temperature > 0:
-            knobs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "typical_p": 1.0}
+        """Greedy ``generate`` with neutral knobs: herl passes the warpers and draws the token itself (module doc)."""
         return GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
+            do_sample=False,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            typical_p=1.0,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
             min_new_tokens=0,
@@ -179,5 +201,4 @@ class HFEngine:
             use_cache=True,
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
-            **knobs,
         )
