@@ -53,6 +53,31 @@ def frac_zero_std(groups: Sequence[Group]) -> float:
     return flat / max(len(groups), 1)
 
 
+def padded_split(shapes: Sequence[tuple[int, int]], max_size: int, overhead: int = 32) -> list[tuple[int, int]]:
+    """Cut a sorted list of (prompt, completion) lengths into contiguous micro-batches [a, b) of ≤ ``max_size``.
+
+    A micro-batch packs to width max(prompt) + max(completion) (``pack_batch``), so it costs
+        cost(a, b) = (b - a) · (max_{a≤i<b} P_i + max_{a≤i<b} R_i) + overhead      (padded tokens)
+    and the split minimises Σ cost by dynamic programming over the cut points:
+        best[b] = min_{b - max_size ≤ a < b} best[a] + cost(a, b),   best[0] = 0.
+    ``overhead`` (token-equivalents per forward/backward) keeps the split from cutting for a token or two.
+    """
+    n = len(shapes)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for b in range(1, n + 1):
+        p = r = 0
+        for a in range(b - 1, max(b - max_size, 0) - 1, -1):  # grow the last micro-batch leftwards
+            p, r = max(p, shapes[a][0]), max(r, shapes[a][1])
+            cost = best[a] + (b - a) * (p + r) + overhead
+            if cost < best[b]:
+                best[b], cut[b] = cost, a
+    spans, b = [], n
+    while b > 0:
+        spans.append((cut[b], b))
+        b = cut[b]
+    return spans[::-1]
+
+
 @dataclass
 class Prepared:
     """The flattened training batch of one step (group-major)."""
@@ -151,10 +176,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- update
     def _micro_batches(self, idx: list[int]) -> list[list[int]]:
-        """Length-bucketed micro-batches (less padding; results do not depend on the split, see module doc)."""
+        """Length-bucketed micro-batches of at most ``micro_batch_size`` sequences, cut where padding is least
+        (``padded_split``; results do not depend on the split, see module doc)."""
         order = sorted(idx, key=lambda i: len(self._samples[i].train_prompt_ids) + len(self._samples[i].completion_ids))
-        m = self.cfg.train.micro_batch_size
-        return [order[k : k + m] for k in range(0, len(order), m)]
+        shapes = [(len(self._samples[i].train_prompt_ids), len(self._samples[i].completion_ids)) for i in order]
+        return [order[a:b] for a, b in padded_split(shapes, self.cfg.train.micro_batch_size)]
 
     def _logprobs(self, model, idx: list[int], grad: bool) -> tuple[torch.Tensor, object]:
         batch = pack_batch(
