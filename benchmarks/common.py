@@ -1,0 +1,131 @@
+"""Shared helpers of the benchmark scripts (issue 6): machine facts, a quiet-machine gate, tables and JSON results.
+
+Every script records, next to its numbers: the machine (CPU model, cores, memory), torch's thread count, the
+1-minute load average at start and end, the git commit (and whether the tree was dirty) and the exact command.
+Timed sections wait until the 1-minute load average is below a threshold (other work may share the cores); when
+it never gets quiet the numbers are kept and flagged ``under_load``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def load1() -> float:
+    """The 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def wait_for_quiet(threshold: float = 1.3, max_wait_s: float = 900.0, poll_s: float = 30.0) -> dict[str, Any]:
+    """Sleep until the 1-minute load is below ``threshold`` (at most ``max_wait_s``). Returns what was seen."""
+    start, first = time.monotonic(), load1()
+    while load1() >= threshold and time.monotonic() - start < max_wait_s:
+        print(f"[bench] load {load1():.2f} >= {threshold}: waiting {poll_s:.0f} s", file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+    now = load1()
+    return {
+        "load1_first_seen": first,
+        "load1_at_start": now,
+        "waited_s": round(time.monotonic() - start, 1),
+        "under_load": now >= threshold,
+    }
+
+
+def git_commit() -> dict[str, Any]:
+    """HEAD's hash and whether the working tree had uncommitted changes to tracked files."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, Python and library versions, torch threads."""
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
+    except (ValueError, OSError):
+        pass
+    versions = {}
+    for name in ("torch", "transformers", "trl"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        **versions,
+    }
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    """A GitHub-markdown table of ``rows`` (floats with 3 significant decimals)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class Report:
+    """Collects a benchmark's context at start; ``write`` adds the results and the end load and saves the JSON."""
+
+    def __init__(self, name: str, quiet: dict[str, Any] | None = None, out_dir: Path | None = None):
+        self.name = name
+        self.out_dir = out_dir or RESULTS
+        self.started = datetime.now(UTC).isoformat(timespec="seconds")
+        self.command = shlex.join([Path(sys.executable).name, "-m", f"benchmarks.{name}", *sys.argv[1:]])
+        self.context = {"quiet": quiet or {}, "load1_start": load1(), **git_commit()}
+
+    def write(self, results: dict[str, Any]) -> Path:
+        payload = {
+            "benchmark": self.name,
+            "date": self.started,
+            "command": self.command,
+            "machine": machine_info(),
+            **self.context,
+            "load1_end": load1(),
+            **results,
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{self.name}.json"
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"[bench] wrote {path}", file=sys.stderr)
+        return path
