@@ -36,6 +36,8 @@ STAGES = ("prepare", "rollout", "hindsight", "train", "evaluate")
 
 def load_prompts(path: str | Path, validate_constraints: bool = True) -> list[PromptRecord]:
     """Read a prompts JSONL (PromptRecord per line); constraint ids and kwargs are checked against the registries."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found (write it with `herl prepare`, or run the whole `herl pipeline`)")
     rows = read_jsonl(path, PromptRecord)
     if validate_constraints:
         from herl_core.rewards.constraints import validate_rubric
