@@ -5,7 +5,9 @@ The engine shares the training model, so ``sync_weights`` is a no-op. One ``gene
 1. expands every prompt n times (prompt-major), sorts the sequences by prompt length (stable) and cuts them into
    chunks of ``batch_size`` so each chunk is left-padded only to its own longest prompt;
 2. runs ``model.generate`` per chunk (KV cache, EOS stop, ``torch.inference_mode``, model in eval mode, its previous
-   mode restored afterwards);
+   mode restored afterwards). Shared prefill: when a prompt repeats (n > 1), the KV cache of its first
+   ``width - 1`` columns is computed once and indexed out to its n rows, so ``generate`` only runs the last prompt
+   column per row (1/n of the prefill FLOPs; the values equal the per-row prefill up to float rounding);
 3. trims every completion after its first EOS (EOS kept, ``finished=True``); a completion cut by
    ``max_new_tokens`` has ``finished=False``; the original order is restored.
 
@@ -160,20 +162,41 @@ class HFEngine:
             self.model.train(was_training)
         return [g for g in results if g is not None]
 
-    def _generate_chunk(self, seqs: list[list[int]], sampling: SamplingParams) -> list[Generation]:
-        device = next(self.model.parameters()).device
-        width = max(len(s) for s in seqs)
+    def _left_pad(self, seqs: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, s in enumerate(seqs):
             input_ids[row, width - len(s) :] = torch.tensor(s)
             attention_mask[row, width - len(s) :] = 1
+        return input_ids, attention_mask
+
+    def _shared_prefill(self, seqs: list[list[int]], width: int, device: torch.device) -> Any:
+        """KV cache of every row's first ``width - 1`` columns, computed once per distinct prompt (consecutive equal
+        rows, the n samples of a prompt) and then indexed out to all rows; None when no prompt repeats."""
+        starts = [r for r in range(len(seqs)) if r == 0 or seqs[r] != seqs[r - 1]]
+        if len(starts) == len(seqs) or width < 2:
+            return None
+        ids, mask = self._left_pad([seqs[r] for r in starts], width)
+        ids, mask = ids[:, :-1].to(device), mask[:, :-1].to(device)
+        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them
+        cache = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                           logits_to_keep=1).past_key_values  # fmt: skip
+        owner = torch.tensor([sum(1 for s in starts if s <= r) - 1 for r in range(len(seqs))], device=device)
+        cache.batch_select_indices(owner)
+        return cache
+
+    def _generate_chunk(self, seqs: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        device = next(self.model.parameters()).device
+        width = max(len(s) for s in seqs)
+        input_ids, attention_mask = self._left_pad(seqs, width)
         recorder = _SampleRecorder(sample=sampling.temperature > 0)
+        cache = self._shared_prefill(seqs, width, device)
         out = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             generation_config=self._generation_config(sampling),
             logits_processor=LogitsProcessorList([*_warpers(sampling), recorder]),
+            **({"past_key_values": cache} if cache is not None else {}),
         )
         new = out[:, width:]
         logprobs = recorder.finish(len(seqs), new.shape[1]).cpu().tolist()
@@ -189,11 +212,7 @@ class HFEngine:
         """Greedy ``generate`` with neutral knobs: herl passes the warpers and draws the token itself (module doc)."""
         return GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
-            do_sample=False,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            typical_p=1.0,
+            do_sample=False,  # warpers of the model's config apply only when sampling: none runs
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
             min_new_tokens=0,
