@@ -107,11 +107,15 @@ def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
 class Report:
     """Collects a benchmark's context at start; ``write`` adds the results and the end load and saves the JSON."""
 
-    def __init__(self, name: str, quiet: dict[str, Any] | None = None, out_dir: Path | None = None):
+    def __init__(
+        self, name: str, quiet: dict[str, Any] | None = None, out_dir: Path | None = None, argv: list[str] | None = None
+    ):
         self.name = name
         self.out_dir = out_dir or RESULTS
         self.started = datetime.now(UTC).isoformat(timespec="seconds")
-        self.command = shlex.join([Path(sys.executable).name, "-m", f"benchmarks.{name}", *sys.argv[1:]])
+        self.command = shlex.join(
+            [Path(sys.executable).name, "-m", f"benchmarks.{name}", *(sys.argv[1:] if argv is None else argv)]
+        )
         self.context = {"quiet": quiet or {}, "load1_start": load1(), **git_commit()}
 
     def write(self, results: dict[str, Any]) -> Path:

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     quiet = {} if args.no_wait else wait_for_quiet()
-    report = Report("pipeline_overhead", quiet, Path(args.out_dir) if args.out_dir else None)
+    report = Report("pipeline_overhead", quiet, Path(args.out_dir) if args.out_dir else None, argv)
     py = sys.executable
     variants = {
         "direct": [py, "-c", DIRECT],

@@ -125,6 +125,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "params_M": n_params(model) / 1e6,
                     "batch": batch,
                     "new_tokens": args.new_tokens,
+                    "ours_tokens": n_ours,
+                    "plain_tokens": n_plain,
                     "ours_tok_s": ours,
                     "plain_tok_s": plain,
                     "ours/plain": ours / plain,
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet = {} if args.no_wait else wait_for_quiet()
     from pathlib import Path
 
-    report = Report("rollout_throughput", quiet, Path(args.out_dir) if args.out_dir else None)
+    report = Report("rollout_throughput", quiet, Path(args.out_dir) if args.out_dir else None, argv)
     res = run(args)
     print(table(res["rows"], list(res["rows"][0])))
     report.write(res)

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet = {} if args.no_wait else wait_for_quiet()
-    report = Report("step_time", quiet, Path(args.out_dir) if args.out_dir else None)
+    report = Report("step_time", quiet, Path(args.out_dir) if args.out_dir else None, argv)
     prompts = bench_prompts(args)
     sides = {"herl GRPO": run_herl(args, prompts, False), "herl HeRL": run_herl(args, prompts, True)}
     if not args.no_trl:
