@@ -92,7 +92,9 @@ def sequence_logprobs(model: Any, batch: Batch, temperature: float = 1.0) -> tor
         logits_to_keep=R + 1,  # positions P-1 … P+R-1; the last one predicts past the end and is dropped
         use_cache=False,
     )
-    logits = out.logits[:, :-1, :].float() / temperature  # (B, R, V)
+    logits = out.logits[:, :-1, :].float()  # (B, R, V)
+    if temperature != 1.0:  # x / 1 == x exactly: skip the (B, R, V) copy
+        logits = logits / temperature
     targets = batch.input_ids[:, P:].unsqueeze(-1)  # (B, R, 1)
     logp = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, R)
     return logp * batch.response_mask
