@@ -30,8 +30,11 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
-def wait_for_quiet(threshold: float = 1.3, max_wait_s: float = 900.0, poll_s: float = 30.0) -> dict[str, Any]:
-    """Sleep until the 1-minute load is below ``threshold`` (at most ``max_wait_s``). Returns what was seen."""
+def wait_for_quiet(threshold: float = 1.3, max_wait_s: float | None = None, poll_s: float = 30.0) -> dict[str, Any]:
+    """Sleep until the 1-minute load is below ``threshold`` (at most ``max_wait_s``, default $BENCH_MAX_WAIT_S or
+    900 s). Returns what was seen."""
+    if max_wait_s is None:
+        max_wait_s = float(os.environ.get("BENCH_MAX_WAIT_S", "900"))
     start, first = time.monotonic(), load1()
     while load1() >= threshold and time.monotonic() - start < max_wait_s:
         print(f"[bench] load {load1():.2f} >= {threshold}: waiting {poll_s:.0f} s", file=sys.stderr, flush=True)
