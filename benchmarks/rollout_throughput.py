@@ -2,8 +2,9 @@
 
     .venv/bin/python -m benchmarks.rollout_throughput [--models smollm2 tiny] [--batch-sizes 8 32 64] [--new-tokens 32]
 
-For each model and batch size B, both sides sample B sequences of exactly ``--new-tokens`` tokens (EOS suppressed
-with ``min_new_tokens = max_new_tokens``) at temperature 1, no top-k/top-p, from the same chat prompt, after one
+For each model and batch size B, both sides sample B sequences (B/n distinct chat prompts × n samples each, n =
+``--samples-per-prompt``, 4 = the ``cpu`` profile's G) of exactly ``--new-tokens`` tokens (EOS suppressed
+with ``min_new_tokens = max_new_tokens``) at temperature 1, no top-k/top-p, after one
 warm-up call. herl's engine runs its full path: logits processors that record the sampled log-probs, EOS trimming,
 detokenisation. The plain loop is what a user would write: tokenizer(padding) + ``model.generate`` under
 ``torch.no_grad``.
@@ -24,7 +25,13 @@ import torch
 
 from benchmarks.common import Report, median, table, wait_for_quiet
 
-PROMPT = "Write a short story about a robot who learns to paint. Use at least three paragraphs."
+TOPICS = ["a robot who learns to paint", "a lighthouse keeper", "the first day of school", "a city under the sea",
+          "a dragon who is afraid of fire", "two rival bakers", "a lost umbrella", "a chess tournament"]  # fmt: skip
+
+
+def prompt_texts(k: int) -> list[str]:
+    """k distinct instructions (cycling the topics with a numbered variant once they run out)."""
+    return [f"Write a short story about {TOPICS[i % len(TOPICS)]} (version {i // len(TOPICS) + 1})." for i in range(k)]
 
 
 def matmul_ceiling(hidden: int, inter: int, vocab: int, batch: int = 64, reps: int = 5) -> dict[str, Any]:
@@ -55,37 +62,37 @@ def forced(engine_cls: type) -> type:
     return Forced
 
 
-def time_ours(model: Any, tok: Any, prompt_ids: list[int], batch: int, new: int, reps: int) -> tuple[float, int]:
+def time_ours(model: Any, tok: Any, prompts: list[list[int]], n: int, new: int, reps: int) -> tuple[float, int]:
     from herl_core.rollout.base import SamplingParams
     from herl_core.rollout.hf import HFEngine
 
-    engine = forced(HFEngine)(model, tok, batch_size=batch)
-    engine.generate([prompt_ids], 2, SamplingParams(1.0, 1.0, -1, 4, 0))  # warm-up
+    engine = forced(HFEngine)(model, tok, batch_size=len(prompts) * n)
+    engine.generate(prompts[:1], 2, SamplingParams(1.0, 1.0, -1, 4, 0))  # warm-up
     times, n_tok = [], 0
     for r in range(reps):
         t = time.perf_counter()
-        gens = engine.generate([prompt_ids], batch, SamplingParams(1.0, 1.0, -1, new, r))
+        gens = engine.generate(prompts, n, SamplingParams(1.0, 1.0, -1, new, r))
         times.append(time.perf_counter() - t)
         n_tok = sum(len(g.completion_ids) for g in gens)
     return median(times), n_tok
 
 
-def time_plain(model: Any, tok: Any, prompt_text: str, batch: int, new: int, reps: int) -> tuple[float, int]:
+def time_plain(model: Any, tok: Any, texts: list[str], n: int, new: int, reps: int) -> tuple[float, int]:
     tok.padding_side = "left"
     kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)
     model.eval()
     with torch.no_grad():
-        enc = tok([prompt_text] * 2, return_tensors="pt", padding=True)
+        enc = tok(texts[:1] * 2, return_tensors="pt", padding=True)
         model.generate(**enc, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
         times, n_tok = [], 0
         for _ in range(reps):
             t = time.perf_counter()
-            enc = tok([prompt_text] * batch, return_tensors="pt", padding=True)
+            enc = tok([t for t in texts for _ in range(n)], return_tensors="pt", padding=True)
             out = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, **kw)
-            texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            outs = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             times.append(time.perf_counter() - t)
             n_tok = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
-    assert len(texts) == batch
+    assert len(outs) == len(texts) * n
     return median(times), n_tok
 
 
@@ -113,17 +120,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ceilings[name] = ceil
         flops_per_token = 2 * n_params(model)
         bound = ceil["ceiling_gflops"] * 1e9 / flops_per_token
-        prompt_ids = encode_prompt(tok, PROMPT)
-        prompt_text = tok.decode(prompt_ids)
         for batch in args.batch_sizes:
-            t_ours, n_ours = time_ours(model, tok, prompt_ids, batch, args.new_tokens, args.reps)
-            t_plain, n_plain = time_plain(model, tok, prompt_text, batch, args.new_tokens, args.reps)
+            n = args.samples_per_prompt if batch % args.samples_per_prompt == 0 else 1
+            prompts = [encode_prompt(tok, t) for t in prompt_texts(batch // n)]
+            texts = [tok.decode(p) for p in prompts]  # the same chat-templated text for the plain loop
+            t_ours, n_ours = time_ours(model, tok, prompts, n, args.new_tokens, args.reps)
+            t_plain, n_plain = time_plain(model, tok, texts, n, args.new_tokens, args.reps)
             ours, plain = n_ours / t_ours, n_plain / t_plain
             rows.append(
                 {
                     "model": name,
                     "params_M": n_params(model) / 1e6,
                     "batch": batch,
+                    "prompts_x_n": f"{batch // n}x{n}",
                     "new_tokens": args.new_tokens,
                     "ours_tokens": n_ours,
                     "plain_tokens": n_plain,
@@ -144,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2", "tiny"], choices=["smollm2", "tiny"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32, 64])
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--samples-per-prompt", type=int, default=4, help="n (G): batch = batch/n distinct prompts × n")
     ap.add_argument("--reps", type=int, default=1, help="timed calls per cell (median), after one warm-up")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
