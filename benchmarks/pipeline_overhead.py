@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.pipeline_overhead [--profile tiny] [--reps 1] [--reference-wall-s 374]
 
 In a temporary git + DVC repo holding the project's dvc.yaml and params.yaml (``profile:`` set to ``--profile``)
-and a copy of herl_core, the same training run (fresh, no resume) is timed four ways, each a new process:
+and a copy of herl_core, the same training run (fresh, no resume) is timed four ways, each a new process, after
+one untimed warm-up run, in an order rotated per repetition:
 
 1. ``direct``   python -c "run_train(load_params(), resume=False)": herl_core only, no tracking;
 2. ``mlflow``   ``herl train --no-resume``: the CLI with its MLflow run (temp sqlite store);
@@ -114,8 +115,12 @@ def main(argv: list[str] | None = None) -> None:
             "DVC_NO_ANALYTICS": "1",
         }
         repo = make_repo(tmp, args.profile, env)
-        for _ in range(args.reps):
-            for name, cmd in variants.items():
+        reset(repo)
+        timed(variants["direct"], repo, env)  # warm-up (file cache, first imports): not recorded
+        names = list(variants)
+        for rep in range(args.reps):
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order per repetition
+                cmd = variants[name]
                 reset(repo)
                 walls[name].append(timed(cmd, repo, env))
                 print(f"[bench] {name}: {walls[name][-1]:.1f} s", file=sys.stderr, flush=True)
