@@ -177,3 +177,17 @@ def test_one_herl_step_on_smollm2_with_real_ifeval_rubrics(tmp_path):
     t = trainer(cfg)
     m = t.step()
     assert m["perf/gen_tokens"] > 0 and torch.isfinite(torch.tensor(m["actor/loss"]))
+
+
+def test_padded_split_minimises_padded_tokens_by_hand():
+    from herl_core.train import padded_split
+
+    # (prompt, completion) lengths, max 2 per micro-batch, 32 token-equivalents per forward:
+    #   [0,1) [1,3) [3,4): (80+10)+32 + 2·(80+64)+32 + (400+90)+32 = 122 + 320 + 522 = 964   ← best
+    #   [0,2) [2,4):       2·(80+60)+32 + 2·(400+90)+32            = 312 + 1012      = 1324
+    #   singletons:        122 + 172 + 176 + 522                                     = 992
+    shapes = [(80, 10), (80, 60), (80, 64), (400, 90)]
+    assert padded_split(shapes, max_size=2) == [(0, 1), (1, 3), (3, 4)]
+    assert padded_split(shapes, max_size=1) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    # equal shapes: one micro-batch saves the per-forward overhead
+    assert padded_split([(10, 10)] * 4, max_size=4) == [(0, 4)]

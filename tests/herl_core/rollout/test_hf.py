@@ -150,3 +150,24 @@ def test_bad_arguments(policy):
         HFEngine(model, tok).generate([[1, 2], []], 1, GREEDY)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         HFEngine(model, tok, batch_size=0)
+
+
+def test_inverse_cdf_sample_by_hand(monkeypatch):
+    import math
+
+    import torch
+
+    from herl_core.rollout.hf import inverse_cdf_sample
+
+    # p = [0.2, 0, 0.8] → cdf = [0.2, 0.2, 1.0]; index = first i with cdf_i > u
+    logp = torch.tensor([[math.log(0.2), -math.inf, math.log(0.8)]])
+    for u, expected in [(0.0, 0), (0.1999, 0), (0.2, 2), (0.5, 2), (0.999999, 2)]:
+        monkeypatch.setattr(torch, "rand_like", lambda t, u=u: torch.full_like(t, u))
+        assert inverse_cdf_sample(logp).tolist() == [expected], u
+    # a zero-probability first token is never drawn, even at u = 0
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.zeros_like(t))
+    assert inverse_cdf_sample(torch.tensor([[-math.inf, 0.0]])).tolist() == [1]
+    monkeypatch.undo()
+    draws = inverse_cdf_sample(logp.expand(20000, 3).contiguous())
+    freq = torch.bincount(draws, minlength=3).float() / 20000
+    assert freq[1] == 0 and abs(freq[0].item() - 0.2) < 0.02  # binomial sd ≈ 0.003
