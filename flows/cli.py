@@ -77,12 +77,31 @@ def stage_errors() -> tuple[type[Exception], ...]:
     return ValueError, FileNotFoundError, ModelSourceError, NonFiniteError
 
 
-def run_tracked(stage: str, params: Path, cfg, runner: Callable, outputs: list[str], resume: bool = True) -> dict:
-    """``runner(tracker)`` inside the stage's MLflow run (flows.tracking.stage_run); user errors → exit code 1."""
+def precheck_prompts(cfg) -> None:
+    """Validate the training prompts before any run is opened, so bad input writes nothing, not even a FAILED run."""
+    from herl_core.stages import load_prompts
+
+    load_prompts(cfg.train.data)
+
+
+def run_tracked(
+    stage: str,
+    params: Path,
+    cfg,
+    runner: Callable,
+    outputs: list[str],
+    resume: bool = True,
+    precheck: Callable[[], None] | None = None,
+) -> dict:
+    """``runner(tracker)`` inside the stage's MLflow run (flows.tracking.stage_run); user errors → exit code 1.
+
+    ``precheck`` validates the stage's inputs first: on bad input the command exits before MLflow is touched."""
     from flows.tracking import stage_run
 
     quiet_transformers()
     try:
+        if precheck is not None:
+            precheck()
         with stage_run(cfg, stage, params_path=params, resume=resume) as tracker:
             summary = runner(tracker)
             tracker.finish(summary, outputs=outputs)
@@ -115,7 +134,10 @@ def rollout(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
 
     cfg = load_config(params, profile, set_)
     banner("rollout", cfg)
-    run_tracked("rollout", params, cfg, lambda t: run_rollout(cfg, sink=t.sink), [cfg.rollout.out_dir])
+    run_tracked(
+        "rollout", params, cfg, lambda t: run_rollout(cfg, sink=t.sink), [cfg.rollout.out_dir],
+        precheck=lambda: precheck_prompts(cfg),
+    )  # fmt: skip
 
 
 @app.command()
@@ -154,7 +176,9 @@ def train(
             extras = {"mlflow_run_id": tracker.run_id}
             return run_train(cfg, resume=resume, sink=tracker.sink, on_step=on_step, checkpoint_extras=extras)
 
-        run_tracked("train", params, cfg, runner, [cfg.train.report_dir], resume=resume)
+        run_tracked(
+            "train", params, cfg, runner, [cfg.train.report_dir], resume=resume, precheck=lambda: precheck_prompts(cfg)
+        )
     console.print(f"policy saved to {cfg.train.out_dir}")
 
 

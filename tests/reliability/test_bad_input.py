@@ -99,6 +99,7 @@ def test_herl_train_on_bad_prompts_exits_1_and_writes_nothing(tmp_path, herl):
     assert f"data/prompts.jsonl:{line}: {what}" in message, message[-2000:]
     assert "Traceback" not in proc.stderr
     assert _outputs(ws) == [] and os.listdir(ws / "data") == ["prompts.jsonl"]
+    assert not list(ws.glob("mlruns*")) and not (ws / "mlartifacts").exists()  # not even a FAILED MLflow run
 
 
 def test_run_train_on_non_utf8_prompts_writes_nothing(tmp_path, herl):
