@@ -15,6 +15,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -133,6 +134,9 @@ class Report:
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{self.name}.json"
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+        text = json.dumps(payload, indent=2) + "\n"
+        # results are committed: no machine-specific paths (the repo root becomes ".", temp dirs become $TMP)
+        text = text.replace(str(ROOT) + "/", "").replace(tempfile.gettempdir() + "/", "$TMP/")
+        path.write_text(text)
         print(f"[bench] wrote {path}", file=sys.stderr)
         return path
