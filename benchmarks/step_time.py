@@ -54,7 +54,8 @@ def bench_prompts(args: argparse.Namespace):
     from herl_core.stages import load_prompts
 
     cfg = herl_config(args, True)
-    prompts = load_prompts(ROOT / cfg.train.data)
+    data = Path(args.data) if args.data else ROOT / cfg.train.data
+    prompts = load_prompts(data)
     need = (args.reps + 1) * args.prompts
     if len(prompts) < need:
         raise SystemExit(f"need {need} prompts in {cfg.train.data}, found {len(prompts)} (run `herl prepare`)")
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rewrite-max-new-tokens", type=int, default=96)
     ap.add_argument("--reps", type=int, default=3, help="timed steps per side (one more warm-up step runs first)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--data", default=None, help="prompts JSONL (default: train.data of params.yaml)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--no-wait", action="store_true")
     ap.add_argument("--out-dir", default=None)

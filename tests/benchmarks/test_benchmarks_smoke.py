@@ -12,8 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts in the repo, not an installed package
 
@@ -45,9 +43,14 @@ def test_rollout_throughput_tiny(tmp_path):
     assert {"load1_start", "load1_end", "commit", "machine"} <= set(res)
 
 
-@pytest.mark.skipif(not (ROOT / "data/prepared/train.jsonl").is_file(), reason="needs `herl prepare` output")
 def test_step_time_tiny_without_trl(tmp_path):
+    from herl_core.prepare import build_train_set, synthetic_instructions
+
+    data = tmp_path / "train.jsonl"  # its own prompts: the test must not depend on a workspace's `herl prepare`
+    rows = build_train_set(synthetic_instructions()[:4], seed=0, min_constraints=1, max_constraints=1)
+    data.write_text("".join(r.model_dump_json() + "\n" for r in rows))
     args = ["--model", "tiny", "--profile", "tiny", "--prompts", "1", "--G", "2", "--max-new-tokens", "3"]
+    args += ["--data", str(data)]
     step_time.main([*args, "--rewrite-max-new-tokens", "3", "--reps", "1", "--no-trl", "--no-wait",
                     "--out-dir", str(tmp_path)])  # fmt: skip
     res = json.loads((tmp_path / "step_time.json").read_text())
