@@ -76,6 +76,14 @@ DVC_YAML = {
 }
 
 
+def init_dvc_repo(root: Path, init_repo) -> None:
+    """A git repo with a first commit, then ``dvc init`` committed on top (what `dvc repro` and `exp run` need)."""
+    init_repo(root)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "dvc init"], cwd=root, check=True)
+
+
 @pytest.fixture
 def repo(tmp_path, mlflow_uri, monkeypatch, init_repo, request) -> Path:
     """A git + DVC repo: the project's params.yaml on the tiny profile (own experiment), stage.py, dvc.yaml."""
@@ -88,10 +96,7 @@ def repo(tmp_path, mlflow_uri, monkeypatch, init_repo, request) -> Path:
     (tmp_path / "raw.txt").write_text("raw\n")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
     (tmp_path / ".gitignore").write_text(".herl/\nmlartifacts/\n")
-    init_repo(tmp_path)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "commit", "-qm", "dvc init"], cwd=tmp_path, check=True)
+    init_dvc_repo(tmp_path, init_repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     return tmp_path
@@ -305,10 +310,7 @@ def test_real_dvc_yaml_runs_all_five_stages_on_the_tiny_profile(tmp_path, mlflow
     shutil.copy(MAIN / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copytree(MAIN / "herl_core", tmp_path / "herl_core", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / ".gitignore").write_text(".herl/\nmlartifacts/\n")
-    init_repo(tmp_path)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "commit", "-qm", "dvc init"], cwd=tmp_path, check=True)
+    init_dvc_repo(tmp_path, init_repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     result = pipeline(root=str(tmp_path))
     lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
