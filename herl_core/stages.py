@@ -204,7 +204,6 @@ def run_rollout(cfg: Config, sink: MetricsSink | None = None) -> dict:
 def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
     """The ``hindsight`` stage (the readiness probe): the hindsight step of spec §3.4-3.9 once, on the groups of the
     first ``herl.prompts`` prompts of ``rollout.out_dir``/rollouts.jsonl, by the policy that wrote them."""
-    import numpy as np
 
     from herl_core.hindsight.step import hindsight_step
     from herl_core.models import load_policy
@@ -221,7 +220,7 @@ def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
     engine = make_engine(cfg.rollout, model, tok, seed=cfg.train.seed)
     seed = cfg.train.seed
     out = hindsight_step(
-        groups, engine, make_reward(cfg.reward), tok, cfg.herl, cfg.rollout, np.random.default_rng([seed, 0]),
+        groups, engine, make_reward(cfg.reward), tok, cfg.herl, cfg.rollout, (seed, 0),
         seed=call_seed(seed, 0, 1),
     )  # fmt: skip
     sink = sink or NullSink()

@@ -303,9 +303,9 @@ class Trainer:
         metrics = self._reward_metrics(groups)
         gen_tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
         if self.cfg.herl.enabled:  # §3.4-3.9
-            rng = np.random.default_rng([self.cfg.train.seed, step])
             out = hindsight_step(
-                groups, self.engine, self.reward, self.tokenizer, self.cfg.herl, self.cfg.rollout, rng,
+                groups, self.engine, self.reward, self.tokenizer, self.cfg.herl, self.cfg.rollout,
+                (self.cfg.train.seed, step),
                 seed=call_seed(self.cfg.train.seed, step, 1), step=step,
             )  # fmt: skip
             metrics.update(out.metrics)

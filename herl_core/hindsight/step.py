@@ -11,7 +11,10 @@
 
 Departures from the authors' code (all configurable, see herl_core.config):
 1. rewrites are sampled at ``herl.rewrite_temperature`` unless ``apply_rewrite_temperature`` is false (§9-A2);
-2. the merge slot comes from a seeded RNG, so runs are reproducible (§3.9 uses an unseeded one);
+2. the merge slot comes from a seeded RNG, so runs are reproducible (§3.9 uses an unseeded one); each group has its own
+   stream, ``default_rng([*merge_seed, stable_key(prompt id)])``, and each rewrite job its own sampling key
+   (prompt id, draft index), so a group's hindsight outcome does not depend on the other groups of the batch (a
+   data-parallel rank running its share reproduces the single-process run, issue 7);
 3. rewrites whose reward failed (judge failure) are never chosen and give no bonus;
 4. ``merge_mode="append"`` adds the guided sample as an extra member instead of replacing one (§9-A6).
 """
@@ -19,7 +22,7 @@ Departures from the authors' code (all configurable, see herl_core.config):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -31,7 +34,7 @@ from herl_core.hindsight.prompt import build_hindsight_prompt
 from herl_core.models import encode_prompt
 from herl_core.records import HindsightRecord, MergeRecord, RewardResult
 from herl_core.rewards.base import RewardFn
-from herl_core.rollout.base import RolloutEngine, SamplingParams
+from herl_core.rollout.base import RolloutEngine, SamplingParams, stable_key
 from herl_core.samples import Group, Sample
 
 
@@ -96,7 +99,8 @@ def generate_rewrites(
     """One batched generate for every draft of the batch, then re-score against the original rubrics (§3.6, §3.7)."""
     if not jobs:
         return
-    gens = engine.generate([j.prompt_ids for j in jobs], herl.rewrite_samples, sampling)
+    keys = tuple(stable_key(groups[j.group].record.id, j.draft) for j in jobs)
+    gens = engine.generate([j.prompt_ids for j in jobs], herl.rewrite_samples, replace(sampling, keys=keys))
     texts = [tokenizer.decode(g.completion_ids, skip_special_tokens=True).strip() for g in gens]
     keep = [i for i, t in enumerate(texts) if t]  # empty rewrites are dropped (§3.6)
     records = [groups[jobs[i // herl.rewrite_samples].group].record for i in keep]
@@ -184,11 +188,13 @@ def hindsight_step(
     tokenizer,
     herl: HerlConfig,
     rollout: RolloutConfig,
-    rng: np.random.Generator,
+    merge_seed: Sequence[int],
     seed: int | None = None,
     step: int | None = None,
 ) -> HindsightOutput:
-    """Run §3.4-3.9 on a batch of groups in place; return the experiences, merges and metrics."""
+    """Run §3.4-3.9 on a batch of groups in place; return the experiences, merges and metrics.
+
+    ``merge_seed`` seeds the merge slots (one stream per group, keyed by its prompt id); ``seed`` the rewrites."""
     jobs = collect_jobs(groups, tokenizer, herl, rollout.max_prompt_tokens)
     generate_rewrites(jobs, groups, engine, reward, tokenizer, herl, rewrite_sampling(herl, rollout, seed))
     by_group: dict[int, list[RewriteJob]] = {}
@@ -200,6 +206,7 @@ def hindsight_step(
         group_best = max(s.dense for s in group.samples if s.dense is not None)
         snaps = [_snapshot(group.samples[j.draft]) for j in gjobs]
         deltas = apply_bonus(group, gjobs, herl)
+        rng = np.random.default_rng([*merge_seed, stable_key(group.record.id)])
         group_merges, chosen = merge_group(group, gjobs, herl, rng)
         merges += [m.model_copy(update={"step": step}) for m in group_merges]
         for ji, (job, snap) in enumerate(zip(gjobs, snaps, strict=True)):

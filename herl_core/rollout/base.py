@@ -8,19 +8,34 @@ the sampled tokens under the sampling distribution. The HF engine (``herl_core.r
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
+def stable_key(*parts: object) -> int:
+    """A 63-bit integer from ``parts`` (blake2b of their ``repr``), the same in every process and Python run
+    (unlike ``hash``): the random key of a prompt (its record id) or of a rewrite job (prompt id, draft index)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling of one generate call. temperature 0 = greedy."""
+    """Sampling of one generate call. temperature 0 = greedy.
+
+    ``keys``: one integer per prompt (``stable_key`` of its id). Sample j of the prompt with key k draws its random
+    numbers from a stream seeded by (``seed``, k, j) alone, so a prompt gets the same samples whatever else is in the
+    call, its position, the batch size, or the process/worker that generates it: a data-parallel rank or a Ray
+    worker sampling its share reproduces the single-process run (issue 7). ``None`` = the prompt's position.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 128
     seed: int | None = None
+    keys: tuple[int, ...] | None = None
 
 
 @dataclass

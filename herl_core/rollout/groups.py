@@ -18,7 +18,7 @@ from herl_core.io import DataError
 from herl_core.models import encode_prompt
 from herl_core.records import PromptRecord, RolloutRecord
 from herl_core.rewards.base import RewardFn
-from herl_core.rollout.base import RolloutEngine, SamplingParams
+from herl_core.rollout.base import RolloutEngine, SamplingParams, stable_key
 from herl_core.samples import Group, Sample
 
 
@@ -47,9 +47,13 @@ def sample_groups(
     rollout: RolloutConfig,
     seed: int | None,
 ) -> list[Group]:
-    """G = ``rollout.n`` samples per prompt in one engine call (§3.2), scored against each prompt's rubrics (§3.3)."""
+    """G = ``rollout.n`` samples per prompt in one engine call (§3.2), scored against each prompt's rubrics (§3.3).
+
+    Each prompt's random stream is keyed by its record id (``SamplingParams.keys``), so its samples do not depend on
+    the other prompts of the call: a rank or a worker that samples a share of the records gets the same groups."""
     prompt_ids = encode_prompts(records, tokenizer, rollout)
-    sampling = SamplingParams(rollout.temperature, rollout.top_p, rollout.top_k, rollout.max_new_tokens, seed)
+    keys = tuple(stable_key(rec.id) for rec in records)
+    sampling = SamplingParams(rollout.temperature, rollout.top_p, rollout.top_k, rollout.max_new_tokens, seed, keys)
     n = rollout.n
     gens = engine.generate(prompt_ids, n, sampling)
     texts = [tokenizer.decode(g.completion_ids, skip_special_tokens=True) for g in gens]

@@ -25,15 +25,17 @@ picks. The distribution is exactly the warped one, as with ``torch.multinomial``
 long as a decode step of SmolLM2 on a 49k vocabulary on a CPU (docs/performance.md). Departure: the random stream
 differs from HF's own ``do_sample=True`` path, so a seed gives other (equally distributed) samples than HF's sampler.
 
-Determinism: with ``sampling.seed`` set, the call runs under ``torch.random.fork_rng`` seeded with that seed (the
-global RNG is left as it was), so the same prompts, n, sampling and ``batch_size`` give identical outputs. Results do
-depend on ``batch_size`` (chunking changes the order of random draws). With ``seed=None`` the global RNG is used.
+Determinism (issue 7): sample j of a prompt with key k (``SamplingParams.keys``, default: its position) takes its
+uniforms, one per decode step, from ``torch.Generator`` seeded with ``row_seed(seed, k, j)``. Its tokens therefore do
+not depend on ``batch_size``, on the other prompts of the call, or on which process generates it: a data-parallel
+rank or a Ray worker that samples its share of the prompts gets the single-process samples (up to float rounding of
+the logits in a differently padded batch, which can flip a draw only when u lands within ~1e-7 of a CDF step).
+With ``seed=None`` the base seed is drawn from torch's global RNG (one draw per call); the global RNG is otherwise
+untouched.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,11 +48,25 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from herl_core.rollout.base import Generation, SamplingParams
+from herl_core.rollout.base import Generation, SamplingParams, stable_key
 
 
-def inverse_cdf_sample(logp: torch.Tensor) -> torch.Tensor:
-    """(B,) one token per row drawn from exp(logp): i = min{i : cdf_i > u·cdf_V}, u ~ U[0, 1) (one draw per row).
+def row_seed(seed: int, key: int, sample: int) -> int:
+    """The seed of sample ``sample`` of the prompt with key ``key`` in a call seeded ``seed`` (module doc)."""
+    return stable_key("row", seed, key, sample)
+
+
+def row_uniforms(seed: int, keys: list[int], n: int, steps: int) -> torch.Tensor:
+    """(len(keys)·n, steps) uniforms in [0, 1), prompt-major: row i·n + j is sample j of prompt i."""
+    rows = []
+    for key in keys:
+        for j in range(n):
+            rows.append(torch.rand(steps, generator=torch.Generator().manual_seed(row_seed(seed, key, j))))
+    return torch.stack(rows) if rows else torch.zeros((0, steps))
+
+
+def inverse_cdf_sample(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B,) one token per row drawn from exp(logp): i = min{i : cdf_i > u·cdf_V}, u (B,) ~ U[0, 1) given per row.
 
     Exact categorical sampling, like ``torch.multinomial``, but with B random numbers instead of B·V work in the RNG:
     on a CPU, multinomial over a 49k vocabulary costs about as much as the model's decode step (docs/performance.md).
@@ -58,7 +74,7 @@ def inverse_cdf_sample(logp: torch.Tensor) -> torch.Tensor:
     """
     cdf = logp.exp().cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
+    u = torch.minimum(u.to(total)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
@@ -66,15 +82,16 @@ class _SampleRecorder(LogitsProcessor):
     """Last processor: draws the next token itself (sampling) or takes the argmax (greedy), records its log-prob
     under the processed scores, and hands ``generate`` (run greedily) a one-hot score so it picks that token."""
 
-    def __init__(self, sample: bool) -> None:
-        self.sample = sample
+    def __init__(self, uniforms: torch.Tensor | None) -> None:
+        self.uniforms = uniforms  # (B, max_new_tokens) when sampling, None when greedy
         self.steps: list[torch.Tensor] = []  # per step (B,) log-prob of the chosen token
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logp = torch.log_softmax(scores.float(), dim=-1)
-        token = inverse_cdf_sample(logp) if self.sample else scores.argmax(dim=-1)
+        sample = self.uniforms is not None
+        token = inverse_cdf_sample(logp, self.uniforms[:, len(self.steps)]) if sample else scores.argmax(dim=-1)
         self.steps.append(logp.gather(-1, token[:, None]).squeeze(-1))
-        if not self.sample:
+        if not sample:
             return scores
         return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
 
@@ -96,18 +113,6 @@ def _warpers(sampling: SamplingParams) -> list[LogitsProcessor]:
     if sampling.top_p < 1.0:
         out.append(TopPLogitsWarper(top_p=sampling.top_p))
     return out
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, model: Any) -> Iterator[None]:
-    """Seed torch's RNG for the block and restore it afterwards; ``None`` = use the global RNG as is."""
-    if seed is None:
-        yield
-        return
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 def _trim(new_tokens: list[int], logprobs: list[float], eos_ids: set[int]) -> tuple[list[int], list[float], bool]:
@@ -147,16 +152,24 @@ class HFEngine:
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"HFEngine.generate: prompt {i} is empty")
+        if sampling.keys is not None and len(sampling.keys) != len(prompts):
+            raise ValueError(f"HFEngine.generate: {len(sampling.keys)} keys for {len(prompts)} prompts")
         seqs = [list(p) for p in prompts for _ in range(n)]
+        uniforms = None
+        if sampling.temperature > 0:
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, (1,)))
+            keys = list(sampling.keys) if sampling.keys is not None else list(range(len(prompts)))
+            uniforms = row_uniforms(seed, keys, n, sampling.max_new_tokens)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # stable: equal lengths keep their order
         results: list[Generation | None] = [None] * len(seqs)
         was_training = self.model.training
         self.model.eval()
         try:
-            with _seeded(sampling.seed, self.model), torch.inference_mode():
+            with torch.inference_mode():
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start : start + self.batch_size]
-                    for i, gen in zip(chunk, self._generate_chunk([seqs[i] for i in chunk], sampling), strict=True):
+                    u = uniforms[chunk] if uniforms is not None else None
+                    for i, gen in zip(chunk, self._generate_chunk([seqs[i] for i in chunk], sampling, u), strict=True):
                         results[i] = gen
         finally:
             self.model.train(was_training)
@@ -185,11 +198,13 @@ class HFEngine:
         cache.batch_select_indices(owner)
         return cache
 
-    def _generate_chunk(self, seqs: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+    def _generate_chunk(
+        self, seqs: list[list[int]], sampling: SamplingParams, uniforms: torch.Tensor | None
+    ) -> list[Generation]:
         device = next(self.model.parameters()).device
         width = max(len(s) for s in seqs)
         input_ids, attention_mask = self._left_pad(seqs, width)
-        recorder = _SampleRecorder(sample=sampling.temperature > 0)
+        recorder = _SampleRecorder(uniforms.to(device) if uniforms is not None else None)
         cache = self._shared_prefill(seqs, width, device)
         out = self.model.generate(
             input_ids=input_ids.to(device),

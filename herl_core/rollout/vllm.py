@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from herl_core.rollout.base import Generation, SamplingParams
+from herl_core.rollout.base import Generation, SamplingParams, stable_key
 
 INSTALL_HINT = (
     "VLLMEngine needs vLLM and a CUDA GPU: install it in a separate GPU environment with "
@@ -88,25 +88,33 @@ class VLLMEngine:
             shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = folder
 
-    def _sampling_params(self, n: int, sampling: SamplingParams) -> Any:
+    def _sampling_params(self, n: int, sampling: SamplingParams, n_prompts: int) -> list[Any]:
+        """One vLLM ``SamplingParams`` per prompt, seeded by (seed, the prompt's key): as in the HF engine, a
+        prompt's samples do not depend on its batch mates or on the worker that generates it (issue 7)."""
         from vllm import SamplingParams as VSamplingParams
 
-        return VSamplingParams(
-            n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else -1,
-            max_tokens=sampling.max_new_tokens,
-            logprobs=0,
-            seed=sampling.seed,
-        )
+        keys = list(sampling.keys) if sampling.keys is not None else list(range(n_prompts))
+        return [
+            VSamplingParams(
+                n=n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else -1,
+                max_tokens=sampling.max_new_tokens,
+                logprobs=0,
+                seed=None if sampling.seed is None else stable_key("vllm", sampling.seed, key) % (2**31 - 1),
+            )
+            for key in keys
+        ]
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Generation]:
         """``len(prompts) * n`` generations, prompt-major; completions end with EOS when finished."""
         from vllm.inputs import TokensPrompt
 
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        outputs = self.llm.generate(prompts=inputs, sampling_params=self._sampling_params(n, sampling), use_tqdm=False)
+        outputs = self.llm.generate(
+            prompts=inputs, sampling_params=self._sampling_params(n, sampling, len(prompts)), use_tqdm=False
+        )
         gens = []
         for prompt, request in zip(prompts, outputs, strict=True):
             for completion in request.outputs:

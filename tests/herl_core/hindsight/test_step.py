@@ -15,7 +15,7 @@ from herl_core.hindsight.step import hindsight_step
 from herl_core.models import encode_prompt, load_tokenizer
 from herl_core.records import PromptRecord, Rubric
 from herl_core.rewards.constraints import ConstraintReward
-from herl_core.rollout.base import Generation, SamplingParams
+from herl_core.rollout.base import Generation, SamplingParams, stable_key
 from herl_core.samples import Group, Sample
 
 
@@ -69,9 +69,7 @@ def run(tok, rewrites, herl=None, seed=123):
     group = make_group(tok, reward)
     engine = ScriptedEngine(tok, rewrites)
     herl = herl or HerlConfig()
-    out = hindsight_step(
-        [group], engine, reward, tok, herl, RolloutConfig(max_new_tokens=8), np.random.default_rng(seed)
-    )
+    out = hindsight_step([group], engine, reward, tok, herl, RolloutConfig(max_new_tokens=8), (seed,))
     return group, engine, out
 
 
@@ -80,7 +78,7 @@ def test_guided_rewrite_replaces_one_seeded_slot_and_drafts_get_the_bonus(tok):
     group, engine, out = run(tok, ["the sun is bright and warm today", "The sun is bright, and warm today"])
     assert [len(engine.calls[0][0]), engine.calls[0][1]] == [2, 1]  # one batched call, one rewrite per draft
     assert engine.calls[0][2].temperature == 0.3  # rewrite temperature applied (§9-A2)
-    slot = pick_slot(4, np.random.default_rng(123))
+    slot = pick_slot(4, np.random.default_rng([123, stable_key("p0")]))  # the group's own stream
     guided = group.samples[slot]
     assert guided.guided and guided.text == "the sun is bright and warm today" and guided.score == 1.0
     hp = out.experiences[0].hindsight_prompt
@@ -111,7 +109,7 @@ def test_no_qualifying_rewrite_falls_back_to_a_copy_of_the_best_original(tok):
     group, _, out = run(
         tok, ["The sun is Bright, and warm today", "THE SUN IS BRIGHT, AND WARM TODAY"]
     )  # both rewrites score 0 < 0.5
-    slot = pick_slot(4, np.random.default_rng(123))
+    slot = pick_slot(4, np.random.default_rng([123, stable_key("p0")]))  # the group's own stream
     copied = group.samples[slot]
     assert not copied.guided and copied.text in {
         "the sun is bright, and warm today",
@@ -137,7 +135,7 @@ def test_passing_group_is_skipped_and_reference_temperature_option(tok):
     perfect = reward.score([RECORD], ["the sun is bright and warm today"])[0]
     group.samples[0] = Sample(group.prompt_ids, [1], "the sun is bright and warm today", perfect, perfect.score)
     engine = ScriptedEngine(tok, [])
-    out = hindsight_step([group], engine, reward, tok, HerlConfig(), RolloutConfig(), np.random.default_rng(0))
+    out = hindsight_step([group], engine, reward, tok, HerlConfig(), RolloutConfig(), (0,))
     assert engine.calls == [] and out.experiences == [] and out.metrics["herl/failed_groups"] == 0
     _, engine, _ = run(tok, ["a", "b"], herl=HerlConfig(apply_rewrite_temperature=False))
     assert engine.calls[0][2].temperature == 1.0  # reference: rollout temperature (§3.6)
@@ -147,3 +145,10 @@ def test_original_prompt_option_trains_the_rewrite_under_x(tok):
     group, _, _ = run(tok, ["the sun is bright and warm today", "x"], herl=HerlConfig(train_prompt="original"))
     guided = [s for s in group.samples if s.guided][0]
     assert guided.train_prompt_ids == group.prompt_ids
+
+
+def test_rewrite_keys_and_merge_streams_are_per_group(tok):
+    """Issue 7: a group's rewrites are keyed by (prompt id, draft index) and its merge slot by its prompt id, so the
+    outcome for a group is the same alone or in a batch (what lets data-parallel ranks reproduce one process)."""
+    _, engine, _ = run(tok, ["the sun is bright and warm today", "The sun is Bright, and warm today"])
+    assert engine.calls[0][2].keys == (stable_key("p0", 1), stable_key("p0", 2))

@@ -152,22 +152,66 @@ def test_bad_arguments(policy):
         HFEngine(model, tok, batch_size=0)
 
 
-def test_inverse_cdf_sample_by_hand(monkeypatch):
+def test_inverse_cdf_sample_by_hand():
     import math
-
-    import torch
 
     from herl_core.rollout.hf import inverse_cdf_sample
 
     # p = [0.2, 0, 0.8] → cdf = [0.2, 0.2, 1.0]; index = first i with cdf_i > u
     logp = torch.tensor([[math.log(0.2), -math.inf, math.log(0.8)]])
     for u, expected in [(0.0, 0), (0.1999, 0), (0.2, 2), (0.5, 2), (0.999999, 2)]:
-        monkeypatch.setattr(torch, "rand_like", lambda t, u=u: torch.full_like(t, u))
-        assert inverse_cdf_sample(logp).tolist() == [expected], u
+        assert inverse_cdf_sample(logp, torch.tensor([u])).tolist() == [expected], u
     # a zero-probability first token is never drawn, even at u = 0
-    monkeypatch.setattr(torch, "rand_like", lambda t: torch.zeros_like(t))
-    assert inverse_cdf_sample(torch.tensor([[-math.inf, 0.0]])).tolist() == [1]
-    monkeypatch.undo()
-    draws = inverse_cdf_sample(logp.expand(20000, 3).contiguous())
+    assert inverse_cdf_sample(torch.tensor([[-math.inf, 0.0]]), torch.tensor([0.0])).tolist() == [1]
+    draws = inverse_cdf_sample(
+        logp.expand(20000, 3).contiguous(), torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    )
     freq = torch.bincount(draws, minlength=3).float() / 20000
     assert freq[1] == 0 and abs(freq[0].item() - 0.2) < 0.02  # binomial sd ≈ 0.003
+
+
+def test_row_uniforms_depend_only_on_seed_key_and_sample():
+    from herl_core.rollout.hf import row_seed, row_uniforms
+
+    u = row_uniforms(5, [11, 22], 2, 4)
+    assert u.shape == (4, 4) and bool(((u >= 0) & (u < 1)).all())
+    # row i·n + j is sample j of key i; the same (seed, key, j) gives the same row in any other call
+    swapped = row_uniforms(5, [22, 11, 33], 2, 4)
+    assert torch.equal(u[0], swapped[2]) and torch.equal(u[3], swapped[1])
+    expected = torch.rand(4, generator=torch.Generator().manual_seed(row_seed(5, 22, 1)))
+    assert torch.equal(u[3], expected)
+    assert not torch.equal(u[0], u[1])  # two samples of one prompt differ
+    assert not torch.equal(row_uniforms(6, [11], 1, 4)[0], u[0])  # another seed, another stream
+
+
+def test_samples_do_not_depend_on_batch_size_order_or_batch_mates(policy, prompts):
+    """Issue 7: a prompt's samples are a function of (seed, its key, sample index) only, so a rank or a Ray worker
+    generating a share of the prompts reproduces the single-process samples."""
+    model, tok = policy
+    keys = (101, 202, 303)
+    full = HFEngine(model, tok, batch_size=64).generate(
+        prompts, 3, SamplingParams(temperature=1.0, max_new_tokens=6, seed=4, keys=keys)
+    )
+    small = HFEngine(model, tok, batch_size=2).generate(
+        prompts, 3, SamplingParams(temperature=1.0, max_new_tokens=6, seed=4, keys=keys)
+    )
+    assert [g.completion_ids for g in small] == [g.completion_ids for g in full]
+    # the last prompt alone, and the prompts in reverse order, keep their own samples
+    alone = HFEngine(model, tok).generate(
+        prompts[2:], 3, SamplingParams(temperature=1.0, max_new_tokens=6, seed=4, keys=keys[2:])
+    )
+    assert [g.completion_ids for g in alone] == [g.completion_ids for g in full[6:]]
+    rev = HFEngine(model, tok).generate(
+        prompts[::-1], 3, SamplingParams(temperature=1.0, max_new_tokens=6, seed=4, keys=keys[::-1])
+    )
+    assert [g.completion_ids for g in rev[:3]] == [g.completion_ids for g in full[6:]]
+    for a, b in zip(rev[:3], full[6:], strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    # without keys, the key is the position: the lone prompt then samples like prompt 0
+    pos = HFEngine(model, tok).generate(prompts[2:], 3, SamplingParams(temperature=1.0, max_new_tokens=6, seed=4))
+    keyed0 = HFEngine(model, tok).generate(
+        prompts[2:], 3, SamplingParams(temperature=1.0, max_new_tokens=6, seed=4, keys=(0,))
+    )
+    assert [g.completion_ids for g in pos] == [g.completion_ids for g in keyed0]
+    with pytest.raises(ValueError, match="2 keys for 3 prompts"):
+        HFEngine(model, tok).generate(prompts, 1, SamplingParams(seed=0, keys=(1, 2)))
