@@ -167,6 +167,20 @@ class RolloutConfig(StrictModel):
     ] = None
     vllm_gpu_memory_utilization: Annotated[float, Field(gt=0, le=1, description="vLLM memory share (§5.1: 0.3).")] = 0.3
     vllm_tensor_parallel_size: Annotated[int, Field(ge=1, description="vLLM tensor parallel size (§5.1: 2).")] = 1
+    workers: Annotated[
+        int,
+        Field(ge=0, description="Ray rollout workers, each holding the policy (docs/scaling.md); 0 = in-process."),
+    ] = 0
+    ray_address: Annotated[
+        str | None,
+        Field(description="Ray cluster to join ('auto', 'ray://host:10001'); None = start a local one."),
+    ] = None
+    worker_cpus: Annotated[float, Field(gt=0, description="CPUs reserved per Ray rollout worker.")] = 1.0
+    worker_gpus: Annotated[float, Field(ge=0, description="GPUs reserved per Ray rollout worker (vLLM: 1).")] = 0.0
+    weights_dir: Annotated[
+        str | None,
+        Field(description="Where versioned policy checkpoints for the workers go (shared storage on many nodes)."),
+    ] = None
     prompts: Annotated[int, Field(ge=1, description="rollout stage: how many prepared prompts to roll out.")] = 16
     policy: Annotated[
         str | None, Field(description="rollout stage: policy checkpoint folder; None = model.name_or_path.")
