@@ -1,4 +1,5 @@
-"""Rollout engines (spec §3.2, §3.6): ``make_engine`` picks HF generate or vLLM from ``rollout.backend``."""
+"""Rollout engines (spec §3.2, §3.6): ``make_engine`` picks HF generate or vLLM from ``rollout.backend``, in-process
+or on ``rollout.workers`` Ray workers (issue 7)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,24 @@ __all__ = ["Generation", "RolloutEngine", "SamplingParams", "make_engine"]
 
 
 def make_engine(cfg: RolloutConfig, model: Any, tokenizer: Any, seed: int = 0) -> RolloutEngine:
-    """The engine of ``cfg.backend``: ``hf`` shares ``model``; ``vllm`` serves a saved copy of it (GPU only)."""
+    """The engine of ``cfg.backend``: ``hf`` shares ``model``; ``vllm`` serves a saved copy of it (GPU only).
+    ``cfg.workers > 0``: a ``RayEngine`` whose workers each run that backend on a saved copy of ``model``."""
+    if cfg.backend not in ("hf", "vllm"):
+        raise ValueError(f"rollout.backend: unknown engine {cfg.backend!r} (known: hf, vllm)")
+    if cfg.workers > 0:
+        from herl_core.rollout.ray_pool import RayEngine
+
+        return RayEngine(model, tokenizer, cfg, seed=seed)
     if cfg.backend == "hf":
         from herl_core.rollout.hf import HFEngine
 
         return HFEngine(model, tokenizer, batch_size=cfg.generation_batch_size)
-    if cfg.backend == "vllm":
-        from herl_core.rollout.vllm import VLLMEngine
+    from herl_core.rollout.vllm import VLLMEngine
 
-        return VLLMEngine(
-            model,
-            tokenizer,
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-            seed=seed,
-        )
-    raise ValueError(f"rollout.backend: unknown engine {cfg.backend!r} (known: hf, vllm)")
+    return VLLMEngine(
+        model,
+        tokenizer,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+        seed=seed,
+    )
