@@ -70,17 +70,37 @@ def register(app: typer.Typer) -> None:
         cron: Annotated[str, typer.Option(help="Cron schedule (UTC).")] = "0 3 * * *",
         params: ParamsOpt = Path("params.yaml"),
         stages: StagesOpt = None,
+        work_pool: Annotated[
+            str | None,
+            typer.Option(
+                "--work-pool",
+                help="Register on this Prefect process work pool (created if missing) and return; "
+                "`prefect worker start --pool NAME` runs the flow runs. Default: serve from this process (blocks).",
+            ),
+        ] = None,
+        concurrency_limit: Annotated[
+            int | None,
+            typer.Option("--concurrency-limit", min=1, help="Work pool: most flow runs at once (needs --work-pool)."),
+        ] = None,
     ) -> None:
-        """Register a cron deployment of the pipeline on the Prefect server (PREFECT_API_URL) and serve it."""
-        from flows.deploy import NoServerError, serve_pipeline
+        """Register a cron deployment of the pipeline on the Prefect server (PREFECT_API_URL): served, or on a pool."""
+        from flows.deploy import NoServerError, WorkPoolError, deploy_to_pool, serve_pipeline
 
+        where = {"name": name, "cron": cron, "root": params.resolve().parent, "params": params.name}
         try:
-            serve_pipeline(
-                name=name, cron=cron, root=params.resolve().parent, params=params.name, stages=_stages(stages)
+            if work_pool is None:
+                if concurrency_limit is not None:
+                    raise ValueError("--concurrency-limit limits a work pool: give --work-pool NAME too")
+                serve_pipeline(**where, stages=_stages(stages))
+                return
+            deployment_id = deploy_to_pool(
+                work_pool, **where, stages=_stages(stages), concurrency_limit=concurrency_limit
             )
-        except NoServerError as exc:
+        except (NoServerError, WorkPoolError, ValueError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
+        print(f"deployment pipeline/{name} ({deployment_id}) on work pool {work_pool!r}, cron {cron!r} (UTC)")
+        print(f"run its flow runs with: prefect worker start --pool {shlex.quote(work_pool)}")
 
     @app.command("ui")
     def ui_cmd(
