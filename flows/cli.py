@@ -163,6 +163,12 @@ def train(
     from herl_core.stages import run_train
 
     cfg = load_config(params, profile, set_)
+    from herl_core.distributed import is_main_process
+
+    if not is_main_process():  # a data-parallel rank > 0 (docs/scaling.md): trains its share, rank 0 tracks
+        quiet_transformers()
+        run_train(cfg, resume=resume)
+        return
     console.print(f"[bold]herl train[/bold] profile={cfg.profile} model={cfg.model.name_or_path} "
                   f"herl.enabled={cfg.herl.enabled} steps={cfg.train.steps} config={cfg.hash()}")  # fmt: skip
     with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:

@@ -83,25 +83,33 @@ def run_train(
     rollouts}.jsonl and summary.json. Resume checkpoints live in ``train.checkpoint_dir``; ``checkpoint_extras``
     (e.g. the tracking run id, for re-attaching on resume) is stored in every checkpoint written from now on.
     """
+    from herl_core.distributed import DataParallel
     from herl_core.train import Trainer
 
+    kwargs = dict(trainer_kwargs or {})
+    dp = kwargs.pop("dp", None) or DataParallel.from_env()
     prompts = load_prompts(cfg.train.data)
-    report = JsonlSink(cfg.train.report_dir)
-    trainer = Trainer(cfg, prompts, sink=MultiSink(report, sink) if sink else report, **(trainer_kwargs or {}))
+    report = JsonlSink(cfg.train.report_dir) if dp.is_main else None  # rank 0 writes reports and tracks
+    sinks = [x for x in (report, sink if dp.is_main else None) if x is not None]
+    trainer = Trainer(cfg, prompts, sink=MultiSink(*sinks), dp=dp, **kwargs)
     fingerprint = train_fingerprint(cfg)
-    if resume and _resumable(cfg, fingerprint) and trainer.resume(cfg.train.checkpoint_dir):
-        report.truncate_after(trainer.state.step - 1)
-    else:
-        _drop_checkpoints(cfg.train.checkpoint_dir)
-        report.reset()
+    resumed = resume and _resumable(cfg, fingerprint) and trainer.resume(cfg.train.checkpoint_dir)
+    with dp.main_first() as main:  # every rank has decided before rank 0 drops anything
+        if main and resumed:
+            report.truncate_after(trainer.state.step - 1)
+        elif main:
+            _drop_checkpoints(cfg.train.checkpoint_dir)
+            report.reset()
     trainer.state.extras.update({**(checkpoint_extras or {}), "train_fingerprint": fingerprint})
     history = _read_history(Path(cfg.train.report_dir) / "steps.jsonl")
     history += trainer.train(on_step=on_step)
     trainer.save(cfg.train.checkpoint_dir, keep=cfg.train.keep_checkpoints)
-    with atomic_dir(cfg.train.out_dir) as tmp:
-        save_checkpoint_weights(trainer.model, trainer.tokenizer, tmp)
     summary = {**summarise(history), "config_hash": cfg.hash()}
-    write_json_atomic(Path(cfg.train.report_dir) / "summary.json", summary)
+    with dp.main_first() as main:
+        if main:
+            with atomic_dir(cfg.train.out_dir) as tmp:
+                save_checkpoint_weights(trainer.model, trainer.tokenizer, tmp)
+            write_json_atomic(Path(cfg.train.report_dir) / "summary.json", summary)
     return summary
 
 

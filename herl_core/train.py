@@ -10,6 +10,9 @@ Departures from the authors' code (spec §9 and docs/algorithm.md):
    in the reference where "r = 1 for the first mini-batch"); otherwise one no-grad pass per batch (§3.10);
 3. the reference model is not loaded when β = 0 (§3.12: kl_loss_coef = 0.0 in the IF run);
 4. responses whose reward failed (judge failure) are kept out of the advantage (score None → advantage 0).
+
+Data-parallel (``accelerate``/``torchrun``, W processes): each rank samples its share of the step's prompts and the
+global batch is gathered before the advantage; see herl_core/distributed.py. With W = 1 nothing changes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,7 +29,8 @@ import torch
 from herl_core.advantage import get_advantage
 from herl_core.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from herl_core.config import Config
-from herl_core.hindsight.step import hindsight_step
+from herl_core.distributed import DataParallel, interleave, share_indices
+from herl_core.hindsight.step import HindsightOutput, hindsight_metrics, hindsight_step
 from herl_core.logprobs import pack_batch, sequence_logprobs
 from herl_core.loss import agg_loss, get_policy_loss, kl_k3
 from herl_core.models import load_policy
@@ -80,12 +84,14 @@ def padded_split(shapes: Sequence[tuple[int, int]], max_size: int, overhead: int
 
 @dataclass
 class Prepared:
-    """The flattened training batch of one step (group-major)."""
+    """The flattened training batch of one step (group-major). ``totals[m]`` = (response tokens, sequences,
+    on-policy response tokens) of the GLOBAL mini-batch m: the loss normalisers, the same on every rank."""
 
     samples: list[Sample]
     group_ids: torch.Tensor
     advantages: torch.Tensor
     minibatches: list[list[int]]
+    totals: list[tuple[int, int, float]] = field(default_factory=list)
 
 
 class Trainer:
@@ -102,10 +108,15 @@ class Trainer:
         engine: RolloutEngine | None = None,
         sink: MetricsSink | None = None,
         fused_adamw: bool = True,
+        dp: DataParallel | None = None,
     ):
         """``fused_adamw``: one fused AdamW kernel over all parameters (CPU/CUDA); the per-tensor loop costs about
-        7x more on a CPU for SmolLM2 (docs/performance.md). Same update rule; float rounding may differ."""
+        7x more on a CPU for SmolLM2 (docs/performance.md). Same update rule; float rounding may differ.
+        ``dp``: the data-parallel group (default: from the launcher's environment; one process when not launched)."""
         self.cfg = cfg
+        self.dp = dp or DataParallel.from_env()
+        if self.dp.world > 1:  # fail before any work when the batch cannot be shared (herl_core/distributed.py)
+            share_indices(cfg.train.prompts_per_step, cfg.train.mini_batch_prompts, 0, self.dp.world)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
@@ -119,6 +130,7 @@ class Trainer:
         self.model, self.tokenizer = model, tokenizer
         if cfg.train.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        self.train_model = self.dp.wrap(model)  # DDP wrapper when W > 1 (moves the model to the rank's device)
         self.ref_model = self._frozen_copy(model) if cfg.train.kl_coef > 0 else None
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -173,11 +185,28 @@ class Trainer:
             scores, gid, valid, eps=self.cfg.train.adv_eps, norm_by_std=self.cfg.train.norm_adv_by_std
         )
         per_mb = self.cfg.train.mini_batch_prompts
-        minibatches = []
+        minibatches, totals = [], []
         for start in range(0, len(groups), per_mb):
             members = set(range(start, min(start + per_mb, len(groups))))
-            minibatches.append([i for i, g in enumerate(gid.tolist()) if g in members])
-        return Prepared(samples, gid, adv, minibatches), metrics
+            mb = [i for i, g in enumerate(gid.tolist()) if g in members]
+            minibatches.append(mb)
+            n_tok = sum(len(samples[i].completion_ids) for i in mb)
+            n_on = float(sum(len(samples[i].completion_ids) for i in mb if not samples[i].guided))
+            totals.append((n_tok, len(mb), n_on))
+        return Prepared(samples, gid, adv, minibatches, totals), metrics
+
+    def local_share(self, prep: Prepared, groups: Sequence[int]) -> Prepared:
+        """The rows of ``prep`` that belong to the global groups ``groups`` (this rank's share); mini-batch m keeps
+        its global normalisers ``totals[m]``."""
+        if self.dp.world == 1:
+            return prep
+        mine = set(groups)
+        rows = [i for i, g in enumerate(prep.group_ids.tolist()) if g in mine]
+        new_index = {old: new for new, old in enumerate(rows)}
+        minibatches = [[new_index[i] for i in mb if i in new_index] for mb in prep.minibatches]
+        return Prepared(
+            [prep.samples[i] for i in rows], prep.group_ids[rows], prep.advantages[rows], minibatches, prep.totals
+        )
 
     # ---------------------------------------------------------------------------------------------------- update
     def _micro_batches(self, idx: list[int]) -> list[list[int]]:
@@ -228,8 +257,8 @@ class Trainer:
         sums: dict[str, float] = {}
         updates = skipped = 0
         for _ in range(t.ppo_epochs):
-            for mb in prep.minibatches:
-                stats = self._update_minibatch(mb, prep, old, ref)
+            for mb, totals in zip(prep.minibatches, prep.totals, strict=True):
+                stats = self._update_minibatch(mb, totals, prep, old, ref)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 if stats["actor/skipped"]:
@@ -241,40 +270,18 @@ class Trainer:
         metrics.update({"actor/updates": float(updates), "actor/nonfinite_skipped": float(skipped)})
         return metrics
 
-    def _update_minibatch(self, mb, prep, old, ref) -> dict[str, float]:
+    def _update_minibatch(self, mb, totals, prep, old, ref) -> dict[str, float]:
+        """One optimizer step over mini-batch ``mb`` (this rank's rows; ``totals`` = the global normalisers).
+        W > 1: backward of loss·W (DDP averages over ranks), gradient sync on the last micro-batch only."""
         t = self.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
-        n_tok = sum(len(self._samples[i].completion_ids) for i in mb)
-        n_seq = len(mb)
-        n_on = float(sum(len(self._samples[i].completion_ids) for i in mb if not self._samples[i].guided))
+        n_tok, n_seq, n_on = totals
         acc = {"actor/loss": 0.0, "actor/pg_loss": 0.0, "actor/kl": 0.0, "actor/clipfrac": 0.0}
-        for micro in self._micro_batches(mb):
-            logp, batch = self._logprobs(self.model, micro, grad=True)
-            mask = batch.response_mask.to(logp.dtype)
-            old_logp = logp.detach() if old is None else self._pad_like([old[i] for i in micro], logp, mask)
-            adv = prep.advantages[micro]
-            guided = torch.tensor([self._samples[i].guided for i in micro])
-            per_token, lm = self.loss_fn(
-                logp, old_logp, adv, mask, guided,
-                clip_low=t.clip_ratio_low, clip_high=t.clip_ratio_high, clip_c=t.clip_ratio_c,
-                gamma=self.cfg.herl.shaping_gamma,
-            )  # fmt: skip
-            share = mask.sum().item() / n_tok if t.loss_agg == "token-mean" else len(micro) / n_seq
-            pg = agg_loss(per_token, mask, t.loss_agg) * share
-            loss = pg
-            if ref is not None:
-                kl = (
-                    agg_loss(kl_k3(logp, self._pad_like([ref[i] for i in micro], logp, mask)), mask, t.loss_agg) * share
-                )
-                loss = loss + t.kl_coef * kl
-                acc["actor/kl"] += kl.item()
-            loss.backward()
-            acc["actor/loss"] += loss.item()
-            acc["actor/pg_loss"] += pg.item()
-            on_tok = (mask * (~guided).unsqueeze(1).to(mask.dtype)).sum().item()  # clipfrac is over on-policy tokens
-            acc["actor/clipfrac"] += lm.get("actor/clipfrac", 0.0) * on_tok / max(n_on, 1.0)
-            for key in ("actor/dual_clipfrac", "actor/ratio_mean", "actor/guided_token_frac"):  # token-weighted
-                acc[key] = acc.get(key, 0.0) + lm.get(key, 0.0) * mask.sum().item() / n_tok
+        micros = self._micro_batches(mb)
+        for k, micro in enumerate(micros):
+            with self.dp.no_sync(self.train_model, sync=k == len(micros) - 1):
+                self._micro_step(micro, prep, old, ref, (n_tok, n_seq, n_on), acc)
+        acc = self.dp.sum(acc)  # every rank sees the global loss: same skip / stop decision
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         finite = math.isfinite(acc["actor/loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
@@ -292,22 +299,54 @@ class Trainer:
                 )
         return {**acc, "actor/grad_norm": float(grad_norm), "actor/skipped": float(not finite)}
 
+    def _micro_step(self, micro, prep, old, ref, totals, acc: dict[str, float]) -> None:
+        """Forward + backward of one micro-batch; adds its share of the mini-batch metrics to ``acc``."""
+        t = self.cfg.train
+        n_tok, n_seq, n_on = totals
+        logp, batch = self._logprobs(self.train_model, micro, grad=True)
+        mask = batch.response_mask.to(logp.dtype)
+        old_logp = logp.detach() if old is None else self._pad_like([old[i] for i in micro], logp, mask)
+        adv = prep.advantages[micro]
+        guided = torch.tensor([self._samples[i].guided for i in micro])
+        per_token, lm = self.loss_fn(
+            logp, old_logp, adv, mask, guided,
+            clip_low=t.clip_ratio_low, clip_high=t.clip_ratio_high, clip_c=t.clip_ratio_c,
+            gamma=self.cfg.herl.shaping_gamma,
+        )  # fmt: skip
+        share = mask.sum().item() / n_tok if t.loss_agg == "token-mean" else len(micro) / n_seq
+        pg = agg_loss(per_token, mask, t.loss_agg) * share
+        loss = pg
+        if ref is not None:
+            kl = agg_loss(kl_k3(logp, self._pad_like([ref[i] for i in micro], logp, mask)), mask, t.loss_agg) * share
+            loss = loss + t.kl_coef * kl
+            acc["actor/kl"] += kl.item()
+        (loss * self.dp.world).backward()  # DDP averages gradients over the W ranks
+        acc["actor/loss"] += loss.item()
+        acc["actor/pg_loss"] += pg.item()
+        on_tok = (mask * (~guided).unsqueeze(1).to(mask.dtype)).sum().item()  # clipfrac is over on-policy tokens
+        acc["actor/clipfrac"] += lm.get("actor/clipfrac", 0.0) * on_tok / max(n_on, 1.0)
+        for key in ("actor/dual_clipfrac", "actor/ratio_mean", "actor/guided_token_frac"):  # token-weighted
+            acc[key] = acc.get(key, 0.0) + lm.get(key, 0.0) * mask.sum().item() / n_tok
+
     # ---------------------------------------------------------------------------------------------------- step
     def step(self) -> dict[str, float]:
-        """One training step, spec §3.15 top to bottom."""
+        """One training step, spec §3.15 top to bottom (W > 1: on this rank's share, see herl_core/distributed.py)."""
         step, t0 = self.state.step, time.perf_counter()
         records = self.next_prompts()
-        groups = self.rollout(records, step)  # §3.2-3.3
+        mine = self.my_groups(len(records))
+        groups = self.rollout([records[i] for i in mine], step)  # §3.2-3.3
         t_rollout = time.perf_counter()
-        self.sink.log_records("rollouts", self._rollout_records(groups, step), step)
-        metrics = self._reward_metrics(groups)
-        gen_tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
+        everyone = self.gather_groups(groups)  # the global batch (a copy when W > 1: hindsight edits `groups`)
+        self.sink.log_records("rollouts", self._rollout_records(everyone, step), step)
+        metrics = self._reward_metrics(everyone)
+        gen_tokens = sum(len(s.completion_ids) for g in everyone for s in g.samples)
         if self.cfg.herl.enabled:  # §3.4-3.9
             out = hindsight_step(
                 groups, self.engine, self.reward, self.tokenizer, self.cfg.herl, self.cfg.rollout,
-                (self.cfg.train.seed, step),
-                seed=call_seed(self.cfg.train.seed, step, 1), step=step,
+                (self.cfg.train.seed, step), seed=call_seed(self.cfg.train.seed, step, 1), step=step,
             )  # fmt: skip
+            everyone = self.gather_groups(groups)
+            out = self.gather_hindsight(out, everyone, mine)
             metrics.update(out.metrics)
             gen_tokens += sum(
                 len(self.tokenizer(e.rewrite, add_special_tokens=False)["input_ids"]) for e in out.experiences
@@ -315,9 +354,10 @@ class Trainer:
             self.sink.log_records("experiences", out.experiences, step)
             self.sink.log_records("merges", out.merges, step)
         t_hindsight = time.perf_counter()
-        prep, adv_metrics = self.prepare(groups)  # §3.11
+        prep, adv_metrics = self.prepare(everyone)  # §3.11, on the global batch
         metrics.update(adv_metrics)
-        metrics.update(self.update(prep))  # §3.12-3.13
+        metrics.update(self.update(self.local_share(prep, mine)))  # §3.12-3.13
+        self.engine.sync_weights()  # vLLM / Ray workers sample from the updated policy (no-op for the HF engine)
         t_end = time.perf_counter()
         metrics.update(
             {
@@ -335,6 +375,31 @@ class Trainer:
         self.state.step += 1
         self.sink.log_metrics(metrics, step)
         return metrics
+
+    # ---------------------------------------------------------------------------------------------------- data-parallel
+    def my_groups(self, n: int) -> list[int]:
+        """The global indices of the step's prompts this rank samples (all of them when W = 1)."""
+        if self.dp.world == 1:
+            return list(range(n))
+        return share_indices(n, self.cfg.train.mini_batch_prompts, self.dp.rank, self.dp.world)
+
+    def gather_groups(self, groups: list[Group]) -> list[Group]:
+        """Every rank's groups in global order (``groups`` itself when W = 1)."""
+        if self.dp.world == 1:
+            return groups
+        return interleave(self.dp.gather(groups), self.cfg.train.mini_batch_prompts)
+
+    def gather_hindsight(self, out: HindsightOutput, everyone: list[Group], mine: list[int]) -> HindsightOutput:
+        """The ranks' hindsight outputs merged in the one-process order (by global group), metrics recomputed."""
+        if self.dp.world == 1:
+            return out
+        jobs = [replace(j, group=mine[j.group]) for j in out.jobs]  # local → global group index
+        parts = self.dp.gather([(out.experiences, out.merges, jobs)])
+        position = {g.record.id: i for i, g in enumerate(everyone)}
+        experiences = sorted((e for p in parts for e in p[0][0]), key=lambda e: position[e.prompt_id])
+        merges = sorted((m for p in parts for m in p[0][1]), key=lambda m: position[m.prompt_id])
+        jobs = sorted((j for p in parts for j in p[0][2]), key=lambda j: j.group)
+        return HindsightOutput(experiences, merges, hindsight_metrics(everyone, jobs, experiences, merges), jobs)
 
     def _reward_metrics(self, groups: Sequence[Group]) -> dict[str, float]:
         scores = [s.score for g in groups for s in g.samples if s.score is not None]
@@ -357,9 +422,14 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- state
     def save(self, root: str, keep: int = 1, extras: dict | None = None) -> str:
+        """Write a checkpoint (rank 0 only; every rank waits for it) and return its folder."""
         if extras:
             self.state.extras.update(extras)
-        return str(save_checkpoint(root, self.model, self.tokenizer, self.optimizer, self.state, keep=keep))
+        path = ""
+        with self.dp.main_first() as main:
+            if main:
+                path = str(save_checkpoint(root, self.model, self.tokenizer, self.optimizer, self.state, keep=keep))
+        return path
 
     def resume(self, root: str) -> bool:
         """Restore the newest complete checkpoint under ``root``; False when there is none."""
@@ -367,6 +437,7 @@ class Trainer:
         if found is None:
             return False
         self.state = load_checkpoint(found, self.model, self.optimizer)
+        self.engine.sync_weights()
         return True
 
     def train(self, steps: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:

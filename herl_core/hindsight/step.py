@@ -54,6 +54,7 @@ class HindsightOutput:
     experiences: list[HindsightRecord]
     merges: list[MergeRecord]
     metrics: dict[str, float]
+    jobs: list[RewriteJob] = field(default_factory=list)
 
 
 def rewrite_sampling(herl: HerlConfig, rollout: RolloutConfig, seed: int | None) -> SamplingParams:
@@ -232,7 +233,7 @@ def hindsight_step(
                         slot=chosen.get((ji, k)),
                     )
                 )
-    return HindsightOutput(experiences, merges, hindsight_metrics(groups, jobs, experiences, merges))
+    return HindsightOutput(experiences, merges, hindsight_metrics(groups, jobs, experiences, merges), jobs)
 
 
 def _snapshot(sample: Sample) -> DraftSnapshot:
