@@ -141,3 +141,10 @@ def test_a_process_worker_runs_the_deployed_pipeline(tmp_path, mlflow_uri, prefe
     assert done.state.is_completed(), (done.state, worker.stderr[-3000:])
     assert (tmp_path / "out.txt").read_text() == "ok"
     assert "prepare" in yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+
+
+def test_a_bad_cron_is_a_usage_error(tmp_path, prefect_harness):
+    params = tmp_path / "params.yaml"
+    params.write_text("profile: tiny\n")
+    out = CliRunner().invoke(app, ["deploy", "--work-pool", "local", "--cron", "every day", "--params", str(params)])
+    assert out.exit_code == 2 and "every day" in out.output, out.output
