@@ -5,6 +5,12 @@ Layout of ``<checkpoint_dir>/step-000042/``::
     config.json, model.safetensors, tokenizer files   # loads with AutoModelForCausalLM.from_pretrained
     optimizer.safetensors                              # AdamW moments and step counts, keyed "<param idx>.<name>"
     trainer_state.json                                 # step, data cursor, RNG states, param groups, extras
+    adapter/adapter_config.json, adapter_model.safetensors   # LoRA runs only: the adapters, peft layout
+
+A LoRA model (``model.lora.enabled``) writes ``model.safetensors`` merged (a plain model, as every checkpoint) plus its
+adapters; resume loads the adapters into the live peft model (its base weights come from ``load_policy``) and checks
+that the merged weights then equal the checkpoint's, so a changed base model is an error, not a silent mix.
+The adapters sit in a subfolder: an ``adapter_config.json`` at the top would make ``from_pretrained`` load them.
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON. A folder appears whole or not at all
 (temp folder + rename), so a crash mid-save leaves the previous checkpoint as the latest.
@@ -22,9 +28,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from herl_core.io import atomic_dir
-from herl_core.models import save_checkpoint_weights
+from herl_core.models import is_lora, merged_state_dict, save_checkpoint_weights
 
 STATE_FILE = "trainer_state.json"
+ADAPTER_DIR = "adapter"
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 @dataclass
@@ -58,6 +66,8 @@ def save_checkpoint(
     target = root / f"step-{state.step:06d}"
     with atomic_dir(target) as tmp:
         save_checkpoint_weights(model, tokenizer, tmp)
+        if is_lora(model):
+            save_adapter(model, tmp / ADAPTER_DIR)
         tensors, groups = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
@@ -86,8 +96,44 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def save_adapter(model, folder: Path) -> None:
+    """The LoRA adapters of a peft model in peft's layout (``PeftModel.from_pretrained(base, folder)`` loads them)."""
+    from peft import get_peft_model_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.peft_config[model.active_adapter].save_pretrained(str(folder))
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)  # "auto" would query the hub
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / ADAPTER_FILE))
+
+
+def load_adapter(model, folder: str | Path) -> None:
+    """Restore the adapters of ``<folder>/adapter`` into a live peft model, then check the merged weights against
+    ``<folder>/model.safetensors`` (dtype-aware ``torch.testing.assert_close`` tolerances)."""
+    from peft import set_peft_model_state_dict
+
+    folder = Path(folder)
+    if not (folder / ADAPTER_DIR / ADAPTER_FILE).is_file():
+        raise ValueError(f"{folder}: not a LoRA checkpoint (no {ADAPTER_DIR}/{ADAPTER_FILE}) but model.lora is on")
+    result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_DIR / ADAPTER_FILE)))
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{folder}: adapters do not match the model (missing {missing}, "
+                         f"unexpected {result.unexpected_keys})")  # fmt: skip
+    saved, merged = load_file(str(folder / "model.safetensors")), merged_state_dict(model)
+    for key, value in saved.items():
+        try:
+            torch.testing.assert_close(merged[key].detach().cpu(), value)
+        except (KeyError, AssertionError) as exc:
+            raise ValueError(f"{folder}: base model differs from the checkpoint's at {key}") from exc
+
+
 def load_weights(model, folder: str | Path) -> None:
-    """Load ``model.safetensors`` into a live model; only tied weights may be missing."""
+    """Load ``model.safetensors`` into a live model (adapters only for a LoRA model); only tied weights may be
+    missing."""
+    if is_lora(model):
+        return load_adapter(model, folder)
+    if (Path(folder) / ADAPTER_DIR).is_dir():
+        raise ValueError(f"{folder}: a LoRA checkpoint, but model.lora is off")
     state = load_file(str(Path(folder) / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()

@@ -49,6 +49,32 @@ class TinyModelConfig(StrictModel):
     seed: Annotated[int, Field(description="Seed of the random initialisation.")] = 0
 
 
+class LoraConfig(StrictModel):
+    """LoRA adapters (peft): train only low-rank updates W + (alpha/r)·B·A of the target linears; saved policies are
+    the merged plain weights (docs/models.md "LoRA"). Not in the spec: an option for models too large to train fully."""
+
+    enabled: Annotated[
+        bool, Field(description="Train LoRA adapters instead of all weights (the base weights stay frozen).")
+    ] = False
+    r: Annotated[int, Field(ge=1, description="Rank of each adapter: A is r×in, B is out×r.")] = 16
+    alpha: Annotated[float, Field(gt=0, description="Scale: the update B·A is multiplied by alpha / r.")] = 32.0
+    dropout: Annotated[
+        float,
+        Field(ge=0, lt=1, description="Dropout on the adapter input in training mode (rollouts run without it)."),
+    ] = 0.0
+    target_modules: Annotated[
+        list[str] | Literal["all-linear"],
+        Field(
+            min_length=1,
+            description=(
+                "Names of the linear layers that get adapters (matched on the module name's last part), or "
+                "'all-linear' = every linear layer except the LM head."
+            ),
+        ),
+    ] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    seed: Annotated[int, Field(description="Seed of the adapters' random init (A random, B zero).")] = 0
+
+
 class ModelConfig(StrictModel):
     """Which causal LM is the policy (spec §6 uses Qwen/Llama instruct models; herl embeds SmolLM2-135M-Instruct)."""
 
@@ -71,6 +97,7 @@ class ModelConfig(StrictModel):
         str | None, Field(description="Where converted models live; default $HERL_CACHE or ~/.cache/herl.")
     ] = None
     tiny: TinyModelConfig = TinyModelConfig()
+    lora: LoraConfig = LoraConfig()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ holding only a pickled ``pytorch_model.bin`` is an error, never unpickled).
 Cache folders are built in a temporary folder beside the target, marked complete by a file written last, then renamed
 into place; an ``fcntl.flock`` lock file serialises concurrent builders. A folder without the mark (an interrupted
 build) is never used. The authors' code loads hub checkpoints through veRL; herl adds the embedded GGUF default.
+
+LoRA (``model.lora.enabled``; not in the spec, an option for larger models): ``load_policy`` wraps the model in a
+peft ``PeftModelForCausalLM`` whose only trainable parameters are the adapters (``apply_lora``), and
+``save_checkpoint_weights`` writes the MERGED weights W + (alpha/r)·B·A in the plain HF layout (``merged_state_dict``;
+the live model is not touched), so rollout engines, evaluation and weight sync keep seeing a plain causal LM folder.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 
 import torch
 
-from herl_core.config import ModelConfig
+from herl_core.config import LoraConfig, ModelConfig
 from herl_core.io import atomic_dir
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -245,7 +250,7 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[A
 
     if cfg.name_or_path == "tiny":
         model, tok = build_tiny(cfg)
-        return model.to(device), tok
+        return _maybe_lora(model, cfg).to(device), tok
     where, kwargs = _resolve(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -258,7 +263,67 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[A
     tok = load_tokenizer(cfg)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(device), tok
+    return _maybe_lora(model, cfg).to(device), tok
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def _maybe_lora(model: Any, cfg: ModelConfig) -> Any:
+    return apply_lora(model, cfg.lora) if cfg.lora.enabled else model
+
+
+def apply_lora(model: Any, lora: LoraConfig) -> Any:
+    """Wrap ``model`` in a peft ``PeftModelForCausalLM``: every target linear y = W x becomes
+        y = W x + (alpha / r) · B (A dropout(x)),   A: r×in (Kaiming-uniform, seeded by ``lora.seed``), B: out×r = 0,
+    so the wrapped model starts equal to the base. Only A and B require grad: r·(in + out) parameters per target.
+    The init runs under ``torch.random.fork_rng``: the global torch RNG is left untouched.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(lora.seed)
+        return get_peft_model(model, peft_cfg)
+
+
+def is_lora(model: Any) -> bool:
+    """True for a peft-wrapped model (``apply_lora``)."""
+    if "peft" not in sys.modules:  # nothing can be a PeftModel before peft is imported
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The plain-HF state dict of a peft model with its adapters merged, without changing the live model:
+        W_merged = W + Σ_active adapters (alpha / r) · B A       for every LoRA-wrapped layer,
+    keys renamed ``….q_proj.base_layer.weight`` → ``….q_proj.weight``, adapter tensors dropped. Only the merged
+    layers are new tensors; the rest are the live (detached) parameters.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model()
+    state = {k.replace(".base_layer.", "."): v for k, v in inner.state_dict().items() if ".lora_" not in k}
+    with torch.no_grad():
+        for name, module in inner.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            weight = state[f"{name}.weight"]
+            for adapter in module.active_adapters:
+                if adapter not in module.merged_adapters:  # an adapter merged in place is already in W
+                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            state[f"{name}.weight"] = weight
+    return state
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -284,9 +349,13 @@ def save_checkpoint_weights(model: Any, tokenizer: Any, folder: str | Path) -> P
 
     Written through ``io.atomic_dir`` (a temporary folder beside ``folder``, then swapped in; an existing folder is
     replaced). Callers may pass the temporary folder of their own ``atomic_dir``: the swap then replaces that folder.
+    A LoRA model (``is_lora``) is saved merged (``merged_state_dict``): no adapter files, no peft needed to load it.
     """
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)  # transformers 5 writes safetensors only
+        if is_lora(model):
+            model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model))
+        else:
+            model.save_pretrained(tmp)  # transformers 5 writes safetensors only
         tokenizer.save_pretrained(tmp)
     return Path(folder)
 
