@@ -152,6 +152,9 @@ def test_a_trainer_step_changes_only_adapter_weights(stepped):
     assert any(not torch.equal(before[k], after[k]) for k in adapter if ".lora_B." in k)
     n_opt = sum(p.numel() for g in t.optimizer.param_groups for p in g["params"])
     assert n_opt == 16 * (64 + 64) * 4 * 2  # the optimizer holds the adapters only
+    # AdamW state = 2 fp32 moments per trainable parameter: 2 · 4 B · 16,384 = 131,072 bytes (docs/models.md)
+    moments = [v for s in t.optimizer.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert sum(v.numel() * v.element_size() for v in moments) == 2 * 4 * 16384
 
 
 def test_saved_policy_is_a_plain_merged_model_with_the_live_logits(stepped, tmp_path):
