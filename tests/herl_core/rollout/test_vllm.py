@@ -19,13 +19,13 @@ GPU = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 def test_module_imports_without_vllm():
     mod = importlib.import_module("herl_core.rollout.vllm")
-    assert hasattr(mod, "VLLMEngine") and "pip install 'herl[gpu]'" in mod.INSTALL_HINT
+    assert hasattr(mod, "VLLMEngine") and "docs/scaling.md" in mod.INSTALL_HINT
 
 
 def test_constructor_without_vllm_raises_with_install_hint(monkeypatch):
     mod = importlib.import_module("herl_core.rollout.vllm")
     monkeypatch.setattr(mod, "vllm_available", lambda: False)
-    with pytest.raises(ImportError, match=r"pip install 'herl\[gpu\]'.*rollout.backend: hf"):
+    with pytest.raises(ImportError, match=r"separate GPU environment as docs/scaling.md.*rollout.backend: hf"):
         mod.VLLMEngine(model=None, tokenizer=None)
     with pytest.raises(ImportError, match="needs vLLM and a CUDA GPU"):
         make_engine(RolloutConfig(backend="vllm"), model=None, tokenizer=None)
