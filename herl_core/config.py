@@ -89,6 +89,10 @@ class ModelConfig(StrictModel):
         ),
     ] = "smollm2-135m-instruct"
     dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description="Weights dtype.")] = "float32"
+    device: Annotated[
+        Literal["auto", "cpu", "cuda"],
+        Field(description="Where the policy lives: auto = cuda when a GPU is visible, else cpu (ranks: their GPU)."),
+    ] = "auto"
     trust_remote_code: Annotated[
         bool, Field(description="Run code shipped with a hub model. Off unless asked for.")
     ] = False

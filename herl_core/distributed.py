@@ -1,7 +1,8 @@
 """Data-parallel training through ``accelerate`` (issue 7; peers_and_conventions §3.2 rung L2).
 
-The train stage runs unchanged under a distributed launcher (``accelerate launch`` on GPUs; ``torchrun`` with
-``ACCELERATE_USE_CPU=true`` on CPUs, gloo backend). With W processes, every step:
+The train stage runs unchanged under ``accelerate launch --config_file configs/accelerate/ddp.yaml -m flows.cli
+train`` (NCCL on GPUs; with ``ACCELERATE_USE_CPU=true`` the same command runs W CPU processes on gloo, which is how
+it is tested). With W processes, every step:
 
 1. every rank draws the same global prompt batch (seeded permutation) and takes its share of each mini-batch: with
    M = ``train.mini_batch_prompts``, rank r samples prompts [m·M + r·M/W, m·M + (r+1)·M/W) of mini-batch m, so a
@@ -89,9 +90,9 @@ class DataParallel:
         acc = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         if acc.distributed_type == DistributedType.NO:
             raise RuntimeError(
-                f"WORLD_SIZE={world_size_from_env()} but accelerate found no distributed backend: on CPUs launch with "
-                "`ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m flows.cli train ...` (gloo), on GPUs with "
-                "`accelerate launch --config_file configs/accelerate/ddp.yaml -m flows.cli train ...`"
+                f"WORLD_SIZE={world_size_from_env()} but accelerate found no distributed backend (no GPU?): launch "
+                "with `accelerate launch --config_file configs/accelerate/ddp.yaml -m flows.cli train ...`, and on "
+                "CPUs set ACCELERATE_USE_CPU=true (gloo)"
             )
         if acc.distributed_type.name.startswith(("FSDP", "DEEPSPEED")):
             raise RuntimeError(f"{acc.distributed_type.name} is not supported by herl's trainer yet; use DDP")

@@ -244,9 +244,21 @@ def explain_bad_folder(folder: Path, exc: Exception) -> None:
         ) from exc
 
 
-def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer) for ``cfg``: embedded SmolLM2, tiny, local folder or hub id (see module docstring)."""
+def resolve_device(name: str) -> torch.device:
+    """``model.device``: auto = cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelSourceError("model.device: 'cuda' but no CUDA GPU is visible (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def load_policy(cfg: ModelConfig, device: str | torch.device | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for ``cfg``: embedded SmolLM2, tiny, local folder or hub id (see module docstring), on
+    ``device`` (default: ``cfg.device`` resolved by ``resolve_device``)."""
     from transformers import AutoModelForCausalLM
+
+    device = resolve_device(cfg.device) if device is None else device
 
     if cfg.name_or_path == "tiny":
         model, tok = build_tiny(cfg)

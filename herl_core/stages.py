@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from herl_core.config import Config, ModelConfig
+from herl_core.config import Config, LoraConfig, ModelConfig
 from herl_core.io import DataError, atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic
 from herl_core.models import save_checkpoint_weights
 from herl_core.records import PromptRecord, RolloutRecord
@@ -183,7 +183,8 @@ def policy_config(cfg: Config, policy: str | None) -> ModelConfig:
         return cfg.model
     if not Path(policy).is_dir():
         raise DataError(f"{policy}: policy folder not found")
-    return cfg.model.model_copy(update={"name_or_path": policy})
+    # a policy folder holds merged weights (LoRA already folded in): load it plain
+    return cfg.model.model_copy(update={"name_or_path": policy, "lora": LoraConfig()})
 
 
 def run_rollout(cfg: Config, sink: MetricsSink | None = None) -> dict:

@@ -126,7 +126,8 @@ class Trainer:
             )
         self.prompts = list(prompts)
         if model is None or tokenizer is None:
-            model, tokenizer = load_policy(cfg.model)
+            # ranks load on the CPU: accelerate moves each rank's copy to its own device (not all onto cuda:0)
+            model, tokenizer = load_policy(cfg.model, device="cpu" if self.dp.world > 1 else None)
         self.model, self.tokenizer = model, tokenizer
         if cfg.train.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -221,7 +222,7 @@ class Trainer:
             [self._samples[i].train_prompt_ids for i in idx],
             [self._samples[i].completion_ids for i in idx],
             self.tokenizer.pad_token_id,
-        )
+        ).to(next(self.model.parameters()).device)
         with torch.set_grad_enabled(grad):
             return sequence_logprobs(model, batch, self.cfg.train.logprob_temperature), batch
 
@@ -306,8 +307,8 @@ class Trainer:
         logp, batch = self._logprobs(self.train_model, micro, grad=True)
         mask = batch.response_mask.to(logp.dtype)
         old_logp = logp.detach() if old is None else self._pad_like([old[i] for i in micro], logp, mask)
-        adv = prep.advantages[micro]
-        guided = torch.tensor([self._samples[i].guided for i in micro])
+        adv = prep.advantages[micro].to(logp.device)
+        guided = torch.tensor([self._samples[i].guided for i in micro], device=logp.device)
         per_token, lm = self.loss_fn(
             logp, old_logp, adv, mask, guided,
             clip_low=t.clip_ratio_low, clip_high=t.clip_ratio_high, clip_c=t.clip_ratio_c,

@@ -1,7 +1,8 @@
 """Rollout with vLLM's offline engine (spec §3.2, §3.6; the reference samples with vLLM in sync/SPMD mode).
 
 vLLM (0.33 pins torch 2.14 CUDA and transformers < 5.21) is not part of herl's CPU environment: install it in a
-separate GPU environment (``pip install 'herl[gpu]'``, docs/scaling.md). This module imports without vLLM; building a
+separate GPU environment (docs/scaling.md, rung L1; there is no ``herl[gpu]`` extra because vLLM's pins do not
+resolve together with herl's verified set). This module imports without vLLM; building a
 ``VLLMEngine`` without it raises ImportError with that hint.
 
 Weight sync (``sync_weights``), the method chosen: the policy is saved with ``save_checkpoint_weights`` to a new
@@ -30,9 +31,8 @@ from typing import Any
 from herl_core.rollout.base import Generation, SamplingParams, stable_key
 
 INSTALL_HINT = (
-    "VLLMEngine needs vLLM and a CUDA GPU: install it in a separate GPU environment with "
-    "`pip install 'herl[gpu]'` (vllm>=0.33, which pins its own torch/transformers; see docs/scaling.md), "
-    "or set rollout.backend: hf."
+    "VLLMEngine needs vLLM and a CUDA GPU: install vllm (>=0.33, which pins its own torch/transformers) in a "
+    "separate GPU environment as docs/scaling.md (rung L1) describes, or set rollout.backend: hf."
 )
 
 

@@ -1,6 +1,7 @@
 """Data-parallel training (issue 7, herl_core/distributed.py): the share arithmetic by hand, and the real thing —
-``herl train`` under ``torchrun --nproc_per_node 2`` (gloo, CPU, through accelerate) against one process on the same
-global batch: same per-step metrics, same final weights.
+``herl train`` under ``accelerate launch --config_file configs/accelerate/ddp.yaml`` (2 processes; on CPU with
+ACCELERATE_USE_CPU=true accelerate picks gloo) against one process on the same global batch: same per-step metrics,
+same final weights.
 
 Run: .venv/bin/pytest tests/herl_core/test_distributed.py
 """
@@ -95,16 +96,16 @@ def test_two_ranks_match_one_process(tmp_path):
     cfg = load_params(tmp_path / "params.yaml", profile="tiny", overrides=OVERRIDES + run_dir("one"))
     run_train(cfg, trainer_kwargs={"dp": DataParallel.single()})
 
-    # two processes: the unchanged train command under torchrun (gloo through accelerate's MULTI_CPU)
+    # two processes: the unchanged train command under accelerate launch with the shipped config (gloo on CPU)
     sets = [arg for kv in OVERRIDES + run_dir("two") for arg in ("--set", kv)]
     env = {
         **os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_HOME": str(tmp_path / "prefect"),
     }  # fmt: skip
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "flows.cli", "train", "--params", "params.yaml", "--profile", "tiny",
-        *sets,
+        str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+        str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
+        str(free_port()), "-m", "flows.cli", "train", "--params", "params.yaml", "--profile", "tiny", *sets,
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -247,3 +247,16 @@ def test_trust_remote_code_is_passed_explicitly(monkeypatch, tmp_path, trust):
     load_policy(ModelConfig(name_or_path=str(tmp_path), trust_remote_code=trust))
     assert [kw["trust_remote_code"] for kw in seen] == [trust, trust]
     assert all(kw["local_files_only"] for kw in seen)
+
+
+def test_model_device_resolution():
+    import torch
+
+    from herl_core.models import ModelSourceError, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected  # auto follows what is visible
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelSourceError, match="model.device: 'cuda' but no CUDA GPU"):
+            resolve_device("cuda")
