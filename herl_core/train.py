@@ -141,7 +141,7 @@ class Trainer:
             weight_decay=cfg.train.weight_decay,
             fused=fused_adamw and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params),
         )
-        self.engine = engine if engine is not None else make_engine(cfg.rollout, model, tokenizer)
+        self.engine = engine if engine is not None else make_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed)
         self.reward = reward if reward is not None else make_reward(cfg.reward)
         self.sink = sink or NullSink()
         self.state = TrainerState()
