@@ -266,7 +266,7 @@ def write_report(study: StudyConfig, runs: list[dict], configs: dict[str, Config
         "eval_bars": plot_eval(summary, plots_dir / "eval_bars.png"),
     }
     meta["plots"] = {k: str(p.relative_to(report.parent)) for k, p in made.items() if p is not None}
-    meta["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    meta.setdefault("finished", datetime.now(UTC).isoformat(timespec="seconds"))
     summary = {"meta": meta, **summary}
     write_json_atomic(report.with_suffix(".json"), summary)
     write_text_atomic(report, render_markdown(summary))
@@ -327,6 +327,25 @@ def study(
     return summary
 
 
+def rerender(study_file: str = "study.yaml", profile: str | None = None, root: str = ".") -> dict:
+    """Rewrite study.md / study.json / plots from the finished run folders, running nothing (``--report-only``):
+    for a report whose aggregation or layout changed after the runs. Every run of the plan must be finished; the
+    original meta (command, dates, run commands) is kept and the re-render time is added."""
+    base = Path(root).resolve()
+    spec = load_study(base / study_file, profile)
+    previous = base / Path(spec.report).with_suffix(".json")
+    if not previous.is_file():
+        raise StudyError(f"--report-only: {previous} not found: run the study first")
+    runs = plan(spec)
+    missing = [r["name"] for r in runs if not (base / eval_metrics_path(r)).is_file()]
+    if missing:
+        raise StudyError(f"--report-only: these runs have not finished: {', '.join(missing)}")
+    configs = {r["name"]: load_params(base / spec.params, spec.params_profile, r["overrides"]) for r in runs}
+    meta = {**json.loads(previous.read_text(encoding="utf-8"))["meta"]}
+    meta["rerendered"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return write_report(spec, runs, configs, base, meta)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -340,9 +359,16 @@ def register(app: typer.Typer) -> None:
         profile: Annotated[str | None, typer.Option("--profile", help="Study profile: tiny, cpu, gpu.")] = None,
         arms: Annotated[str | None, typer.Option(help="Comma-separated subset of the arms.")] = None,
         seeds: Annotated[str | None, typer.Option(help="Comma-separated subset of the seeds.")] = None,
+        report_only: Annotated[
+            bool, typer.Option("--report-only", help="Rewrite the report from the finished runs; run nothing.")
+        ] = False,
     ) -> None:
         """HeRL vs GRPO (+ no-bonus ablation, + base) over seeds at equal rollout budget → reports/study.md."""
         try:
+            if report_only:
+                summary = rerender(study_file, profile)
+                typer.echo(f"report: {summary['meta']['report']} (re-rendered, nothing run)")
+                return
             summary = study(
                 study_file=study_file,
                 profile=profile,

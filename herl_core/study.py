@@ -317,6 +317,16 @@ def eval_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     return found
 
 
+def headline_values(metrics: Mapping[str, Any], rounds: Sequence[Mapping[str, float | None]]) -> dict:
+    """The policy alone: round 0 (plain greedy generation) where the run has self-improvement rounds, since the
+    flat ``metrics.json`` then holds the final round's numbers, which used the checkers' verdicts at test time
+    (docs/evaluation.md §3: report those beside round 0, never instead of it)."""
+    values = eval_values(metrics)
+    if rounds:
+        values.update({k: v for k, v in rounds[0].items() if v is not None and k in values})
+    return values
+
+
 def round_values(rounds: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, float | None]]:
     """Per self-improvement round r (0 = plain generation): ``{"<bench>/<metric>": value}``.
 
@@ -395,8 +405,8 @@ def aggregate(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for arm in arms:
         runs = [r for r in results if r["arm"] == arm]
         out["seeds"][arm] = [r["seed"] for r in runs]
-        out["eval"][arm] = _ci_table([eval_values(r["eval"]) for r in runs])
         per_round = [round_values(r.get("rounds") or {}) for r in runs]
+        out["eval"][arm] = _ci_table([headline_values(r["eval"], p) for r, p in zip(runs, per_round, strict=True)])
         n_rounds = max((len(p) for p in per_round), default=0)
         out["rounds"][arm] = [_ci_table([p[i] for p in per_round if i < len(p)]) for i in range(n_rounds)]
         if arm != "base":
@@ -433,8 +443,11 @@ def _eval_section(summary: Mapping[str, Any]) -> list[str]:
         [arm, str(len(summary["seeds"][arm])), *(fmt_ci(table.get(k)) for k in keys)]
         for arm, table in summary["eval"].items()
     ]
-    intro = "Accuracy in %, mean ± 95% CI half-width over seeds (Student t, n − 1 df); n = 1 → CI n/a."
-    return ["## Held-out evaluation (greedy)", "", intro, "", *_table(["arm", "n", *keys], rows), ""]
+    intro = (
+        "Accuracy in %, mean ± 95% CI half-width over seeds (Student t, n − 1 df); n = 1 → CI n/a. Plain greedy "
+        "generation by the policy alone (round 0); answers revised with checker feedback are in the next table."
+    )
+    return ["## Held-out evaluation (greedy, round 0)", "", intro, "", *_table(["arm", "n", *keys], rows), ""]
 
 
 def _rounds_section(summary: Mapping[str, Any]) -> list[str]:
@@ -478,6 +491,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     meta = summary["meta"]
     lines = [f"# HeRL vs GRPO study: profile `{meta['study_profile']}`", ""]
     lines += [f"- date: started {meta['date']}, report written {meta.get('finished', meta['date'])} (UTC)"]
+    if meta.get("rerendered"):
+        lines += [f"- report re-rendered {meta['rerendered']} from the same runs (`herl study --report-only`)"]
     lines += [f"- command: `{meta['command']}`"]
     lines += [f"- params: `{meta['params']}` profile `{meta['params_profile']}`, seeds {meta['seeds']}"]
     lines += [f"- equal budget (every trained arm): {meta['budget']}", ""]

@@ -87,6 +87,24 @@ def test_finished_runs_are_skipped_and_the_report_is_complete(project, monkeypat
     assert "study.md" in {a.path.split("/")[-1] for a in client.list_artifacts(ids["study"], "report")}
 
 
+def test_report_only_rewrites_the_report_from_finished_runs(project, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(fs, "run_command", fake_herl(calls, {None: 0.25, 0: 0.5, 1: 0.75}))
+    with pytest.raises(fs.StudyError, match="run the study first"):
+        fs.rerender("study.yaml", "t", str(project))
+    first = fs.study.fn(study_file="study.yaml", profile="t", root=str(project))
+    calls.clear()
+    (project / "reports/study.md").write_text("stale")
+    again = fs.rerender("study.yaml", "t", str(project))
+    assert calls == []  # nothing ran
+    assert again["eval"] == first["eval"] and again["meta"]["finished"] == first["meta"]["finished"]
+    text = (project / "reports/study.md").read_text()
+    assert "| grpo | 2 | 62.5 ± 158.8 |" in text and "re-rendered" in text and "--report-only" in text
+    shutil.rmtree(project / "runs/study/grpo-s1/evaluate")
+    with pytest.raises(fs.StudyError, match="have not finished: grpo-s1"):
+        fs.rerender("study.yaml", "t", str(project))
+
+
 def test_an_unfinished_run_is_resumed_and_gets_its_arm_as_mlflow_parent(project, monkeypatch):
     calls: list[list[str]] = []
     envs: list[dict] = []

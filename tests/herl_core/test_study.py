@@ -198,6 +198,18 @@ def test_render_markdown_rows():
     assert "- `grpo-s0` (reused)" in text
 
 
+def test_headline_is_round_zero_not_the_revised_answers():
+    """metrics.json holds the final round's numbers; the headline table must show the policy alone (round 0)."""
+    run = dict(RESULTS[0])
+    run["eval"] = _eval(0.5, 0.75)  # after 1 revision round (what metrics.json holds)
+    run["rounds"] = {
+        "ifeval": [{"prompt_strict": 0.25, "inst_strict": 0.5}, {"prompt_strict": 0.5, "inst_strict": 0.75}]
+    }
+    table = aggregate([run])["eval"]["base"]
+    assert table["ifeval/prompt_strict"]["mean"] == 0.25 and table["ifeval/inst_strict"]["mean"] == 0.5
+    assert aggregate([run])["rounds"]["base"][1]["ifeval/prompt_strict"]["mean"] == 0.5  # round 1 kept beside it
+
+
 def test_render_markdown_without_rounds_says_so():
     text = render_markdown({"meta": _meta(), **aggregate(RESULTS)})
     assert "Not run (evaluate.self_improve_rounds = 0)." in text
