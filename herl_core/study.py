@@ -525,12 +525,13 @@ def plot_curves(summary: Mapping[str, Any], path: str | Path) -> Path | None:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True, squeeze=False)
+    color = {arm: f"C{i}" for i, arm in enumerate(summary["curves"])}  # one colour per arm in every panel
     for ax, key in zip(axes[:, 0], keys, strict=True):
         for arm, curves in summary["curves"].items():
             c = curves.get(key) or {}
             if c.get("step"):
-                ax.plot(c["step"], c["mean"], marker="o", ms=3, label=arm)
-                ax.fill_between(c["step"], c["low"], c["high"], alpha=0.2)
+                ax.plot(c["step"], c["mean"], marker="o", ms=3, label=arm, color=color[arm])
+                ax.fill_between(c["step"], c["low"], c["high"], alpha=0.2, color=color[arm])
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
