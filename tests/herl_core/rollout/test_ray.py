@@ -76,12 +76,13 @@ def pool(cluster, policy, tmp_path_factory):
 
 
 def same(got, want) -> None:
-    """Equal prompts, completion ids, finished flags, texts; log-probs within 1e-5 (padding may round differently)."""
+    """Equal prompts, completion ids, finished flags, texts; log-probs within 2e-4: a worker runs 1 thread on a
+    differently padded batch, so float reductions run in another order (4e-5 seen on values near 5)."""
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert (g.prompt_ids, g.completion_ids, g.finished) == (w.prompt_ids, w.completion_ids, w.finished)
         assert g.text == w.text
-        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5, rtol=0)
+        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=2e-4, rtol=0)
 
 
 def test_shard_sizes_are_contiguous_and_near_equal():
