@@ -48,8 +48,10 @@ class TrainerState:
     """Free-form (e.g. the MLflow run id to re-attach to)."""
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(
+    optimizer: torch.optim.Optimizer, sd: dict | None = None
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = sd if sd is not None else optimizer.state_dict()
     tensors = {}
     for idx, state in sd["state"].items():
         for name, value in state.items():
@@ -59,16 +61,26 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def save_checkpoint(
-    root: str | Path, model, tokenizer, optimizer: torch.optim.Optimizer, state: TrainerState, keep: int = 1
+    root: str | Path,
+    model,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    keep: int = 1,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Write ``<root>/step-<state.step>`` atomically and delete all but the newest ``keep`` checkpoints."""
+    """Write ``<root>/step-<state.step>`` atomically and delete all but the newest ``keep`` checkpoints.
+    ``weights`` / ``optimizer_state``: whole state dicts to write instead of the live model's / optimizer's (an
+    FSDP-sharded model's, gathered by ``DataParallel.full_model_state`` / ``full_optimizer_state``)."""
     root = Path(root)
     target = root / f"step-{state.step:06d}"
     with atomic_dir(target) as tmp:
-        save_checkpoint_weights(model, tokenizer, tmp)
+        save_checkpoint_weights(model, tokenizer, tmp, state_dict=weights)
         if is_lora(model):
             save_adapter(model, tmp / ADAPTER_DIR)
-        tensors, groups = _optimizer_tensors(optimizer)
+        tensors, groups = _optimizer_tensors(optimizer, optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         py_state = random.getstate()
@@ -141,18 +153,34 @@ def load_weights(model, folder: str | Path) -> None:
         raise ValueError(f"{folder}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
 
 
-def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer) -> TrainerState:
-    """Restore weights, optimizer, RNG states; return the trainer state."""
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's whole model state dict (``model.safetensors``)."""
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def read_optimizer_state(folder: str | Path) -> dict:
+    """The checkpoint's optimizer state dict in torch's layout (``state`` keyed by parameter index)."""
     folder = Path(folder)
     payload = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    load_weights(model, folder)
-    tensors = load_file(str(folder / "optimizer.safetensors"))
     state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
+    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": payload["param_groups"]})
+    return {"state": state, "param_groups": payload["param_groups"]}
+
+
+def restore_rng(folder: str | Path) -> TrainerState:
+    """Restore the torch and Python RNG states; return the trainer state."""
+    folder = Path(folder)
+    payload = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
     v, inner, gauss = payload["python_random"]
     random.setstate((v, tuple(inner), gauss))
     return TrainerState(**payload["trainer"])
+
+
+def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer) -> TrainerState:
+    """Restore weights, optimizer, RNG states; return the trainer state."""
+    load_weights(model, folder)
+    optimizer.load_state_dict(read_optimizer_state(folder))
+    return restore_rng(folder)

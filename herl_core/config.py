@@ -328,6 +328,13 @@ class TrainConfig(StrictModel):
     ] = 3
     threads: Annotated[int | None, Field(ge=1, description="torch intra-op threads (None = torch default).")] = None
     gradient_checkpointing: Annotated[bool, Field(description="Trade compute for memory in the update.")] = False
+    parallel: Annotated[
+        Literal["ddp", "fsdp"],
+        Field(
+            description="Under a multi-process launch: ddp replicates the model; fsdp shards parameters, gradients "
+            "and AdamW state over the ranks (FSDP2; docs/scaling.md). No effect in one process."
+        ),
+    ] = "ddp"
 
 
 class EvaluateConfig(StrictModel):
@@ -384,6 +391,14 @@ class Config(StrictModel):
                 f"train.mini_batch_prompts ({self.train.mini_batch_prompts}) must be <= train.prompts_per_step "
                 f"({self.train.prompts_per_step})"
             )
+        if self.train.parallel == "fsdp":
+            if self.model.lora.enabled:
+                raise ValueError("train.parallel: fsdp does not support model.lora yet; use ddp with LoRA")
+            if self.rollout.backend != "hf" or self.rollout.workers:
+                raise ValueError(
+                    "train.parallel: fsdp needs the in-process HF rollout engine (rollout.backend: hf, "
+                    "rollout.workers: 0); vLLM and Ray workers would need the gathered weights every step"
+                )
         return self
 
     def hash(self) -> str:

@@ -19,8 +19,26 @@ it is tested). With W processes, every step:
 5. only rank 0 writes checkpoints, reports and tracking (``is_main``); the others wait at a barrier.
 
 ``DataParallel.single()`` is the one-process case: every method is the identity and nothing imports accelerate.
-Not supported yet: FSDP / ZeRO-3 (the in-process HF rollout engine would need the sharded parameters gathered on
-every rank); use DDP, or ``rollout.workers`` (Ray) to move generation off the training ranks (docs/scaling.md).
+
+FSDP (``train.parallel: fsdp``, or an accelerate config with ``distributed_type: FSDP``): the same steps, with the
+model sharded by torch's FSDP2 (``fully_shard`` on every decoder layer, then on the root), so each rank holds 1/W of
+the parameters, gradients and AdamW moments — the training state that does not fit one device. Differences from DDP:
+
+* generation and the no-grad π_old / reference passes run inside ``gathered()``: every shard is all-gathered
+  once and kept until the block ends (reshard-after-forward off), so the HF engine's many decode forwards and the
+  ranks' different generation lengths need no collectives — the full weights must fit one device, their gradients
+  and optimizer state need not (veRL's HF rollout does the same);
+* every micro-batch reduce-scatters its gradients (FSDP2 averages over ranks, so loss·W gives the sum as in DDP);
+  the ranks run the same number of micro-batches — a rank with fewer runs zero-weighted ones
+  (``pad_micro_batches``), since each forward/backward is a collective;
+* checkpoints and the final policy are written from full state dicts gathered onto rank 0
+  (``full_model_state``, ``full_optimizer_state``), in the one-process layout (optimizer keyed by parameter index),
+  so a checkpoint resumes under 1 process, DDP or FSDP alike; resume loads each rank's shard from the full tensors
+  (``load_full_state``).
+
+Not supported with FSDP (refused by the config): LoRA, vLLM and Ray rollout workers (they would need the gathered
+weights saved or sent every step), DeepSpeed. The HF engine's generation is the place to swap in vLLM with tensor
+parallelism when the weights themselves do not fit one device (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -38,6 +56,12 @@ T = TypeVar("T")
 def world_size_from_env() -> int:
     """The launcher's WORLD_SIZE (torchrun / accelerate launch set it); 1 when not launched distributed."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def trainable_names(model: Any) -> list[str]:
+    """Names of the parameters the optimizer holds, in its order (``Trainer`` builds AdamW from
+    ``[p for p in model.parameters() if p.requires_grad]``; shared parameters are listed once)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
 def is_main_process() -> bool:
@@ -66,20 +90,31 @@ def interleave(per_rank: Sequence[Sequence[T]], per_minibatch: int) -> list[T]:
 
 
 class DataParallel:
-    """The process group seen by the trainer; wraps an ``accelerate.Accelerator`` when W > 1."""
+    """The process group seen by the trainer; wraps an ``accelerate.Accelerator`` when W > 1.
+    ``strategy``: "ddp" (replicated model, gradients all-reduced) or "fsdp" (FSDP2-sharded; see module doc)."""
 
-    def __init__(self, accelerator: Any | None = None):
+    def __init__(self, accelerator: Any | None = None, strategy: str = "ddp"):
+        if strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"unknown data-parallel strategy {strategy!r} (expected 'ddp' or 'fsdp')")
         self.accelerator = accelerator
         self.rank = accelerator.process_index if accelerator else 0
         self.world = accelerator.num_processes if accelerator else 1
+        self.strategy = strategy
+        self._model: Any = None  # the FSDP root, once wrapped
 
     @classmethod
     def single(cls) -> DataParallel:
         return cls(None)
 
+    @property
+    def sharded(self) -> bool:
+        """True when the model is FSDP-sharded over more than one process."""
+        return self.world > 1 and self.strategy == "fsdp"
+
     @classmethod
-    def from_env(cls) -> DataParallel:
-        """An Accelerator when launched with WORLD_SIZE > 1, else ``single()``."""
+    def from_env(cls, strategy: str = "ddp") -> DataParallel:
+        """An Accelerator when launched with WORLD_SIZE > 1, else ``single()``. An accelerate config with
+        ``distributed_type: FSDP`` selects ``strategy="fsdp"`` whatever ``strategy`` says."""
         if world_size_from_env() <= 1:
             return cls.single()
         from accelerate import Accelerator
@@ -94,9 +129,11 @@ class DataParallel:
                 "with `accelerate launch --config_file configs/accelerate/ddp.yaml -m flows.cli train ...`, and on "
                 "CPUs set ACCELERATE_USE_CPU=true (gloo)"
             )
-        if acc.distributed_type.name.startswith(("FSDP", "DEEPSPEED")):
-            raise RuntimeError(f"{acc.distributed_type.name} is not supported by herl's trainer yet; use DDP")
-        return cls(acc)
+        if acc.distributed_type.name.startswith("DEEPSPEED"):
+            raise RuntimeError("DeepSpeed is not supported by herl's trainer; use DDP or FSDP (train.parallel: fsdp)")
+        if acc.distributed_type.name.startswith("FSDP"):
+            strategy = "fsdp"  # herl shards with FSDP2 itself (module doc); the plugin's other options do not apply
+        return cls(acc, strategy)
 
     @property
     def is_main(self) -> bool:
@@ -107,8 +144,116 @@ class DataParallel:
         return self.accelerator.device if self.accelerator else None
 
     def wrap(self, model: Any) -> Any:
-        """The model the training forward goes through (DDP-wrapped when W > 1; ``model`` itself otherwise)."""
-        return self.accelerator.prepare_model(model) if self.accelerator else model
+        """The model the training forward goes through: DDP-wrapped (W > 1, ddp), sharded in place (W > 1, fsdp:
+        the same object, its parameters now 1/W DTensor shards), ``model`` itself otherwise."""
+        if not self.accelerator:
+            return model
+        if not self.sharded:
+            return self.accelerator.prepare_model(model)
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(self.device)
+        blocks = set(getattr(model, "_no_split_modules", None) or ())  # HF's transformer-block classes
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module)
+        fully_shard(model)
+        self._model = model
+        return model
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """FSDP: the full parameters on every rank for the block (one all-gather; no collective inside, so ranks may
+        run different numbers of forwards); resharded afterwards. A no-op unless sharded."""
+        if not self.sharded or self._model is None:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self._model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
+                # FSDP2's defaults: blocks reshard after forward, the root does not (backward needs it at once)
+                unit.set_reshard_after_forward(unit is not self._model, recurse=False)
+
+    def param_share(self, model: Any) -> float:
+        """The fraction of the parameters' elements this rank stores (1.0 replicated; about 1/W under FSDP)."""
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+        return local / max(sum(p.numel() for p in model.parameters()), 1)
+
+    def pad_micro_batches(self, micros: list[list[int]]) -> list[list[int]]:
+        """FSDP: ``micros`` padded with empty micro-batches to the most any rank has (every forward/backward is a
+        collective, so the ranks must run the same number). Unchanged otherwise."""
+        if not self.sharded:
+            return micros
+        most = torch.tensor([len(micros)], dtype=torch.int64)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return micros + [[] for _ in range(int(most.item()) - len(micros))]
+
+    def grad_norm(self, params: Any, max_norm: float) -> torch.Tensor:
+        """``clip_grad_norm_`` over all ranks' shards (FSDP: DTensor gradients; the norm comes back whole)."""
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    # ------------------------------------------------------------------------------------------------ FSDP state
+    def full_model_state(self, model: Any) -> dict[str, torch.Tensor] | None:
+        """FSDP: the full (unsharded) state dict on rank 0's CPU, {} on the others (a collective: every rank calls
+        it). None when not sharded: the model's own ``state_dict`` is whole."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # a tied parameter (lm_head = embed_tokens) comes back twice as separate copies: keep its first name only,
+        # as save_pretrained does for a live model
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        return {k: v for k, v in whole.items() if k not in tied}
+
+    def full_optimizer_state(self, model: Any, optimizer: Any) -> dict[str, Any] | None:
+        """FSDP: the full optimizer state dict on rank 0 in the one-process layout (``state`` keyed by the index of
+        the parameter in ``trainable_names``); {} on the others; None when not sharded (a collective)."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if not full:
+            return {}
+        index = {name: i for i, name in enumerate(trainable_names(model))}
+        groups = [{**g, "params": [index[n] for n in g["params"] if n in index]} for g in full["param_groups"]]
+        return {"state": {index[n]: v for n, v in full["state"].items() if n in index}, "param_groups": groups}
+
+    def load_full_state(self, model: Any, optimizer: Any, weights: dict[str, torch.Tensor], optim: dict) -> None:
+        """FSDP: load full weights and a one-process-layout optimizer state (as ``full_optimizer_state`` returns,
+        read on every rank) into the sharded model and its optimizer: each rank keeps its shard."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, strict=False)  # tied weights may be absent from the file
+        result = set_model_state_dict(model, weights, options=full)
+        tied = {"lm_head.weight"} if getattr(getattr(model, "config", None), "tie_word_embeddings", False) else set()
+        if result.unexpected_keys or set(result.missing_keys) - tied:
+            raise ValueError(
+                f"checkpoint does not match the model (missing {result.missing_keys}, "
+                f"unexpected {result.unexpected_keys})"
+            )
+        names = trainable_names(model)
+        by_name = {
+            "state": {names[int(i)]: value for i, value in optim["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optim["param_groups"]],
+        }
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
     def gather(self, items: list[T]) -> list[list[T]]:
         """Every rank's list, in rank order (``all_gather_object``; pickled, so keep them small)."""
@@ -128,8 +273,8 @@ class DataParallel:
         return dict(zip(keys, t.tolist(), strict=True))
 
     def no_sync(self, model: Any, sync: bool) -> contextlib.AbstractContextManager:
-        """Skip the gradient all-reduce of this backward unless ``sync`` (the last micro-batch of a mini-batch)."""
-        if self.world == 1 or sync:
+        """DDP: skip the gradient all-reduce of this backward unless ``sync`` (the last micro-batch of a mini-batch)."""
+        if self.world == 1 or sync or self.sharded:  # FSDP reduce-scatters every micro-batch (module doc)
             return contextlib.nullcontext()
         return model.no_sync()
 

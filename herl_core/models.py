@@ -356,16 +356,21 @@ def encode_prompt(tokenizer: Any, text: str, system_prompt: str | None = None, c
     return list(enc["input_ids"])
 
 
-def save_checkpoint_weights(model: Any, tokenizer: Any, folder: str | Path) -> Path:
+def save_checkpoint_weights(
+    model: Any, tokenizer: Any, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write model (safetensors) + tokenizer so that plain ``AutoModelForCausalLM.from_pretrained(folder)`` loads it.
 
     Written through ``io.atomic_dir`` (a temporary folder beside ``folder``, then swapped in; an existing folder is
     replaced). Callers may pass the temporary folder of their own ``atomic_dir``: the swap then replaces that folder.
     A LoRA model (``is_lora``) is saved merged (``merged_state_dict``): no adapter files, no peft needed to load it.
+    ``state_dict``: the whole weights to write instead of ``model.state_dict()`` (an FSDP-sharded model's, gathered).
     """
     with atomic_dir(folder) as tmp:
         if is_lora(model):
             model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model))
+        elif state_dict is not None:
+            model.save_pretrained(tmp, state_dict=state_dict)
         else:
             model.save_pretrained(tmp)  # transformers 5 writes safetensors only
         tokenizer.save_pretrained(tmp)

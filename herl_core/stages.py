@@ -87,7 +87,7 @@ def run_train(
     from herl_core.train import Trainer
 
     kwargs = dict(trainer_kwargs or {})
-    dp = kwargs.pop("dp", None) or DataParallel.from_env()
+    dp = kwargs.pop("dp", None) or DataParallel.from_env(cfg.train.parallel)
     prompts = load_prompts(cfg.train.data)
     report = JsonlSink(cfg.train.report_dir) if dp.is_main else None  # rank 0 writes reports and tracks
     sinks = [x for x in (report, sink if dp.is_main else None) if x is not None]
@@ -105,10 +105,11 @@ def run_train(
     history += trainer.train(on_step=on_step)
     trainer.save(cfg.train.checkpoint_dir, keep=cfg.train.keep_checkpoints)
     summary = {**summarise(history), "config_hash": cfg.hash()}
+    weights = trainer.full_weights()  # FSDP: gathered onto rank 0 (every rank takes part); None otherwise
     with dp.main_first() as main:
         if main:
             with atomic_dir(cfg.train.out_dir) as tmp:
-                save_checkpoint_weights(trainer.model, trainer.tokenizer, tmp)
+                save_checkpoint_weights(trainer.model, trainer.tokenizer, tmp, state_dict=weights)
             write_json_atomic(Path(cfg.train.report_dir) / "summary.json", summary)
     return summary
 
@@ -122,7 +123,7 @@ def _read_history(path: Path) -> list[dict]:
 # Settings that do not change what a training step computes: a checkpoint written under other values still resumes.
 _RESUME_NEUTRAL = {
     "train": {"steps", "save_every", "keep_checkpoints", "out_dir", "checkpoint_dir", "report_dir", "threads",
-              "max_nonfinite_steps"},
+              "max_nonfinite_steps", "parallel"},
     "rollout": {"prompts", "policy", "out_dir"},
     "herl": {"prompts", "out_dir"},
 }  # fmt: skip

@@ -11,8 +11,9 @@ Departures from the authors' code (spec §9 and docs/algorithm.md):
 3. the reference model is not loaded when β = 0 (§3.12: kl_loss_coef = 0.0 in the IF run);
 4. responses whose reward failed (judge failure) are kept out of the advantage (score None → advantage 0).
 
-Data-parallel (``accelerate``/``torchrun``, W processes): each rank samples its share of the step's prompts and the
-global batch is gathered before the advantage; see herl_core/distributed.py. With W = 1 nothing changes.
+Data-parallel (``accelerate``/``torchrun``, W processes; DDP or FSDP): each rank samples its share of the step's
+prompts and the global batch is gathered before the advantage; see herl_core/distributed.py. With W = 1 nothing
+changes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ import numpy as np
 import torch
 
 from herl_core.advantage import get_advantage
-from herl_core.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from herl_core.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_optimizer_state,
+    read_weights,
+    restore_rng,
+    save_checkpoint,
+)
 from herl_core.config import Config
 from herl_core.distributed import DataParallel, interleave, share_indices
 from herl_core.hindsight.step import HindsightOutput, hindsight_metrics, hindsight_step
@@ -114,7 +123,7 @@ class Trainer:
         7x more on a CPU for SmolLM2 (docs/performance.md). Same update rule; float rounding may differ.
         ``dp``: the data-parallel group (default: from the launcher's environment; one process when not launched)."""
         self.cfg = cfg
-        self.dp = dp or DataParallel.from_env()
+        self.dp = dp or DataParallel.from_env(cfg.train.parallel)
         if self.dp.world > 1:  # fail before any work when the batch cannot be shared (herl_core/distributed.py)
             share_indices(cfg.train.prompts_per_step, cfg.train.mini_batch_prompts, 0, self.dp.world)
         if cfg.train.threads:
@@ -131,8 +140,10 @@ class Trainer:
         self.model, self.tokenizer = model, tokenizer
         if cfg.train.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.train_model = self.dp.wrap(model)  # DDP wrapper when W > 1 (moves the model to the rank's device)
-        self.ref_model = self._frozen_copy(model) if cfg.train.kl_coef > 0 else None
+        self.ref_model = self._frozen_copy(model) if cfg.train.kl_coef > 0 else None  # whole on every rank
+        self.train_model = self.dp.wrap(model)  # W > 1: DDP wrapper / FSDP shards, on the rank's device
+        if self.ref_model is not None and self.dp.device is not None:
+            self.ref_model.to(self.dp.device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params,
@@ -252,7 +263,8 @@ class Trainer:
         self._samples = prep.samples
         everything = list(range(len(prep.samples)))
         single_pass = len(prep.minibatches) == 1 and t.ppo_epochs == 1
-        old = None if single_pass else self._no_grad_logprobs(self.model, everything)
+        with self.dp.gathered():  # FSDP: whole weights for the no-grad pass (no collective per forward)
+            old = None if single_pass else self._no_grad_logprobs(self.model, everything)
         ref = self._no_grad_logprobs(self.ref_model, everything) if self.ref_model is not None else None
         self.model.train()
         sums: dict[str, float] = {}
@@ -273,17 +285,18 @@ class Trainer:
 
     def _update_minibatch(self, mb, totals, prep, old, ref) -> dict[str, float]:
         """One optimizer step over mini-batch ``mb`` (this rank's rows; ``totals`` = the global normalisers).
-        W > 1: backward of loss·W (DDP averages over ranks), gradient sync on the last micro-batch only."""
+        W > 1: backward of loss·W (DDP / FSDP average over ranks); DDP syncs gradients on the last micro-batch only,
+        FSDP on every one (and every rank runs as many micro-batches as the busiest, see ``pad_micro_batches``)."""
         t = self.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
         n_tok, n_seq, n_on = totals
         acc = {"actor/loss": 0.0, "actor/pg_loss": 0.0, "actor/kl": 0.0, "actor/clipfrac": 0.0}
-        micros = self._micro_batches(mb)
+        micros = self.dp.pad_micro_batches(self._micro_batches(mb))
         for k, micro in enumerate(micros):
             with self.dp.no_sync(self.train_model, sync=k == len(micros) - 1):
                 self._micro_step(micro, prep, old, ref, (n_tok, n_seq, n_on), acc)
         acc = self.dp.sum(acc)  # every rank sees the global loss: same skip / stop decision
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        grad_norm = self.dp.grad_norm(self.model.parameters(), t.grad_clip)
         finite = math.isfinite(acc["actor/loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
@@ -304,6 +317,10 @@ class Trainer:
         """Forward + backward of one micro-batch; adds its share of the mini-batch metrics to ``acc``."""
         t = self.cfg.train
         n_tok, n_seq, n_on = totals
+        if not micro:  # FSDP padding: a forward/backward that adds zero gradient (the collectives must match)
+            pad = torch.full((1, 1), self.tokenizer.pad_token_id, device=next(self.model.parameters()).device)
+            (self.train_model(input_ids=pad).logits.sum() * 0.0).backward()
+            return
         logp, batch = self._logprobs(self.train_model, micro, grad=True)
         mask = batch.response_mask.to(logp.dtype)
         old_logp = logp.detach() if old is None else self._pad_like([old[i] for i in micro], logp, mask)
@@ -335,17 +352,19 @@ class Trainer:
         step, t0 = self.state.step, time.perf_counter()
         records = self.next_prompts()
         mine = self.my_groups(len(records))
-        groups = self.rollout([records[i] for i in mine], step)  # §3.2-3.3
+        with self.dp.gathered():  # FSDP: the whole policy on every rank while it generates
+            groups = self.rollout([records[i] for i in mine], step)  # §3.2-3.3
         t_rollout = time.perf_counter()
         everyone = self.gather_groups(groups)  # the global batch (a copy when W > 1: hindsight edits `groups`)
         self.sink.log_records("rollouts", self._rollout_records(everyone, step), step)
         metrics = self._reward_metrics(everyone)
         gen_tokens = sum(len(s.completion_ids) for g in everyone for s in g.samples)
         if self.cfg.herl.enabled:  # §3.4-3.9
-            out = hindsight_step(
-                groups, self.engine, self.reward, self.tokenizer, self.cfg.herl, self.cfg.rollout,
-                (self.cfg.train.seed, step), seed=call_seed(self.cfg.train.seed, step, 1), step=step,
-            )  # fmt: skip
+            with self.dp.gathered():
+                out = hindsight_step(
+                    groups, self.engine, self.reward, self.tokenizer, self.cfg.herl, self.cfg.rollout,
+                    (self.cfg.train.seed, step), seed=call_seed(self.cfg.train.seed, step, 1), step=step,
+                )  # fmt: skip
             everyone = self.gather_groups(groups)
             out = self.gather_hindsight(out, everyone, mine)
             metrics.update(out.metrics)
@@ -370,6 +389,9 @@ class Trainer:
                 "perf/tokens_per_s": gen_tokens / max(t_end - t0, 1e-9),
             }
         )
+        if self.dp.world > 1:  # rank 0's view: how much of the model each rank holds
+            share = self.dp.param_share(self.model)
+            metrics.update({"dist/world_size": float(self.dp.world), "dist/param_share": share})
         stats = getattr(self.reward, "stats", None)  # judge client: cumulative calls / retries / failures
         if isinstance(stats, dict):
             metrics.update({f"judge/{k}": float(v) for k, v in stats.items()})
@@ -423,21 +445,43 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- state
     def save(self, root: str, keep: int = 1, extras: dict | None = None) -> str:
-        """Write a checkpoint (rank 0 only; every rank waits for it) and return its folder."""
+        """Write a checkpoint (rank 0 only; every rank waits for it; FSDP: every rank first helps gather the full
+        state onto rank 0) and return its folder."""
         if extras:
             self.state.extras.update(extras)
+        weights = self.dp.full_model_state(self.model)
+        optim = self.dp.full_optimizer_state(self.model, self.optimizer)
         path = ""
         with self.dp.main_first() as main:
             if main:
-                path = str(save_checkpoint(root, self.model, self.tokenizer, self.optimizer, self.state, keep=keep))
+                path = str(
+                    save_checkpoint(
+                        root,
+                        self.model,
+                        self.tokenizer,
+                        self.optimizer,
+                        self.state,
+                        keep=keep,
+                        weights=weights,
+                        optimizer_state=optim,
+                    )  # fmt: skip
+                )
         return path
+
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """FSDP: the whole state dict on rank 0 (a collective); None otherwise (the model is whole)."""
+        return self.dp.full_model_state(self.model)
 
     def resume(self, root: str) -> bool:
         """Restore the newest complete checkpoint under ``root``; False when there is none."""
         found = latest_checkpoint(root)
         if found is None:
             return False
-        self.state = load_checkpoint(found, self.model, self.optimizer)
+        if self.dp.sharded:  # every rank reads the full tensors and keeps its shard
+            self.dp.load_full_state(self.model, self.optimizer, read_weights(found), read_optimizer_state(found))
+            self.state = restore_rng(found)
+        else:
+            self.state = load_checkpoint(found, self.model, self.optimizer)
         self.engine.sync_weights()
         return True
 

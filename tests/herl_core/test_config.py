@@ -68,6 +68,22 @@ def test_cross_field_rules_name_both_fields(tmp_path):
         load_params(p)
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("model:\n  lora:\n    enabled: true\n", r"fsdp does not support model.lora"),
+        ("rollout:\n  backend: vllm\n", r"fsdp needs the in-process HF rollout engine"),
+        ("rollout:\n  workers: 2\n", r"fsdp needs the in-process HF rollout engine"),
+    ],
+)
+def test_fsdp_refuses_what_it_cannot_shard(tmp_path, extra, message):
+    assert load_params(write(tmp_path, "train:\n  parallel: fsdp\n")).train.parallel == "fsdp"
+    with pytest.raises(ConfigError, match=message):
+        load_params(write(tmp_path, "train:\n  parallel: fsdp\n" + extra))
+    with pytest.raises(ConfigError, match="parallel"):
+        load_params(write(tmp_path, "train:\n  parallel: zero3\n"))
+
+
 def test_invalid_yaml_and_non_utf8(tmp_path):
     p = write(tmp_path, "train: [1, 2\n")
     with pytest.raises(ConfigError, match=r"params.yaml:\d+: invalid YAML"):

@@ -81,57 +81,101 @@ def policy_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(next(folder.glob("*.safetensors"))))
 
 
-@pytest.mark.slow
-def test_two_ranks_match_one_process(tmp_path):
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / "train.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in PROMPTS))
+KEYS = [
+    "reward/mean", "reward/frac_zero_std", "herl/drafts", "herl/rewrites", "herl/rewrite_success_rate",
+    "herl/guided_merged", "actor/loss", "actor/pg_loss", "actor/grad_norm", "actor/clipfrac", "actor/updates",
+]  # fmt: skip
 
-    def run_dir(name: str) -> list[str]:
-        return [
-            f"train.data={tmp_path / 'train.jsonl'}", f"train.out_dir={tmp_path / name / 'policy'}",
-            f"train.checkpoint_dir={tmp_path / name / 'ckpt'}", f"train.report_dir={tmp_path / name / 'reports'}",
-        ]  # fmt: skip
 
-    # one process, in this interpreter
-    cfg = load_params(tmp_path / "params.yaml", profile="tiny", overrides=OVERRIDES + run_dir("one"))
+def run_dir(root: Path, name: str) -> list[str]:
+    return [
+        f"train.data={root / 'train.jsonl'}", f"train.out_dir={root / name / 'policy'}",
+        f"train.checkpoint_dir={root / name / 'ckpt'}", f"train.report_dir={root / name / 'reports'}",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The reference: the same 2 training steps in one process (this interpreter)."""
+    root = tmp_path_factory.mktemp("dp")
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    (root / "train.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in PROMPTS))
+    cfg = load_params(root / "params.yaml", profile="tiny", overrides=OVERRIDES + run_dir(root, "one"))
     run_train(cfg, trainer_kwargs={"dp": DataParallel.single()})
+    return root
 
-    # two processes: the unchanged train command under accelerate launch with the shipped config (gloo on CPU)
-    sets = [arg for kv in OVERRIDES + run_dir("two") for arg in ("--set", kv)]
+
+def launch(root: Path, name: str, extra: list[str]) -> subprocess.CompletedProcess:
+    """The unchanged train command under ``accelerate launch`` with the shipped config, 2 processes (gloo on CPU)."""
+    sets = [arg for kv in OVERRIDES + run_dir(root, name) + extra for arg in ("--set", kv)]
     env = {
         **os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_HOME": str(tmp_path / "prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / name / 'mlflow.db'}", "PREFECT_HOME": str(root / "prefect"),
     }  # fmt: skip
     cmd = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
         str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
         str(free_port()), "-m", "flows.cli", "train", "--params", "params.yaml", "--profile", "tiny", *sets,
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
-    one, two = steps_of(tmp_path / "one" / "reports"), steps_of(tmp_path / "two" / "reports")
+
+def assert_same_run(root: Path, name: str) -> None:
+    """Per-step metrics, the logged global batch and the final weights of run ``name`` equal the one-process run."""
+    one, two = steps_of(root / "one" / "reports"), steps_of(root / name / "reports")
     assert [s["step"] for s in two] == [0, 1]  # rank 0 alone wrote the report: no duplicated lines
-    keys = [
-        "reward/mean", "reward/frac_zero_std", "herl/drafts", "herl/rewrites", "herl/rewrite_success_rate",
-        "herl/guided_merged", "actor/loss", "actor/pg_loss", "actor/grad_norm", "actor/clipfrac", "actor/updates",
-    ]  # fmt: skip
     for a, b in zip(one, two, strict=True):
-        for k in keys:
+        for k in KEYS:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     assert one[0]["actor/updates"] == 2.0 and one[1]["herl/drafts"] >= 1  # the run exercised what it claims to
     # the global batch was logged once, group-major, as in one process
-    rows_one = (tmp_path / "one" / "reports" / "rollouts.jsonl").read_text().splitlines()
-    rows_two = (tmp_path / "two" / "reports" / "rollouts.jsonl").read_text().splitlines()
+    rows_one = (root / "one" / "reports" / "rollouts.jsonl").read_text().splitlines()
+    rows_two = (root / name / "reports" / "rollouts.jsonl").read_text().splitlines()
     assert [json.loads(r)["response"] for r in rows_two] == [json.loads(r)["response"] for r in rows_one]
-    w1, w2 = policy_weights(tmp_path / "one" / "policy"), policy_weights(tmp_path / "two" / "policy")
+    w1, w2 = policy_weights(root / "one" / "policy"), policy_weights(root / name / "policy")
     assert w1.keys() == w2.keys()
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], atol=2e-5, rtol=1e-4, msg=name)
-    # only rank 0 tracked: one MLflow train run
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], atol=2e-5, rtol=1e-4, msg=key)
+
+
+def train_runs(db: Path) -> list:
     import mlflow
 
-    runs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
-        [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()]
-    )
-    assert [r.data.tags.get("herl.stage", r.info.run_name) for r in runs].count("train") == 1
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return [r for r in runs if r.data.tags.get("herl.stage", r.info.run_name) == "train"]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(one_process):
+    launch(one_process, "ddp", [])
+    assert_same_run(one_process, "ddp")
+    assert [s["dist/param_share"] for s in steps_of(one_process / "ddp" / "reports")] == [1.0, 1.0]  # replicated
+    assert len(train_runs(one_process / "ddp" / "mlflow.db")) == 1  # only rank 0 tracked: one MLflow train run
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_match_one_process_across_a_resume(one_process):
+    """train.parallel=fsdp (FSDP2 shards over the 2 gloo ranks): step 0 in a first launch, which writes a checkpoint
+    from the gathered full state; a second launch with steps=2 resumes it (each rank loads its shard of weights and
+    AdamW moments) and runs step 1. Both steps and the final weights equal the one-process run."""
+    root = one_process
+    launch(root, "fsdp", ["train.parallel=fsdp", "train.steps=1"])
+    ckpt = root / "fsdp" / "ckpt" / "step-000001"
+    assert (ckpt / "optimizer.safetensors").is_file()
+    first_line = (root / "fsdp" / "reports" / "steps.jsonl").read_text().splitlines()[0]
+    # the checkpoint is in the one-process layout: its AdamW moments have the whole parameters' shapes
+    from safetensors.torch import load_file
+
+    moments, weights = load_file(str(ckpt / "optimizer.safetensors")), load_file(str(ckpt / "model.safetensors"))
+    names = [n for n in weights if n != "lm_head.weight"]
+    assert moments["0.exp_avg"].shape == weights[names[0]].shape  # index 0 = embed_tokens, whole (not a 1/2 shard)
+
+    launch(root, "fsdp", ["train.parallel=fsdp", "train.steps=2"])
+    lines = (root / "fsdp" / "reports" / "steps.jsonl").read_text().splitlines()
+    assert lines[0] == first_line  # resumed: step 0's line (its timings) kept, not recomputed
+    # sharded for real: rank 0 stored about half of the parameters' elements (dim-0 shards; uneven rows round up)
+    assert all(0.45 < s["dist/param_share"] < 0.6 for s in steps_of(root / "fsdp" / "reports"))
+    assert_same_run(root, "fsdp")
