@@ -46,11 +46,16 @@ def require_server() -> None:
         )
 
 
-def deployment_parameters(root: str | Path, params: str, stages: list[str] | None) -> dict:
-    """Parameters of the scheduled pipeline run: an absolute workspace, so the schedule does not depend on a CWD."""
+def deployment_parameters(
+    root: str | Path, params: str, stages: list[str] | None, tags: list[str] | None = None
+) -> dict:
+    """Parameters of the scheduled pipeline run: an absolute workspace, so the schedule does not depend on a CWD;
+    ``tags`` reach the stage flow and task runs (``pipeline``'s docstring: tag-based concurrency limits)."""
     out: dict = {"root": str(Path(root).resolve()), "params": params}
     if stages:
         out["stages"] = stages
+    if tags:
+        out["tags"] = list(tags)
     return out
 
 
@@ -64,6 +69,7 @@ def serve_pipeline(
     root: str | Path = ".",
     params: str = "params.yaml",
     stages: list[str] | None = None,
+    tags: list[str] | None = None,
 ) -> None:
     """Register ``pipeline/<name>`` with a cron schedule (UTC) on the Prefect server and serve its runs (blocks)."""
     require_server()
@@ -72,7 +78,7 @@ def serve_pipeline(
     pipeline.serve(
         name=name,
         cron=cron,
-        parameters=deployment_parameters(root, params, stages),
+        parameters=deployment_parameters(root, params, stages, tags),
         tags=["herl"],
         description=description(root, cron),
     )
@@ -117,6 +123,7 @@ def deploy_to_pool(
     params: str = "params.yaml",
     stages: list[str] | None = None,
     concurrency_limit: int | None = None,
+    tags: list[str] | None = None,
 ) -> UUID:
     """Register ``pipeline/<name>`` (cron, UTC) on the process work pool ``work_pool``; returns the deployment id.
 
@@ -133,7 +140,7 @@ def deploy_to_pool(
         name=name,
         work_pool_name=work_pool,
         cron=cron,
-        parameters=deployment_parameters(root, params, stages),
+        parameters=deployment_parameters(root, params, stages, tags),
         concurrency_limit=1,  # one pipeline per workspace: a second run waits for the first
         job_variables={"working_dir": str(Path(root).resolve())},
         tags=["herl"],

@@ -208,16 +208,27 @@ def ordered_stages(stages: list[str] | None) -> list[str]:
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(
-    root: str = ".", params: str = "params.yaml", profile: str | None = None, stages: list[str] | None = None
+    root: str = ".",
+    params: str = "params.yaml",
+    profile: str | None = None,
+    stages: list[str] | None = None,
+    tags: list[str] | None = None,
 ) -> dict:
-    """The whole chain under one MLflow parent run; refused at once if another pipeline holds the workspace."""
+    """The whole chain under one MLflow parent run; refused at once if another pipeline holds the workspace.
+
+    ``tags``: Prefect tags put on every stage flow run and its ``dvc-repro`` task run, so that a tag-based
+    concurrency limit (``prefect concurrency-limit create gpu-0 1``) lets one stage at a time use that GPU across
+    all pipelines (docs/scaling.md L4). Deployment tags alone do not reach task runs."""
+    from prefect import tags as prefect_tags
+
     from herl_core.config import load_params
 
     root_path = Path(root).resolve()
     with workspace_lock(root_path):
         cfg = load_params(root_path / params)
         check_profile(cfg.profile, profile, params)
-        return run_stages(cfg, root_path, params, ordered_stages(stages))
+        with prefect_tags(*(tags or [])):
+            return run_stages(cfg, root_path, params, ordered_stages(stages))
 
 
 def run_stages(cfg, root: Path, params: str, stages: list[str]) -> dict:

@@ -22,6 +22,15 @@ StagesOpt = Annotated[
     str | None, typer.Option("--stages", help="Comma-separated subset, run in pipeline order (default: all five).")
 ]
 
+TagOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tag",
+        help="Prefect tag on every stage flow and task run (repeatable), e.g. gpu-0 for a tag-based concurrency "
+        "limit: `prefect concurrency-limit create gpu-0 1` (docs/scaling.md L4).",
+    ),
+]
+
 
 def _stages(stages: str | None) -> list[str] | None:
     return [s.strip() for s in stages.split(",") if s.strip()] if stages else None
@@ -44,6 +53,7 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="Must match params.yaml's `profile:` (herl never edits params.yaml).")
         ] = None,
         stages: StagesOpt = None,
+        tag: TagOpt = None,
     ) -> None:
         """Run the whole pipeline (dvc repro per stage as Prefect flows, MLflow parent + stage runs)."""
         from flows.pipeline import WorkspaceBusy, check_profile, ordered_stages, pipeline, workspace_lock
@@ -54,7 +64,7 @@ def register(app: typer.Typer) -> None:
             with workspace_lock(root):  # refuse before spending seconds on a Prefect server
                 check_profile(load_params(params).profile, profile, params.name)  # ConfigError is a ValueError
                 chosen = ordered_stages(_stages(stages))
-                result = pipeline(root=str(root), params=params.name, profile=profile, stages=chosen)
+                result = pipeline(root=str(root), params=params.name, profile=profile, stages=chosen, tags=tag)
         except WorkspaceBusy as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(3) from exc
@@ -82,6 +92,7 @@ def register(app: typer.Typer) -> None:
             int | None,
             typer.Option("--concurrency-limit", min=1, help="Work pool: most flow runs at once (needs --work-pool)."),
         ] = None,
+        tag: TagOpt = None,
     ) -> None:
         """Register a cron deployment of the pipeline on the Prefect server (PREFECT_API_URL): served, or on a pool."""
         from flows.deploy import NoServerError, WorkPoolError, deploy_to_pool, serve_pipeline
@@ -91,10 +102,10 @@ def register(app: typer.Typer) -> None:
             if work_pool is None:
                 if concurrency_limit is not None:
                     raise ValueError("--concurrency-limit limits a work pool: give --work-pool NAME too")
-                serve_pipeline(**where, stages=_stages(stages))
+                serve_pipeline(**where, stages=_stages(stages), tags=tag)
                 return
             deployment_id = deploy_to_pool(
-                work_pool, **where, stages=_stages(stages), concurrency_limit=concurrency_limit
+                work_pool, **where, stages=_stages(stages), concurrency_limit=concurrency_limit, tags=tag
             )
         except (NoServerError, WorkPoolError, ValueError) as exc:
             console.print(f"[red]error:[/red] {exc}")

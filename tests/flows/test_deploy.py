@@ -59,7 +59,7 @@ def test_concurrency_limit_needs_a_work_pool_and_must_be_positive(tmp_path):
 def test_cli_registers_the_cron_deployment_on_a_new_process_pool(tmp_path, prefect_harness):
     params = tmp_path / "params.yaml"
     params.write_text("profile: tiny\n")
-    args = ["deploy", "--work-pool", "gpu-box", "--concurrency-limit", "2", "--name", "hourly"]
+    args = ["deploy", "--work-pool", "gpu-box", "--concurrency-limit", "2", "--name", "hourly", "--tag", "gpu-0"]
     out = CliRunner().invoke(
         app, [*args, "--cron", "0 * * * *", "--params", str(params), "--stages", "prepare,rollout"]
     )
@@ -74,6 +74,7 @@ def test_cli_registers_the_cron_deployment_on_a_new_process_pool(tmp_path, prefe
         "root": str(tmp_path.resolve()),
         "params": "params.yaml",
         "stages": ["prepare", "rollout"],
+        "tags": ["gpu-0"],  # the flow puts them on every stage flow and task run (test_pipeline.py)
     }
     assert [s.schedule.cron for s in dep.schedules] == ["0 * * * *"]
     assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(CODE_ROOT)}}]

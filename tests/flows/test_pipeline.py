@@ -179,6 +179,28 @@ def test_pipeline_runs_stages_as_flows_with_mlflow_children_and_fresh_lock_tags(
     assert again["stages"] == {"prepare": "skipped (unchanged)", "rollout": "skipped (unchanged)"}
 
 
+def test_tags_reach_every_stage_flow_and_task_run_under_a_tag_concurrency_limit(repo):
+    """`herl pipeline --tag gpu-0` (docs/scaling.md L4): the tag is on the stage flow runs and on their dvc-repro
+    task runs, which is what a tag-based concurrency limit counts; with such a limit of 1 the stages still run (one
+    slot each, in turn) and every slot is released at the end."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="gpu-t1", concurrency_limit=1)
+    pipeline(root=str(repo), stages=["prepare", "rollout"], tags=["gpu-t1"])
+    runs = flow_runs_by_name()
+    tagged = [r for name in ("prepare", "rollout") for r in runs[name] if "gpu-t1" in r.tags]
+    assert len(tagged) == 2 and all(r.state.is_completed() for r in tagged)
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=["gpu-t1"])))
+        limit = client.read_concurrency_limit_by_tag("gpu-t1")
+    repro = sorted(t.name for t in tasks if t.name.startswith("dvc repro"))  # (the rest: subflow placeholders)
+    assert repro == ["dvc repro prepare", "dvc repro rollout"]
+    assert all(t.state.is_completed() for t in tasks)
+    assert limit.concurrency_limit == 1 and list(limit.active_slots) == []  # taken in turn, all given back
+
+
 def test_profile_request_that_disagrees_with_params_is_refused(repo):
     with pytest.raises(ValueError, match="dvc exp run -S profile=cpu"):
         pipeline(root=str(repo), profile="cpu", stages=["prepare"])
