@@ -46,6 +46,7 @@ def herl_config(args: argparse.Namespace, herl_enabled: bool):
         "train.kl_coef=0.0",
         "train.shuffle=false",
         f"train.threads={torch.get_num_threads()}",
+        *args.set,
     ]
     return load_params(ROOT / "params.yaml", profile=args.profile, overrides=overrides)
 
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed steps per side (one more warm-up step runs first)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data", default=None, help="prompts JSONL (default: train.data of params.yaml)")
+    ap.add_argument("--set", action="append", default=[], help="extra herl override KEY=VALUE (repeatable)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--no-wait", action="store_true")
     ap.add_argument("--out-dir", default=None)

@@ -193,6 +193,13 @@ class RolloutConfig(StrictModel):
     generation_batch_size: Annotated[
         int, Field(ge=1, description="Sequences per generate call (memory knob; results do not depend on it).")
     ] = 64
+    share_prefixes: Annotated[
+        bool,
+        Field(
+            description="HF engine: prefill a common prompt prefix once per family of rows (a prompt's G samples, a "
+            "group's hindsight prompts); off = plain left padding. Same samples either way."
+        ),
+    ] = True
     system_prompt: Annotated[
         str | None, Field(description="System message for the chat template; None = the tokenizer's default.")
     ] = None

@@ -5,9 +5,13 @@ The engine shares the training model, so ``sync_weights`` is a no-op. One ``gene
 1. expands every prompt n times (prompt-major), sorts the sequences by prompt length (stable) and cuts them into
    chunks of ``batch_size`` so each chunk is left-padded only to its own longest prompt;
 2. runs ``model.generate`` per chunk (KV cache, EOS stop, ``torch.inference_mode``, model in eval mode, its previous
-   mode restored afterwards). Shared prefill: when a prompt repeats (n > 1), the KV cache of its first
-   ``width - 1`` columns is computed once and indexed out to its n rows, so ``generate`` only runs the last prompt
-   column per row (1/n of the prefill FLOPs; the values equal the per-row prefill up to float rounding);
+   mode restored afterwards). Shared prefill (``prefix_plan``): rows whose prompts share a long common prefix
+   (the n samples of a prompt; the hindsight prompts of one group's drafts, which differ only from the draft on) form a
+   family; the KV cache of the family's prefix is computed once and indexed out to its rows, and ``generate`` runs
+   only the rest. Layout of a row: ``[pad][family prefix][pad][own suffix]`` with the prefixes right-aligned to one
+   column and the suffixes to the end; the attention mask hides both pads and the position ids (cumulative mask)
+   continue across the gap, so the values equal the per-row prefill up to float rounding. Used when it costs fewer
+   prefill tokens than plain left padding;
 3. trims every completion after its first EOS (EOS kept, ``finished=True``); a completion cut by
    ``max_new_tokens`` has ``finished=False``; the original order is restored.
 
@@ -115,6 +119,48 @@ def _warpers(sampling: SamplingParams) -> list[LogitsProcessor]:
     return out
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def prefix_plan(seqs: list[list[int]]) -> tuple[list[int], list[int]] | None:
+    """Families of rows for the shared prefill: (``owner[r]`` = family of row r, ``shared[f]`` = prefix length of
+    family f), or None when plain left padding needs no more prefill tokens.
+
+    Rows are taken in lexicographic order, so rows with a common prefix are adjacent and a family's common prefix is
+    the minimum of its neighbours'. Row r joins the family before it (m members, prefix k) when that saves prefill:
+    r then skips ``common`` tokens, while the m members recompute ``k - common`` each, so it joins iff
+    ``common > m·(k - common)``. The n samples of a prompt always join (common = k); prompts that share only a chat
+    template's system prompt do not, so they keep their own deeper sharing. A prefix leaves ≥ 1 token per row for
+    ``generate``. Prefill cost, in token columns: (#families)·P + (#rows)·S with P the longest family prefix and S the
+    longest remainder, against (#rows)·(longest row) for plain left padding.
+    """
+    n = len(seqs)
+    if n < 2:
+        return None
+    order = sorted(range(n), key=lambda r: seqs[r])
+    owner, shared, members = [0] * n, [], 0
+    for pos, r in enumerate(order):
+        if pos:
+            common = min(shared[-1], _common_prefix(seqs[order[pos - 1]], seqs[r]), len(seqs[r]) - 1)
+            if common > 0 and common > members * (shared[-1] - common):
+                shared[-1], members, owner[r] = common, members + 1, len(shared) - 1
+                continue
+        shared.append(len(seqs[r]) - 1)
+        members, owner[r] = 1, len(shared) - 1
+    if len(shared) == n:
+        return None
+    prefix = max(shared)
+    rest = max(len(seqs[r]) - shared[owner[r]] for r in range(n))
+    if len(shared) * prefix + n * rest >= n * max(len(q) for q in seqs):
+        return None
+    return owner, shared
+
+
 def _trim(new_tokens: list[int], logprobs: list[float], eos_ids: set[int]) -> tuple[list[int], list[float], bool]:
     """Cut after the first EOS (kept). Returns (ids, logprobs, finished)."""
     for i, tok in enumerate(new_tokens):
@@ -126,10 +172,19 @@ def _trim(new_tokens: list[int], logprobs: list[float], eos_ids: set[int]) -> tu
 class HFEngine:
     """RolloutEngine over a live HF causal LM and its tokenizer (see module docstring)."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64, eos_token_ids: list[int] | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        batch_size: int = 64,
+        eos_token_ids: list[int] | None = None,
+        share_prefixes: bool = True,
+    ):
+        """``share_prefixes``: the shared prefill of common prompt prefixes (module doc); off = plain left padding."""
         if batch_size < 1:
             raise ValueError(f"HFEngine: batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.share_prefixes = share_prefixes
         self.eos_token_ids = eos_token_ids or self._default_eos()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
 
@@ -183,29 +238,42 @@ class HFEngine:
             attention_mask[row, width - len(s) :] = 1
         return input_ids, attention_mask
 
-    def _shared_prefill(self, seqs: list[list[int]], width: int, device: torch.device) -> Any:
-        """KV cache of every row's first ``width - 1`` columns, computed once per distinct prompt (consecutive equal
-        rows, the n samples of a prompt) and then indexed out to all rows; None when no prompt repeats."""
-        starts = [r for r in range(len(seqs)) if r == 0 or seqs[r] != seqs[r - 1]]
-        if len(starts) == len(seqs) or width < 2:
-            return None
-        ids, mask = self._left_pad([seqs[r] for r in starts], width)
-        ids, mask = ids[:, :-1].to(device), mask[:, :-1].to(device)
+    def _shared_prefill(
+        self, seqs: list[list[int]], plan: tuple[list[int], list[int]], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The ``[pad][family prefix][pad][suffix]`` batch of ``prefix_plan``'s families and the KV cache of its
+        first P (prefix) columns, computed once per family and indexed out to the family's rows."""
+        owner, shared = plan
+        prefix = max(shared)
+        width = prefix + max(len(q) - shared[owner[r]] for r, q in enumerate(seqs))
+        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        first = {}
+        for r, q in enumerate(seqs):
+            k = shared[owner[r]]
+            first.setdefault(owner[r], r)
+            input_ids[r, prefix - k : prefix], attention_mask[r, prefix - k : prefix] = torch.tensor(q[:k]), 1
+            input_ids[r, width - (len(q) - k) :], attention_mask[r, width - (len(q) - k) :] = torch.tensor(q[k:]), 1
+        reps = [first[f] for f in range(len(shared))]
+        ids, mask = input_ids[reps, :prefix].to(device), attention_mask[reps, :prefix].to(device)
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them
         cache = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                            logits_to_keep=1).past_key_values  # fmt: skip
-        owner = torch.tensor([sum(1 for s in starts if s <= r) - 1 for r in range(len(seqs))], device=device)
-        cache.batch_select_indices(owner)
-        return cache
+        cache.batch_select_indices(torch.tensor(owner, device=device))
+        return input_ids, attention_mask, cache
 
     def _generate_chunk(
         self, seqs: list[list[int]], sampling: SamplingParams, uniforms: torch.Tensor | None
     ) -> list[Generation]:
         device = next(self.model.parameters()).device
-        width = max(len(s) for s in seqs)
-        input_ids, attention_mask = self._left_pad(seqs, width)
+        plan = prefix_plan(seqs) if self.share_prefixes else None
+        cache = None
+        if plan is None:
+            input_ids, attention_mask = self._left_pad(seqs, max(len(s) for s in seqs))
+        else:
+            input_ids, attention_mask, cache = self._shared_prefill(seqs, plan, device)
+        width = input_ids.shape[1]
         recorder = _SampleRecorder(uniforms.to(device) if uniforms is not None else None)
-        cache = self._shared_prefill(seqs, width, device)
         out = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

@@ -96,7 +96,9 @@ class RolloutWorker:
         else:
             from herl_core.rollout.hf import HFEngine
 
-            self.engine = HFEngine(model, tok, batch_size=self.cfg.generation_batch_size)
+            self.engine = HFEngine(
+                model, tok, batch_size=self.cfg.generation_batch_size, share_prefixes=self.cfg.share_prefixes
+            )
         return folder
 
     def _vllm_engine(self, model: Any, tok: Any) -> Any:

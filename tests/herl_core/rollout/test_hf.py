@@ -215,3 +215,36 @@ def test_samples_do_not_depend_on_batch_size_order_or_batch_mates(policy, prompt
     assert [g.completion_ids for g in pos] == [g.completion_ids for g in keyed0]
     with pytest.raises(ValueError, match="2 keys for 3 prompts"):
         HFEngine(model, tok).generate(prompts, 1, SamplingParams(seed=0, keys=(1, 2)))
+
+
+def test_prefix_plan_by_hand():
+    from herl_core.rollout.hf import prefix_plan
+
+    a = [1, 2, 3, 4, 5, 6, 7, 8]
+    # rows 0-2 and 4 share at least 6 tokens; row 3 shares only [1] with them; row 4 is row 0 again
+    rows = [a, a[:6] + [9, 9], a[:7], [1, 5, 5, 5, 5, 5], a]
+    owner, shared = prefix_plan(rows)
+    # lexicographic order: r2 (a[:7]: family 0, k = 7 - 1 = 6), r0 and r4 (common min(6, 7, 7) = 6: join, no
+    # loss), r1 (common 6: join), r3 (common 1 would cost the 4 members 6 - 1 = 5 each: own family, k = 5)
+    assert shared == [6, 5] and owner == [0, 0, 0, 1, 0]
+    assert prefix_plan([a]) is None and prefix_plan([a, [2, 3]]) is None  # nothing shared: plain left padding
+    # cost: 2 families · P 6 + 5 rows · S 2 = 22 < 5 · 8 = 40; identical rows keep all but their last token
+    assert prefix_plan([a, a, a]) == ([0, 0, 0], [7])
+
+
+def test_shared_prefixes_do_not_change_the_samples(policy):
+    """Prompts built like hindsight prompts (a long common head, then each draft): the shared prefill with its
+    [pad][prefix][pad][suffix] layout gives the plain left-padded engine's tokens and log-probs, greedy and sampled."""
+    model, tok = policy
+    head = encode_prompt(tok, "Revise the draft. [Instruction] Write a poem about the sea, in lowercase. Draft:")
+    drafts = [" the sea", " A LONG AND LOUD DRAFT WITH, COMMAS, EVERYWHERE", " waves", "!"]
+    prompts = [head + tok.encode(d, add_special_tokens=False) for d in drafts] + [encode_prompt(tok, "hi")]
+    shared, plain = HFEngine(model, tok), HFEngine(model, tok, share_prefixes=False)
+    from herl_core.rollout.hf import prefix_plan
+
+    assert prefix_plan([p for p in prompts for _ in range(2)]) is not None  # the shared path really runs
+    for sampling in (GREEDY, SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)):
+        a, b = shared.generate(prompts, 2, sampling), plain.generate(prompts, 2, sampling)
+        assert [g.completion_ids for g in a] == [g.completion_ids for g in b]
+        for x, y in zip(a, b, strict=True):
+            assert x.prompt_ids == y.prompt_ids and x.logprobs == pytest.approx(y.logprobs, abs=1e-4)
