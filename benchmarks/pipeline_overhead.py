@@ -9,7 +9,10 @@ one untimed warm-up run, in an order rotated per repetition:
 1. ``direct``   python -c "run_train(load_params(), resume=False)": herl_core only, no tracking;
 2. ``mlflow``   ``herl train --no-resume``: the CLI with its MLflow run (temp sqlite store);
 3. ``dvc``      ``dvc repro --single-item train``: DVC hashing deps/params/outs and writing dvc.lock around (2);
-4. ``prefect``  the Prefect stage flow ``flows.pipeline.train`` (one task running (3)), ephemeral Prefect server.
+4. ``prefect``  the Prefect stage flow ``flows.pipeline.train`` (one task running (3)), ephemeral Prefect server;
+5. ``prefect_server`` the same flow against a running ``prefect server start`` (``PREFECT_API_URL``), as scheduled
+   deployments and work-pool workers run it. The server is started before the timed run and stopped after it; its
+   start-up is not timed (a long-lived server pays it once).
 
 The MLflow sqlite store is created before the timed runs (its first-time schema migration, about 6 s, is a
 one-off per store, not per run). Overhead = variant − direct (medians). It is a fixed cost per run (imports,
@@ -21,6 +24,7 @@ recorded in docs/performance.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,46 @@ DIRECT = (
     "run_train(load_params('params.yaml'), resume=False)"
 )
 PREFECT = "from flows.pipeline import train; train(root='.')"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def prefect_server(env: dict[str, str], home: Path) -> Iterator[dict[str, str]]:
+    """A ``prefect server start`` on a free loopback port, healthy before the block; the env that points at it."""
+    import httpx
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server_env = {**env, "PREFECT_HOME": str(home), "PREFECT_API_URL": api}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).json() is True:
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("prefect server did not become healthy within 120 s")
+            time.sleep(0.5)
+        yield server_env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def make_repo(tmp: Path, profile: str, env: dict[str, str]) -> Path:
@@ -100,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "mlflow": ["herl", "train", "--no-resume"],
         "dvc": [py, "-m", "dvc", "repro", "--single-item", "train"],
         "prefect": [py, "-c", PREFECT],
+        "prefect_server": [py, "-c", PREFECT],
     }
     walls: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory(prefix="herl-overhead-") as t:
@@ -122,7 +168,11 @@ def main(argv: list[str] | None = None) -> None:
             for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order per repetition
                 cmd = variants[name]
                 reset(repo)
-                walls[name].append(timed(cmd, repo, env))
+                if name == "prefect_server":
+                    with prefect_server(env, tmp / "prefect-server") as server_env:
+                        walls[name].append(timed(cmd, repo, server_env))
+                else:
+                    walls[name].append(timed(cmd, repo, env))
                 print(f"[bench] {name}: {walls[name][-1]:.1f} s", file=sys.stderr, flush=True)
     base = median(walls["direct"])
     rows: list[dict[str, Any]] = []
