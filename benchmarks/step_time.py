@@ -16,6 +16,11 @@ Remaining differences (see docs/performance.md): TRL's loss is its default ``dap
 ``mixpolicy`` (dual clip + guided-token shaping). Neither side forces completion lengths; the mean completion
 length of each side is reported because step time scales with it. TRL detokenises and re-applies the chat template
 itself; herl encodes prompts once.
+
+``--backend vllm`` (issue 6 item 3; a CUDA GPU and vLLM in the environment, docs/scaling.md L1): herl generates with
+``rollout.backend=vllm`` on the GPU and TRL with ``use_vllm=True, vllm_mode="colocate"`` (vLLM in the training
+process, as herl's engine), both with herl's ``rollout.vllm_gpu_memory_utilization``; training on the GPU on both
+sides. Refused before any model loads when CUDA or vLLM is missing.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def herl_config(args: argparse.Namespace, herl_enabled: bool):
         "train.kl_coef=0.0",
         "train.shuffle=false",
         f"train.threads={torch.get_num_threads()}",
+        *(["rollout.backend=vllm", "model.device=cuda"] if args.backend == "vllm" else []),
         *args.set,
     ]
     return load_params(ROOT / "params.yaml", profile=args.profile, overrides=overrides)
@@ -107,6 +113,30 @@ class _StepClock:
         return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
+def trl_backend(args: argparse.Namespace, cfg) -> dict[str, Any]:
+    """TRL's generation settings for ``--backend``: HF generate on the CPU, or colocated vLLM on the GPU."""
+    if args.backend == "hf":
+        return {"use_cpu": True, "use_vllm": False}
+    return {
+        "use_cpu": False, "use_vllm": True, "vllm_mode": "colocate",
+        "vllm_gpu_memory_utilization": cfg.rollout.vllm_gpu_memory_utilization,
+    }  # fmt: skip
+
+
+def check_backend(backend: str) -> None:
+    """``--backend vllm`` needs CUDA and an importable vLLM: say so before loading anything."""
+    if backend != "vllm":
+        return
+    import importlib.util
+
+    missing = [what for what, ok in (("a CUDA GPU", torch.cuda.is_available()),
+                                     ("vllm", importlib.util.find_spec("vllm") is not None)) if not ok]  # fmt: skip
+    if missing:
+        raise SystemExit(
+            f"--backend vllm needs {' and '.join(missing)}: run it in the GPU environment of docs/scaling.md (L1)"
+        )
+
+
 def run_trl(args: argparse.Namespace, prompts) -> dict[str, Any]:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -130,14 +160,15 @@ def run_trl(args: argparse.Namespace, prompts) -> dict[str, Any]:
     t = cfg.train
     with tempfile.TemporaryDirectory() as out:
         conf = GRPOConfig(
-            output_dir=out, use_cpu=True, report_to="none", logging_strategy="no", save_strategy="no",
+            output_dir=out, report_to="none", logging_strategy="no", save_strategy="no",
             disable_tqdm=True, seed=t.seed, max_steps=args.reps + 1, shuffle_dataset=False,
             per_device_train_batch_size=args.prompts * args.G, num_generations=args.G, gradient_accumulation_steps=1,
             steps_per_generation=1, num_iterations=1, max_completion_length=args.max_new_tokens,
             temperature=1.0, top_k=0, top_p=1.0, beta=0.0, learning_rate=t.lr, adam_beta1=t.betas[0],
             adam_beta2=t.betas[1], weight_decay=t.weight_decay, max_grad_norm=t.grad_clip,
             epsilon=t.clip_ratio_low, epsilon_high=t.clip_ratio_high, lr_scheduler_type="constant",
-            warmup_steps=0, gradient_checkpointing=False, bf16=False, use_vllm=False, dataloader_num_workers=0,
+            warmup_steps=0, gradient_checkpointing=False, bf16=False, dataloader_num_workers=0,
+            **trl_backend(args, cfg),
         )  # fmt: skip
         clock = _StepClock()
         trainer = GRPOTrainer(
@@ -166,11 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed steps per side (one more warm-up step runs first)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data", default=None, help="prompts JSONL (default: train.data of params.yaml)")
+    ap.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="generation on both sides (module doc)")
     ap.add_argument("--set", action="append", default=[], help="extra herl override KEY=VALUE (repeatable)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--no-wait", action="store_true")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
+    check_backend(args.backend)
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet = {} if args.no_wait else wait_for_quiet()
@@ -188,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
     cols = ["side", "median_step_s", "ratio_vs_trl", "rollout_s", "hindsight_s", "update_s", "completion_len"]
     print(table(rows, cols))
-    shape = {k: getattr(args, k) for k in ("model", "prompts", "G", "max_new_tokens", "rewrite_max_new_tokens")}
+    keys = ("model", "prompts", "G", "max_new_tokens", "rewrite_max_new_tokens", "backend")
+    shape = {k: getattr(args, k) for k in keys}
     report.write({"shape": shape, "reps": args.reps, "rows": rows, "sides": sides})
 
 

@@ -61,6 +61,20 @@ def test_step_time_tiny_without_trl(tmp_path):
         assert 1 <= side["completion_len"] <= 3
 
 
+def test_step_time_vllm_backend_is_refused_without_cuda_or_vllm(tmp_path, monkeypatch):
+    import importlib.util
+
+    import pytest
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(SystemExit, match="needs a CUDA GPU and vllm: run it in the GPU environment"):
+        step_time.main(["--backend", "vllm", "--no-wait", "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "step_time.json").exists()  # refused before anything ran or was written
+
+
 def test_peak_memory_measure_sees_a_child_allocation():
     # the child holds a 300 MB bytearray for half a second: the sampled and the kernel peak both see ≥ 0.3 GB
     code = "import time; b = bytearray(300_000_000); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.5)"
