@@ -21,22 +21,10 @@ import torch
 
 from herl_core.config import load_params
 from herl_core.distributed import DataParallel, interleave, share_indices
-from herl_core.records import PromptRecord, Rubric
 from herl_core.stages import run_train
 
 ROOT = Path(__file__).resolve().parents[2]
 
-PROMPTS = [
-    PromptRecord(id=f"p{i}", prompt=p, rubrics=[Rubric(id=c)])
-    for i, (p, c) in enumerate(
-        [
-            ("Write a note about cats.", "change_case:english_lowercase"),
-            ("Describe the sea.", "punctuation:no_comma"),
-            ("Tell me about trees.", "change_case:english_capital"),
-            ("Explain rain.", "punctuation:no_comma"),
-        ]
-    )
-]
 # 4 prompts per step in 2 mini-batches of 2 (so π_old comes from a no-grad pass and each step makes 2 updates);
 # micro-batches of 3 sequences: ranks hold 4-5 sequences per mini-batch, so they run unequal micro-batch splits
 OVERRIDES = [
@@ -95,11 +83,11 @@ def run_dir(root: Path, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> Path:
+def one_process(tmp_path_factory, four_prompts) -> Path:
     """The reference: the same 2 training steps in one process (this interpreter)."""
     root = tmp_path_factory.mktemp("dp")
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    (root / "train.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in PROMPTS))
+    (root / "train.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in four_prompts))
     cfg = load_params(root / "params.yaml", profile="tiny", overrides=OVERRIDES + run_dir(root, "one"))
     run_train(cfg, trainer_kwargs={"dp": DataParallel.single()})
     return root

@@ -16,24 +16,13 @@ from transformers import AutoModelForCausalLM
 from herl_core.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from herl_core.config import Config, LoraConfig, ModelConfig, TinyModelConfig
 from herl_core.models import apply_lora, encode_prompt, is_lora, load_policy, save_checkpoint_weights
-from herl_core.records import PromptRecord, Rubric, Verdict
+from herl_core.records import PromptRecord, Verdict
 from herl_core.rewards.base import result_from_verdicts
 from herl_core.rollout.base import SamplingParams
 from herl_core.rollout.hf import HFEngine
 from herl_core.train import Trainer
 
 LORA_ON = {"enabled": True}
-PROMPTS = [
-    PromptRecord(id=f"p{i}", prompt=p, rubrics=[Rubric(id=c)])
-    for i, (p, c) in enumerate(
-        [
-            ("Write a note about cats.", "change_case:english_lowercase"),
-            ("Describe the sea.", "punctuation:no_comma"),
-            ("Tell me about trees.", "change_case:english_capital"),
-            ("Explain rain.", "punctuation:no_comma"),
-        ]
-    )
-]
 
 
 def tiny_cfg(tmp_path, lora: dict | None = None, **train) -> Config:
@@ -61,9 +50,9 @@ class EvenLength:
         ]
 
 
-def trainer(cfg: Config) -> Trainer:
+def trainer(cfg: Config, prompts: list[PromptRecord]) -> Trainer:
     model, tok = load_policy(cfg.model)
-    return Trainer(cfg, PROMPTS, model=model, tokenizer=tok, reward=EvenLength())
+    return Trainer(cfg, prompts, model=model, tokenizer=tok, reward=EvenLength())
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -80,9 +69,9 @@ def randomise_adapters(model, std: float = 0.5, seed: int = 1) -> None:
 
 
 @pytest.fixture(scope="module")
-def stepped(tmp_path_factory):
+def stepped(tmp_path_factory, four_prompts):
     """A LoRA trainer before and after one step (2 prompts in one mini-batch: one update)."""
-    t = trainer(tiny_cfg(tmp_path_factory.mktemp("step"), LORA_ON, mini_batch_prompts=2))
+    t = trainer(tiny_cfg(tmp_path_factory.mktemp("step"), LORA_ON, mini_batch_prompts=2), four_prompts)
     before = weights(t.model)
     metrics = t.step()
     return t, before, metrics
@@ -207,16 +196,16 @@ def test_hf_engine_generates_through_the_peft_model_like_the_merged_model(tmp_pa
 # ---------------------------------------------------------------------------------------------------- resume
 
 
-def test_lora_resume_restores_adapters_and_optimizer_and_continues_identically(tmp_path):
-    full = trainer(tiny_cfg(tmp_path / "full", LORA_ON))
+def test_lora_resume_restores_adapters_and_optimizer_and_continues_identically(tmp_path, four_prompts):
+    full = trainer(tiny_cfg(tmp_path / "full", LORA_ON), four_prompts)
     full.train()
     cfg = tiny_cfg(tmp_path / "split", LORA_ON)
-    first = trainer(cfg)
+    first = trainer(cfg, four_prompts)
     first.train(steps=1)
     folder = first.save(cfg.train.checkpoint_dir)
     assert (tmp_path / "split/ckpt/step-000001/adapter/adapter_config.json").is_file()
     assert type(AutoModelForCausalLM.from_pretrained(folder)).__name__ == "LlamaForCausalLM"
-    resumed = trainer(cfg)
+    resumed = trainer(cfg, four_prompts)
     assert resumed.resume(cfg.train.checkpoint_dir) and resumed.state.step == 1
     saved, loaded = first.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert saved.keys() == loaded.keys() and all(

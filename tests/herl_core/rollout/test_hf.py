@@ -10,37 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from herl_core.config import ModelConfig, RolloutConfig, TinyModelConfig
+from herl_core.config import RolloutConfig
 from herl_core.logprobs import pack_batch, sequence_logprobs
-from herl_core.models import encode_prompt, load_policy
+from herl_core.models import encode_prompt
 from herl_core.rollout import make_engine
 from herl_core.rollout.base import RolloutEngine, SamplingParams
 from herl_core.rollout.hf import HFEngine
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 NEVER = 49151  # an id the peaked tiny model does not produce in these tests (asserted where it matters)
-
-
-@pytest.fixture(scope="module")
-def policy():
-    tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    model, tok = load_policy(ModelConfig(name_or_path="tiny", tiny=tiny))
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(0)
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 1.0)
-    return model, tok
-
-
-@pytest.fixture(scope="module")
-def prompts(policy):
-    _, tok = policy
-    return [
-        encode_prompt(tok, "Tell me a story about a cat."),
-        encode_prompt(tok, "hi", chat=False),
-        encode_prompt(tok, "Write a poem"),
-    ]
 
 
 def test_engine_satisfies_protocol_and_make_engine(policy):

@@ -19,9 +19,8 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from herl_core.config import Config, ModelConfig, RolloutConfig, TinyModelConfig  # noqa: E402
+from herl_core.config import Config, RolloutConfig  # noqa: E402
 from herl_core.io import read_jsonl  # noqa: E402
-from herl_core.models import encode_prompt, load_policy  # noqa: E402
 from herl_core.records import PromptRecord, RolloutRecord, Rubric  # noqa: E402
 from herl_core.rollout import make_engine  # noqa: E402
 from herl_core.rollout.base import SamplingParams, stable_key  # noqa: E402
@@ -38,28 +37,6 @@ def cluster():
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def policy():
-    tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    model, tok = load_policy(ModelConfig(name_or_path="tiny", tiny=tiny))
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(0)
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 1.0)
-    return model, tok
-
-
-@pytest.fixture(scope="module")
-def prompts(policy):
-    _, tok = policy
-    return [
-        encode_prompt(tok, "Tell me a story about a cat."),
-        encode_prompt(tok, "hi", chat=False),
-        encode_prompt(tok, "Write a poem"),
-    ]
 
 
 @pytest.fixture(scope="module")
