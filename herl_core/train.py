@@ -263,8 +263,10 @@ class Trainer:
         self._samples = prep.samples
         everything = list(range(len(prep.samples)))
         single_pass = len(prep.minibatches) == 1 and t.ppo_epochs == 1
-        with self.dp.gathered():  # FSDP: whole weights for the no-grad pass (no collective per forward)
-            old = None if single_pass else self._no_grad_logprobs(self.model, everything)
+        old = None
+        if not single_pass:
+            with self.dp.gathered():  # FSDP: whole weights for the no-grad pass (no collective per forward)
+                old = self._no_grad_logprobs(self.model, everything)
         ref = self._no_grad_logprobs(self.ref_model, everything) if self.ref_model is not None else None
         self.model.train()
         sums: dict[str, float] = {}
