@@ -50,23 +50,11 @@ def matmul_ceiling(hidden: int, inter: int, vocab: int, batch: int = 64, reps: i
     return {"gflops_by_shape": out, "ceiling_gflops": max(out.values())}
 
 
-def forced(engine_cls: type) -> type:
-    """HFEngine with EOS suppressed until max_new_tokens (min_new_tokens = max_new_tokens), for equal token counts."""
-
-    class Forced(engine_cls):
-        def _generation_config(self, sampling):
-            cfg = super()._generation_config(sampling)
-            cfg.min_new_tokens = sampling.max_new_tokens
-            return cfg
-
-    return Forced
-
-
 def time_ours(model: Any, tok: Any, prompts: list[list[int]], n: int, new: int, reps: int) -> tuple[float, int]:
     from herl_core.rollout.base import SamplingParams
     from herl_core.rollout.hf import HFEngine
 
-    engine = forced(HFEngine)(model, tok, batch_size=len(prompts) * n)
+    engine = HFEngine(model, tok, batch_size=len(prompts) * n, min_new_tokens=new)  # EOS masked: equal lengths
     engine.generate(prompts[:1], 2, SamplingParams(1.0, 1.0, -1, 4, 0))  # warm-up
     times, n_tok = [], 0
     for r in range(reps):

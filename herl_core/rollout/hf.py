@@ -1,13 +1,14 @@
-"""Rollout with Hugging Face ``generate`` (spec §3.2 rollout, §3.6 guided generation), CPU or GPU.
+"""Rollout with a Hugging Face causal LM (spec §3.2 rollout, §3.6 guided generation), CPU or GPU.
 
 The engine shares the training model, so ``sync_weights`` is a no-op. One ``generate`` call:
 
 1. expands every prompt n times (prompt-major), sorts the sequences by prompt length (stable) and cuts them into
    chunks of ``batch_size`` so each chunk is left-padded only to its own longest prompt;
-2. runs ``model.generate`` per chunk (KV cache, EOS stop, ``torch.inference_mode``, model in eval mode, its previous
+2. decodes each chunk with herl's own loop over the model's forward (``HFEngine._decode``: KV cache
+   (``DynamicCache``), ``logits_to_keep=1``, EOS stop, ``torch.inference_mode``, model in eval mode, its previous
    mode restored afterwards). Shared prefill (``prefix_plan``): rows whose prompts share a long common prefix
    (the n samples of a prompt; the hindsight prompts of one group's drafts, which differ only from the draft on) form a
-   family; the KV cache of the family's prefix is computed once and indexed out to its rows, and ``generate`` runs
+   family; the KV cache of the family's prefix is computed once and indexed out to its rows, and the loop runs
    only the rest. Layout of a row: ``[pad][family prefix][pad][own suffix]`` with the prefixes right-aligned to one
    column and the suffixes to the end; the attention mask hides both pads and the position ids (cumulative mask)
    continue across the gap, so the values equal the per-row prefill up to float rounding. Used when it costs fewer
@@ -15,19 +16,22 @@ The engine shares the training model, so ``sync_weights`` is a no-op. One ``gene
 3. trims every completion after its first EOS (EOS kept, ``finished=True``); a completion cut by
    ``max_new_tokens`` has ``finished=False``; the original order is restored.
 
-Log-probs (what the numbers are): for each sampled token y_t, ``log_softmax(s_t)[y_t]`` where s_t are the scores after
-every logits processor and warper, i.e. the distribution actually sampled from: logits / temperature, then top-k,
-then top-p (filtered tokens get -inf and the rest is renormalised by the softmax). For greedy decoding
-(temperature 0) no warper runs and the numbers are the model's log-probs at temperature 1. The processor placed last
-(``_SampleRecorder``) records them step by step, so memory is O(batch × vocab), not O(steps × batch × vocab) as with
-``output_scores``. To keep it last, herl passes the temperature / top-k / top-p warpers itself and sets the matching
-``generate`` knobs to their neutral values.
+Why not ``model.generate`` (performance, issue 6): its per-step work around the model is built for every decoding
+strategy. At batch 64 and a 49k vocabulary, its copies of the logits, its processors' vocabulary-wide ``where`` /
+``fill`` and the argmax over a one-hot score (how a custom sampler had to hand it the token) cost about a tenth of a
+SmolLM2 decode step on a CPU (docs/performance.md). The loop computes what ``generate`` computes for greedy decoding
+with a KV cache: same position ids, same masks, same tokens (tested against ``generate`` on the tiny model).
 
-Sampling (performance, issue 6): ``generate`` always runs greedily; when sampling, the last processor draws the token
-by inverse-CDF sampling (one uniform per row, ``inverse_cdf_sample``) and returns a one-hot score that the argmax
-picks. The distribution is exactly the warped one, as with ``torch.multinomial``, but multinomial spends about as
-long as a decode step of SmolLM2 on a 49k vocabulary on a CPU (docs/performance.md). Departure: the random stream
-differs from HF's own ``do_sample=True`` path, so a seed gives other (equally distributed) samples than HF's sampler.
+Log-probs (what the numbers are): for each sampled token y_t, ``log_softmax(s_t)[y_t]`` where s_t are the scores after
+every warper, i.e. the distribution actually sampled from: logits / temperature, then top-k, then top-p (filtered
+tokens get -inf and the rest is renormalised by the softmax), HF's own warpers in ``generate``'s order. For greedy
+decoding (temperature 0) no warper runs and the numbers are the model's log-probs at temperature 1. They are recorded
+step by step, so memory is O(batch × vocab), not O(steps × batch × vocab).
+
+Sampling: the token is drawn by inverse-CDF sampling (one uniform per row, ``inverse_cdf_sample``). The distribution
+is exactly the warped one, as with ``torch.multinomial``, but multinomial spends about as long as a decode step of
+SmolLM2 on a 49k vocabulary on a CPU (docs/performance.md). Departure: the random stream differs from HF's own
+``do_sample=True`` path, so a seed gives other (equally distributed) samples than HF's sampler.
 
 Determinism (issue 7): sample j of a prompt with key k (``SamplingParams.keys``, default: its position) takes its
 uniforms, one per decode step, from ``torch.Generator`` seeded with ``row_seed(seed, k, j)``. Its tokens therefore do
@@ -40,13 +44,12 @@ untouched.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import (
-    GenerationConfig,
+    DynamicCache,
     LogitsProcessor,
-    LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -82,29 +85,6 @@ def inverse_cdf_sample(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
-class _SampleRecorder(LogitsProcessor):
-    """Last processor: draws the next token itself (sampling) or takes the argmax (greedy), records its log-prob
-    under the processed scores, and hands ``generate`` (run greedily) a one-hot score so it picks that token."""
-
-    def __init__(self, uniforms: torch.Tensor | None) -> None:
-        self.uniforms = uniforms  # (B, max_new_tokens) when sampling, None when greedy
-        self.steps: list[torch.Tensor] = []  # per step (B,) log-prob of the chosen token
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logp = torch.log_softmax(scores.float(), dim=-1)
-        sample = self.uniforms is not None
-        token = inverse_cdf_sample(logp, self.uniforms[:, len(self.steps)]) if sample else scores.argmax(dim=-1)
-        self.steps.append(logp.gather(-1, token[:, None]).squeeze(-1))
-        if not sample:
-            return scores
-        return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
-
-    def finish(self, batch: int, n_new: int) -> torch.Tensor:
-        """(B, n_new) log-probs of the generated tokens."""
-        steps = self.steps[:n_new]
-        return torch.stack(steps, dim=1) if steps else torch.zeros((batch, 0))
-
-
 def _warpers(sampling: SamplingParams) -> list[LogitsProcessor]:
     """Temperature, top-k (-1/0 = off), top-p (1 = off), in generate's own order."""
     out: list[LogitsProcessor] = []
@@ -127,38 +107,68 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def prefix_plan(seqs: list[list[int]]) -> tuple[list[int], list[int]] | None:
-    """Families of rows for the shared prefill: (``owner[r]`` = family of row r, ``shared[f]`` = prefix length of
-    family f), or None when plain left padding needs no more prefill tokens.
+FORWARD_COST = 8
+"""Prefill cost of one extra model forward, in token columns (``prefix_plan``): a plan that needs one more forward
+must save more than this. Small against the hundreds of columns a shared prefill saves on real prompts."""
 
-    Rows are taken in lexicographic order, so rows with a common prefix are adjacent and a family's common prefix is
-    the minimum of its neighbours'. Row r joins the family before it (m members, prefix k) when that saves prefill:
-    r then skips ``common`` tokens, while the m members recompute ``k - common`` each, so it joins iff
-    ``common > m·(k - common)``. The n samples of a prompt always join (common = k); prompts that share only a chat
-    template's system prompt do not, so they keep their own deeper sharing. A prefix leaves ≥ 1 token per row for
-    ``generate``. Prefill cost, in token columns: (#families)·P + (#rows)·S with P the longest family prefix and S the
-    longest remainder, against (#rows)·(longest row) for plain left padding.
+
+class PrefixPlan(NamedTuple):
+    """``prefix_plan``'s answer: ``owner[r]`` = family of row r, ``shared[f]`` = prefix length of family f, ``head`` =
+    tokens every row shares (0 = no head stage), ``cost`` = prefill token columns, head and forwards included."""
+
+    owner: list[int]
+    shared: list[int]
+    head: int
+    cost: int
+
+
+def _families(seqs: list[list[int]], order: list[int], lcp: list[int], width: int) -> tuple[list[int], list[int]]:
+    """Fewest families with every remainder ≤ ``width`` (greedy over the lexicographic order, which is optimal: a
+    family is a run of that order, and a run inside a feasible run is feasible)."""
+    owner, shared, longest = [0] * len(seqs), [], 0
+    for pos, r in enumerate(order):
+        if pos:
+            k = min(shared[-1], lcp[pos - 1], len(seqs[r]) - 1)
+            if max(longest, len(seqs[r])) - k <= width:
+                shared[-1], longest, owner[r] = k, max(longest, len(seqs[r])), len(shared) - 1
+                continue
+        shared.append(len(seqs[r]) - 1)
+        longest, owner[r] = len(seqs[r]), len(shared) - 1
+    return owner, shared
+
+
+def prefix_plan(seqs: list[list[int]]) -> PrefixPlan | None:
+    """The cheapest shared prefill of a chunk (module doc), or None when plain left padding costs no more.
+
+    Layout of row r in family f: ``[head][pad][family middle][pad][own suffix]``: the ``head`` tokens all rows share
+    (prefilled once), each family's prefix beyond the head (once per family), each row's remainder (in the first
+    decode step), every part padded to its longest. Cost in token columns: ``head + F·(P − head) + n·S`` plus
+    ``FORWARD_COST`` per extra forward (1, or 2 with a head), with F families, P the longest family prefix, S the
+    longest remainder, n rows; plain left padding costs ``n·L`` (L the longest row). For each S the fewest families
+    that fit it are found greedily over the rows in lexicographic order (rows with a common prefix are adjacent there);
+    the cheapest S wins. A family's prefix leaves ≥ 1 token per row for the decode step. The head is used when it
+    pays for its forward: the chat template's system prompt, the hindsight template ahead of the instruction.
     """
     n = len(seqs)
     if n < 2:
         return None
     order = sorted(range(n), key=lambda r: seqs[r])
-    owner, shared, members = [0] * n, [], 0
-    for pos, r in enumerate(order):
-        if pos:
-            common = min(shared[-1], _common_prefix(seqs[order[pos - 1]], seqs[r]), len(seqs[r]) - 1)
-            if common > 0 and common > members * (shared[-1] - common):
-                shared[-1], members, owner[r] = common, members + 1, len(shared) - 1
-                continue
-        shared.append(len(seqs[r]) - 1)
-        members, owner[r] = 1, len(shared) - 1
-    if len(shared) == n:
+    lcp = [_common_prefix(seqs[order[i]], seqs[order[i + 1]]) for i in range(n - 1)]
+    best = None
+    for width in sorted({len(q) - k for q in seqs for k in range(len(q))} & set(range(1, max(map(len, seqs)) + 1))):
+        owner, shared = _families(seqs, order, lcp, width)
+        remainder, prefix, f = max(len(q) - shared[owner[r]] for r, q in enumerate(seqs)), max(shared), len(shared)
+        head = min(min(lcp), min(shared))
+        cost = f * prefix + n * remainder + FORWARD_COST
+        with_head = head + f * (prefix - head) + n * remainder + 2 * FORWARD_COST
+        plan = PrefixPlan(owner, shared, head, with_head) if with_head < cost else PrefixPlan(owner, shared, 0, cost)
+        if f < n and (best is None or plan.cost < best.cost):
+            best = plan
+        if f == 1:
+            break  # a wider remainder only pads more
+    if best is None or best.cost >= n * max(len(q) for q in seqs):
         return None
-    prefix = max(shared)
-    rest = max(len(seqs[r]) - shared[owner[r]] for r in range(n))
-    if len(shared) * prefix + n * rest >= n * max(len(q) for q in seqs):
-        return None
-    return owner, shared
+    return best
 
 
 def _trim(new_tokens: list[int], logprobs: list[float], eos_ids: set[int]) -> tuple[list[int], list[float], bool]:
@@ -179,12 +189,15 @@ class HFEngine:
         batch_size: int = 64,
         eos_token_ids: list[int] | None = None,
         share_prefixes: bool = True,
+        min_new_tokens: int = 0,
     ):
-        """``share_prefixes``: the shared prefill of common prompt prefixes (module doc); off = plain left padding."""
+        """``share_prefixes``: the shared prefill of common prompt prefixes (module doc); off = plain left padding.
+        ``min_new_tokens``: EOS is masked out of the first this many steps (as ``generate``'s knob of that name;
+        the benchmarks use it to force equal lengths)."""
         if batch_size < 1:
             raise ValueError(f"HFEngine: batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.share_prefixes = share_prefixes
+        self.share_prefixes, self.min_new_tokens = share_prefixes, min_new_tokens
         self.eos_token_ids = eos_token_ids or self._default_eos()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
 
@@ -238,27 +251,37 @@ class HFEngine:
             attention_mask[row, width - len(s) :] = 1
         return input_ids, attention_mask
 
-    def _shared_prefill(
-        self, seqs: list[list[int]], plan: tuple[list[int], list[int]], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """The ``[pad][family prefix][pad][suffix]`` batch of ``prefix_plan``'s families and the KV cache of its
-        first P (prefix) columns, computed once per family and indexed out to the family's rows."""
-        owner, shared = plan
+    def _shared_prefill(self, seqs: list[list[int]], plan: PrefixPlan, device: torch.device) -> tuple[Any, ...]:
+        """The ``[head][pad][family middle][pad][suffix]`` batch of ``plan`` and the KV cache of its first P columns:
+        the head computed once, each family's middle once on the head's cache, both indexed out to the rows."""
+        owner, shared, head = plan.owner, plan.shared, plan.head
         prefix = max(shared)
         width = prefix + max(len(q) - shared[owner[r]] for r, q in enumerate(seqs))
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        first = {}
+        first: dict[int, int] = {}
         for r, q in enumerate(seqs):
             k = shared[owner[r]]
             first.setdefault(owner[r], r)
-            input_ids[r, prefix - k : prefix], attention_mask[r, prefix - k : prefix] = torch.tensor(q[:k]), 1
-            input_ids[r, width - (len(q) - k) :], attention_mask[r, width - (len(q) - k) :] = torch.tensor(q[k:]), 1
-        reps = [first[f] for f in range(len(shared))]
-        ids, mask = input_ids[reps, :prefix].to(device), attention_mask[reps, :prefix].to(device)
-        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them
-        cache = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                           logits_to_keep=1).past_key_values  # fmt: skip
+            parts = [(0, q[:head]), (prefix - (k - head), q[head:k]), (width - (len(q) - k), q[k:])]
+            for col, part in parts:
+                if part:
+                    input_ids[r, col : col + len(part)] = torch.tensor(part)
+                    attention_mask[r, col : col + len(part)] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate computes them
+        cache = DynamicCache(config=self.model.config)
+        reps = torch.tensor([first[f] for f in range(len(shared))], device=device)
+
+        def prefill(rows: torch.Tensor, start: int, stop: int) -> None:  # columns start:stop of `rows` into the cache
+            self.model(input_ids=input_ids[rows, start:stop], attention_mask=attention_mask[rows, :stop],
+                       position_ids=positions[rows, start:stop], past_key_values=cache, use_cache=True,
+                       logits_to_keep=1)  # fmt: skip
+
+        if head:
+            prefill(reps[:1], 0, head)
+            cache.batch_select_indices(torch.zeros(len(shared), dtype=torch.long, device=device))
+        prefill(reps, head, prefix)
         cache.batch_select_indices(torch.tensor(owner, device=device))
         return input_ids, attention_mask, cache
 
@@ -267,40 +290,69 @@ class HFEngine:
     ) -> list[Generation]:
         device = next(self.model.parameters()).device
         plan = prefix_plan(seqs) if self.share_prefixes else None
-        cache = None
         if plan is None:
             input_ids, attention_mask = self._left_pad(seqs, max(len(s) for s in seqs))
+            cache, done = DynamicCache(config=self.model.config), 0
         else:
             input_ids, attention_mask, cache = self._shared_prefill(seqs, plan, device)
-        width = input_ids.shape[1]
-        recorder = _SampleRecorder(uniforms.to(device) if uniforms is not None else None)
-        out = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=self._generation_config(sampling),
-            logits_processor=LogitsProcessorList([*_warpers(sampling), recorder]),
-            **({"past_key_values": cache} if cache is not None else {}),
-        )
-        new = out[:, width:]
-        logprobs = recorder.finish(len(seqs), new.shape[1]).cpu().tolist()
+            done = max(plan.shared)  # columns already in the cache
+        new, logprobs = self._decode(
+            input_ids.to(device), attention_mask.to(device), cache, done, sampling,
+            uniforms.to(device) if uniforms is not None else None,
+        )  # fmt: skip
         eos = set(self.eos_token_ids)
         gens = []
-        for s, toks, lps in zip(seqs, new.cpu().tolist(), logprobs, strict=True):
+        for s, toks, lps in zip(seqs, new.cpu().tolist(), logprobs.cpu().tolist(), strict=True):
             ids, lp, finished = _trim(toks, lps, eos)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             gens.append(Generation(prompt_ids=s, completion_ids=ids, logprobs=lp, text=text, finished=finished))
         return gens
 
-    def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
-        """Greedy ``generate`` with neutral knobs: herl passes the warpers and draws the token itself (module doc)."""
-        return GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=False,  # warpers of the model's config apply only when sampling: none runs
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            min_new_tokens=0,
-            num_beams=1,
-            use_cache=True,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-        )
+    def _decode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Any,
+        done: int,
+        sampling: SamplingParams,
+        uniforms: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode loop (module doc): (B, T) new tokens and their log-probs, T ≤ max_new_tokens.
+
+        Step 0 runs the prompt columns ``done:`` (all of them without a shared prefill), each later step the token
+        just drawn. Position ids count the attended tokens (mask cumsum − 1), as ``generate`` computes them, so the
+        left pads and the gap of the shared-prefill layout are skipped. A row stays in the batch after its EOS (its
+        later tokens are cut by ``_trim``); the loop ends when every row has drawn an EOS or at max_new_tokens.
+        """
+        batch, device = input_ids.shape[0], input_ids.device
+        warpers = _warpers(sampling)
+        eos = torch.tensor(self.eos_token_ids, device=device)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        step_ids, step_pos = input_ids[:, done:], positions[:, done:]
+        seen = input_ids  # what warpers get as input_ids (the built-in ones do not read it)
+        tokens: list[torch.Tensor] = []
+        logps: list[torch.Tensor] = []
+        alive = torch.ones(batch, dtype=torch.bool, device=device)
+        for t in range(sampling.max_new_tokens):
+            out = self.model(
+                input_ids=step_ids, attention_mask=attention_mask, position_ids=step_pos,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )  # fmt: skip
+            scores = out.logits[:, -1, :].float()
+            cache = out.past_key_values
+            for warp in warpers:
+                scores = warp(seen, scores)
+            if t < self.min_new_tokens:
+                scores[:, eos] = float("-inf")
+            logp = torch.log_softmax(scores, dim=-1)
+            token = inverse_cdf_sample(logp, uniforms[:, t]) if uniforms is not None else logp.argmax(dim=-1)
+            tokens.append(token)
+            logps.append(logp.gather(-1, token[:, None]).squeeze(-1))
+            alive &= ~torch.isin(token, eos)
+            if t + 1 == sampling.max_new_tokens or not bool(alive.any()):
+                break
+            step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
+            if warpers:
+                seen = torch.cat([seen, step_ids], dim=-1)
+        return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)

@@ -7,6 +7,8 @@ then differ between prompts and between steps, which makes order, padding and tr
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -59,6 +61,34 @@ def test_left_padding_does_not_change_greedy_output(policy, prompts):
     batched = engine.generate([prompts[0], short], 1, GREEDY)[1]
     assert batched.completion_ids == alone.completion_ids
     torch.testing.assert_close(torch.tensor(batched.logprobs), torch.tensor(alone.logprobs), atol=1e-4, rtol=0)
+
+
+def test_decode_loop_equals_hf_generate_greedy(policy, prompts):
+    """herl's decode loop against ``model.generate`` itself: same greedy tokens for a left-padded batch, and the
+    recorded log-probs are generate's own scores under log_softmax."""
+    model, tok = policy
+    model.eval()
+    mine = HFEngine(model, tok, batch_size=8, eos_token_ids=[NEVER]).generate(prompts, 1, GREEDY)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=NEVER,
+            pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    assert [g.completion_ids for g in mine] == out.sequences[:, width:].tolist()
+    expected = torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(-1, out.sequences[:, width:, None])
+    torch.testing.assert_close(torch.tensor([g.logprobs for g in mine]), expected[..., 0], atol=1e-5, rtol=0)
+
+
+def test_min_new_tokens_masks_eos(policy, prompts):
+    model, tok = policy
+    stop = HFEngine(model, tok, eos_token_ids=[NEVER]).generate(prompts[:1], 1, GREEDY)[0].completion_ids[2]
+    cut = HFEngine(model, tok, eos_token_ids=[stop]).generate(prompts[:1], 1, GREEDY)[0]
+    forced = HFEngine(model, tok, eos_token_ids=[stop], min_new_tokens=8).generate(prompts[:1], 1, GREEDY)[0]
+    assert cut.finished and len(cut.completion_ids) <= 3  # the greedy path hits `stop` by step 3
+    assert len(forced.completion_ids) == 8 and stop not in forced.completion_ids and not forced.finished
 
 
 def test_eos_trimming_and_finished_flag(policy, prompts):
@@ -196,32 +226,44 @@ def test_samples_do_not_depend_on_batch_size_order_or_batch_mates(policy, prompt
 
 
 def test_prefix_plan_by_hand():
-    from herl_core.rollout.hf import prefix_plan
+    from herl_core.rollout.hf import PrefixPlan, prefix_plan
 
     a = [1, 2, 3, 4, 5, 6, 7, 8]
-    # rows 0-2 and 4 share at least 6 tokens; row 3 shares only [1] with them; row 4 is row 0 again
+    # rows 0-2 and 4 share at least 6 tokens; row 3 shares only [1] with them; row 4 is row 0 again.
+    # Lexicographic order r2 r0 r4 r1 r3 (lengths 7 8 8 8 6). Remainder width S = 1: families {r2} {r0 r4} {r1} {r3}
+    # with prefixes 6 7 7 5: 4·7 + 5·1 + 8 (one forward) = 41. S = 2: {r2 r0 r4 r1} (prefix 6) {r3} (prefix 5):
+    # 2·6 + 5·2 + 8 = 30, the cheapest; its head (1 token) would cost 1 + 2·5 + 10 + 16 = 37. S = 7: one family with
+    # prefix 1: 1 + 5·7 + 8 = 44. Plain left padding: 5·8 = 40.
     rows = [a, a[:6] + [9, 9], a[:7], [1, 5, 5, 5, 5, 5], a]
-    owner, shared = prefix_plan(rows)
-    # lexicographic order: r2 (a[:7]: family 0, k = 7 - 1 = 6), r0 and r4 (common min(6, 7, 7) = 6: join, no
-    # loss), r1 (common 6: join), r3 (common 1 would cost the 4 members 6 - 1 = 5 each: own family, k = 5)
-    assert shared == [6, 5] and owner == [0, 0, 0, 1, 0]
+    assert prefix_plan(rows) == PrefixPlan(owner=[0, 0, 0, 1, 0], shared=[6, 5], head=0, cost=30)
     assert prefix_plan([a]) is None and prefix_plan([a, [2, 3]]) is None  # nothing shared: plain left padding
-    # cost: 2 families · P 6 + 5 rows · S 2 = 22 < 5 · 8 = 40; identical rows keep all but their last token
-    assert prefix_plan([a, a, a]) == ([0, 0, 0], [7])
+    # identical rows keep all but their last token: 7 + 3·1 + 8 = 18 < 3·8 = 24
+    assert prefix_plan([a, a, a]) == PrefixPlan([0, 0, 0], [7], 0, 18)
+    # three prompts (2 samples each) behind a common 10-token head, 5 tokens of their own: at S = 1 three families of
+    # prefix 14 with the head: 10 + 3·4 + 6·1 + 2·8 = 44, against 3·14 + 6 + 8 = 56 without it, S = 5's one family
+    # (10 + 6·5 + 8 = 48) and plain 6·15 = 90
+    head = list(range(100, 110))
+    rows = [head + [i] * 5 for i in (1, 2, 3) for _ in range(2)]
+    assert prefix_plan(rows) == PrefixPlan([0, 0, 1, 1, 2, 2], [14, 14, 14], 10, 44)
 
 
 def test_shared_prefixes_do_not_change_the_samples(policy):
-    """Prompts built like hindsight prompts (a long common head, then each draft): the shared prefill with its
-    [pad][prefix][pad][suffix] layout gives the plain left-padded engine's tokens and log-probs, greedy and sampled."""
+    """Prompts built like hindsight prompts (a long common head, then each draft), and prompts that share a head then
+    differ for many tokens (the head stage): the shared prefill with its [head][pad][middle][pad][suffix] layout gives
+    the plain left-padded engine's tokens and log-probs, greedy and sampled."""
+    from herl_core.rollout.hf import prefix_plan
+
     model, tok = policy
     head = encode_prompt(tok, "Revise the draft. [Instruction] Write a poem about the sea, in lowercase. Draft:")
     drafts = [" the sea", " A LONG AND LOUD DRAFT WITH, COMMAS, EVERYWHERE", " waves", "!"]
-    prompts = [head + tok.encode(d, add_special_tokens=False) for d in drafts] + [encode_prompt(tok, "hi")]
+    hindsight = [head + tok.encode(d, add_special_tokens=False) for d in drafts] + [encode_prompt(tok, "hi")]
+    rules = [head + tok.encode(f" then rule {i} " * 6, add_special_tokens=False) for i in range(3)]
+    assert prefix_plan([p for p in hindsight for _ in range(2)]) is not None  # the shared path really runs
+    assert prefix_plan([p for p in rules for _ in range(2)]).head > 0  # with its head stage
     shared, plain = HFEngine(model, tok), HFEngine(model, tok, share_prefixes=False)
-    from herl_core.rollout.hf import prefix_plan
-
-    assert prefix_plan([p for p in prompts for _ in range(2)]) is not None  # the shared path really runs
-    for sampling in (GREEDY, SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)):
+    for prompts, sampling in itertools.product(
+        (hindsight, rules), (GREEDY, SamplingParams(temperature=1.0, max_new_tokens=8, seed=3))
+    ):
         a, b = shared.generate(prompts, 2, sampling), plain.generate(prompts, 2, sampling)
         assert [g.completion_ids for g in a] == [g.completion_ids for g in b]
         for x, y in zip(a, b, strict=True):
