@@ -177,7 +177,7 @@ class PrepareConfig(StrictModel):
 class RolloutConfig(StrictModel):
     """Sampling of the G on-policy responses per prompt (spec §3.2, §5.1-5.2)."""
 
-    backend: Annotated[Literal["hf", "vllm"], Field(description="Rollout engine: HF generate (CPU/GPU) or vLLM.")] = (
+    backend: Annotated[Literal["hf", "vllm"], Field(description="Rollout engine: the HF model (CPU/GPU) or vLLM.")] = (
         "hf"
     )
     n: Annotated[int, Field(ge=2, description="G, responses per prompt (§5.1 rollout.n = 8).")] = 8

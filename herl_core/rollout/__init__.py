@@ -1,4 +1,4 @@
-"""Rollout engines (spec §3.2, §3.6): ``make_engine`` picks HF generate or vLLM from ``rollout.backend``, in-process
+"""Rollout engines (spec §3.2, §3.6): ``make_engine`` picks the HF engine or vLLM from ``rollout.backend``, in-process
 or on ``rollout.workers`` Ray workers (issue 7)."""
 
 from __future__ import annotations
