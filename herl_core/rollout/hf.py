@@ -281,7 +281,8 @@ class HFEngine:
         if head:
             prefill(reps[:1], 0, head)
             cache.batch_select_indices(torch.zeros(len(shared), dtype=torch.long, device=device))
-        prefill(reps, head, prefix)
+        if prefix > head:  # always, when the plan has a head (a head is worth its forward only for ≥ 2 families)
+            prefill(reps, head, prefix)
         cache.batch_select_indices(torch.tensor(owner, device=device))
         return input_ids, attention_mask, cache
 
