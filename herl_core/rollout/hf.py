@@ -4,16 +4,15 @@ The engine shares the training model, so ``sync_weights`` is a no-op. One ``gene
 
 1. expands every prompt n times (prompt-major), sorts the sequences by prompt length (stable) and cuts them into
    chunks of ``batch_size`` so each chunk is left-padded only to its own longest prompt;
-2. decodes each chunk with herl's own loop over the model's forward (``HFEngine._decode``: KV cache (the model's
-   ``DynamicCache`` with its full-attention layers appending in place, ``reserved_cache``), ``logits_to_keep=1``, EOS
-   stop, ``torch.inference_mode``, model in eval mode, its previous mode restored afterwards). Shared prefill
-   (``prefix_plan``): rows whose prompts share a long common prefix (the n samples of a prompt; the hindsight prompts
-   of one group's drafts, which differ only from the draft on) form a family; the KV cache of the family's prefix is
-   computed once and indexed out to its rows, and the loop runs only the rest. A head that all rows share is
-   prefilled once for all families. Layout of a row: ``[head][pad][family prefix][pad][own suffix]`` with the
-   prefixes right-aligned to one column and the suffixes to the end; the attention mask hides the pads and the
-   position ids (cumulative mask) continue across the gaps, so the values equal the per-row prefill up to float
-   rounding. Used when it costs fewer prefill tokens than plain left padding;
+2. decodes each chunk with herl's own loop over the model's forward (``HFEngine._decode``: KV cache
+   (``DynamicCache``), ``logits_to_keep=1``, EOS stop, ``torch.inference_mode``, model in eval mode, its previous
+   mode restored afterwards). Shared prefill (``prefix_plan``): rows whose prompts share a long common prefix
+   (the n samples of a prompt; the hindsight prompts of one group's drafts, which differ only from the draft on) form a
+   family; the KV cache of the family's prefix is computed once and indexed out to its rows, and the loop runs
+   only the rest. Layout of a row: ``[pad][family prefix][pad][own suffix]`` with the prefixes right-aligned to one
+   column and the suffixes to the end; the attention mask hides both pads and the position ids (cumulative mask)
+   continue across the gap, so the values equal the per-row prefill up to float rounding. Used when it costs fewer
+   prefill tokens than plain left padding;
 3. trims every completion after its first EOS (EOS kept, ``finished=True``); a completion cut by
    ``max_new_tokens`` has ``finished=False``; the original order is restored.
 
@@ -50,7 +49,6 @@ from typing import Any, NamedTuple
 import torch
 from transformers import (
     DynamicCache,
-    DynamicLayer,
     LogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -173,45 +171,6 @@ def prefix_plan(seqs: list[list[int]]) -> PrefixPlan | None:
     return best
 
 
-class _ReservedLayer(DynamicLayer):
-    """A ``DynamicLayer`` that appends into a buffer with room for ``extra`` more positions: a decode step writes its
-    column in place instead of concatenating the whole cache into a new tensor. The keys and values it returns are
-    views of the buffer. When the cache was replaced behind its back (``batch_select_indices``) or is full, it copies
-    into a new buffer once."""
-
-    def __init__(self, extra: int) -> None:
-        super().__init__()
-        self.extra, self.buffers = extra, None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        old = self.get_seq_length()
-        new = old + key_states.shape[-2]
-        bufs = self.buffers
-        if (
-            bufs is None
-            or bufs[0].shape[-2] < new
-            or bufs[0].shape[:2] != key_states.shape[:2]
-            or (old and self.keys.data_ptr() != bufs[0].data_ptr())
-        ):
-            shape = (*key_states.shape[:2], new + self.extra, key_states.shape[-1])
-            bufs = self.buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
-            if old:
-                bufs[0][:, :, :old], bufs[1][:, :, :old] = self.keys, self.values
-        bufs[0][:, :, old:new], bufs[1][:, :, old:new] = key_states, value_states
-        self.keys, self.values = bufs[0][:, :, :new], bufs[1][:, :, :new]
-        return self.keys, self.values
-
-
-def reserved_cache(config: Any, extra: int) -> DynamicCache:
-    """The model's ``DynamicCache`` with its full-attention layers appending in place (``_ReservedLayer``);
-    sliding-window and other special layers are kept as the config makes them."""
-    cache = DynamicCache(config=config)
-    cache.layers = [_ReservedLayer(extra) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
 def _trim(new_tokens: list[int], logprobs: list[float], eos_ids: set[int]) -> tuple[list[int], list[float], bool]:
     """Cut after the first EOS (kept). Returns (ids, logprobs, finished)."""
     for i, tok in enumerate(new_tokens):
@@ -292,9 +251,7 @@ class HFEngine:
             attention_mask[row, width - len(s) :] = 1
         return input_ids, attention_mask
 
-    def _shared_prefill(
-        self, seqs: list[list[int]], plan: PrefixPlan, device: torch.device, extra: int
-    ) -> tuple[Any, ...]:
+    def _shared_prefill(self, seqs: list[list[int]], plan: PrefixPlan, device: torch.device) -> tuple[Any, ...]:
         """The ``[head][pad][family middle][pad][suffix]`` batch of ``plan`` and the KV cache of its first P columns:
         the head computed once, each family's middle once on the head's cache, both indexed out to the rows."""
         owner, shared, head = plan.owner, plan.shared, plan.head
@@ -313,7 +270,7 @@ class HFEngine:
                     attention_mask[r, col : col + len(part)] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate computes them
-        cache = reserved_cache(self.model.config, extra)
+        cache = DynamicCache(config=self.model.config)
         reps = torch.tensor([first[f] for f in range(len(shared))], device=device)
 
         def prefill(rows: torch.Tensor, start: int, stop: int) -> None:  # columns start:stop of `rows` into the cache
@@ -336,9 +293,9 @@ class HFEngine:
         plan = prefix_plan(seqs) if self.share_prefixes else None
         if plan is None:
             input_ids, attention_mask = self._left_pad(seqs, max(len(s) for s in seqs))
-            cache, done = reserved_cache(self.model.config, sampling.max_new_tokens), 0
+            cache, done = DynamicCache(config=self.model.config), 0
         else:
-            input_ids, attention_mask, cache = self._shared_prefill(seqs, plan, device, sampling.max_new_tokens)
+            input_ids, attention_mask, cache = self._shared_prefill(seqs, plan, device)
             done = max(plan.shared)  # columns already in the cache
         new, logprobs = self._decode(
             input_ids.to(device), attention_mask.to(device), cache, done, sampling,

@@ -268,27 +268,3 @@ def test_shared_prefixes_do_not_change_the_samples(policy):
         assert [g.completion_ids for g in a] == [g.completion_ids for g in b]
         for x, y in zip(a, b, strict=True):
             assert x.prompt_ids == y.prompt_ids and x.logprobs == pytest.approx(y.logprobs, abs=1e-4)
-
-
-def test_reserved_cache_appends_in_place_and_equals_concatenation(policy):
-    from herl_core.rollout.hf import reserved_cache
-
-    model, _ = policy
-    cache = reserved_cache(model.config, extra=2)
-    layer = cache.layers[0]
-    k, v = torch.arange(2 * 2 * 3 * 4.0).view(2, 2, 3, 4), -torch.arange(2 * 2 * 3 * 4.0).view(2, 2, 3, 4)
-    keys, values = cache.update(k, v, 0)  # prefill: 3 positions, room for 2 more
-    assert torch.equal(keys, k) and torch.equal(values, v) and layer.buffers[0].shape == (2, 2, 5, 4)
-    step = torch.full((2, 2, 1, 4), 7.0)
-    for n in (4, 5):  # two decode steps fill the room in place: same buffer, keys = the concatenation
-        ptr = layer.buffers[0].data_ptr()
-        keys, values = cache.update(step * n, -step * n, 0)
-        assert layer.buffers[0].data_ptr() == ptr and keys.shape == (2, 2, n, 4) and cache.get_seq_length() == n
-    assert torch.equal(keys, torch.cat([k, step * 4, step * 5], dim=2))
-    assert torch.equal(values, torch.cat([v, -step * 4, -step * 5], dim=2))
-    cache.batch_select_indices(torch.tensor([1, 1, 0]))  # a fresh tensor: the next update copies it into a new buffer
-    step3 = torch.full((3, 2, 1, 4), 9.0)
-    keys, _ = cache.update(step3, -step3, 0)
-    expected = torch.cat([k, step * 4, step * 5], dim=2)[[1, 1, 0]]
-    assert keys.shape == (3, 2, 6, 4) and torch.equal(keys, torch.cat([expected, step3], dim=2))
-    assert layer.buffers[0].shape == (3, 2, 8, 4)  # 6 + room for 2
