@@ -5,14 +5,15 @@ The engine shares the training model, so ``sync_weights`` is a no-op. One ``gene
 1. expands every prompt n times (prompt-major), sorts the sequences by prompt length (stable) and cuts them into
    chunks of ``batch_size`` so each chunk is left-padded only to its own longest prompt;
 2. decodes each chunk with herl's own loop over the model's forward (``HFEngine._decode``: KV cache
-   (``DynamicCache``), ``logits_to_keep=1``, EOS stop, ``torch.inference_mode``, model in eval mode, its previous
-   mode restored afterwards). Shared prefill (``prefix_plan``): rows whose prompts share a long common prefix
-   (the n samples of a prompt; the hindsight prompts of one group's drafts, which differ only from the draft on) form a
-   family; the KV cache of the family's prefix is computed once and indexed out to its rows, and the loop runs
-   only the rest. Layout of a row: ``[pad][family prefix][pad][own suffix]`` with the prefixes right-aligned to one
-   column and the suffixes to the end; the attention mask hides both pads and the position ids (cumulative mask)
-   continue across the gap, so the values equal the per-row prefill up to float rounding. Used when it costs fewer
-   prefill tokens than plain left padding;
+   (``DynamicCache``), ``logits_to_keep=1``, EOS stop, ``torch.inference_mode``, model in eval mode, its previous mode
+   restored afterwards). Shared prefill (``prefix_plan``): rows whose prompts share a long common prefix (the n
+   samples of a prompt; the hindsight prompts of one group's drafts, which differ only from the draft on) form a
+   family; the KV cache of the family's prefix is computed once and indexed out to its rows, and the loop runs only
+   the rest. A head that all rows share is prefilled once for all families. Layout of a row:
+   ``[head][pad][family prefix][pad][own suffix]`` with the prefixes right-aligned to one column and the suffixes to
+   the end; the attention mask hides the pads and the position ids (cumulative mask) continue across the gaps, so the
+   values equal the per-row prefill up to float rounding. Used when it costs fewer prefill tokens than plain left
+   padding;
 3. trims every completion after its first EOS (EOS kept, ``finished=True``); a completion cut by
    ``max_new_tokens`` has ``finished=False``; the original order is restored.
 
