@@ -66,11 +66,13 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     for engine in engines.values():
         engine.generate(prompts[:1], 2, SamplingParams(1.0, 1.0, -1, 4, 0))  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in engines}
+    tokens: dict[str, int] = {}
     for call in range(args.calls):
         for name, engine in engines.items():
             start = time.perf_counter()
             gens = engine.generate(prompts, 4, SamplingParams(1.0, 1.0, -1, args.new_tokens, call))
-            rates[name].append(sum(len(g.completion_ids) for g in gens) / (time.perf_counter() - start))
+            tokens[name] = sum(len(g.completion_ids) for g in gens)
+            rates[name].append(tokens[name] / (time.perf_counter() - start))
             print(f"[ab] call {call} {name}: {rates[name][-1]:.1f} tok/s", file=sys.stderr, flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -80,7 +82,9 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 engine.generate(prompts, 4, SamplingParams(1.0, 1.0, -1, args.new_tokens, 99))
             print(f"== {name}\n{prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15)}")
     rows = [
-        {"engine": n, "tok_s_per_call": [round(r, 1) for r in v], "median_tok_s": median(v)} for n, v in rates.items()
+        {"engine": n, "tokens_per_call": tokens[n], "tok_s_per_call": [round(x, 1) for x in v]}
+        | {"median_tok_s": median(v)}
+        for n, v in rates.items()
     ]
     return {"base": args.base, "batch": args.batch, "new_tokens": args.new_tokens, "rows": rows}
 

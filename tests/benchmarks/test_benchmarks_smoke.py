@@ -82,3 +82,15 @@ def test_peak_memory_measure_sees_a_child_allocation():
     assert res["peak_rss_gb_sampled"] >= 0.3
     if res["peak_rss_gb_time_v"] is not None:
         assert res["peak_rss_gb_time_v"] >= 0.3
+
+
+def test_rollout_ab_tiny(tmp_path):
+    from benchmarks import rollout_ab
+
+    # base = HEAD's hf.py, loaded through `git show` into its own module; both engines sample 4 rows × 2 forced tokens
+    rollout_ab.main(["--model", "tiny", "--base", "HEAD", "--batch", "4", "--calls", "1", "--new-tokens", "2",
+                     "--no-wait", "--out-dir", str(tmp_path)])  # fmt: skip
+    res = json.loads((tmp_path / "rollout_ab.json").read_text())
+    assert [r["engine"] for r in res["rows"]] == ["base", "head"] and res["base"] == "HEAD"
+    for row in res["rows"]:
+        assert row["tokens_per_call"] == 8 and len(row["tok_s_per_call"]) == 1 and row["median_tok_s"] > 0
