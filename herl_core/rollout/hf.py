@@ -156,7 +156,7 @@ def prefix_plan(seqs: list[list[int]]) -> PrefixPlan | None:
     order = sorted(range(n), key=lambda r: seqs[r])
     lcp = [_common_prefix(seqs[order[i]], seqs[order[i + 1]]) for i in range(n - 1)]
     best = None
-    for width in sorted({len(q) - k for q in seqs for k in range(len(q))} & set(range(1, max(map(len, seqs)) + 1))):
+    for width in range(1, max(map(len, seqs)) + 1):  # every possible remainder width S
         owner, shared = _families(seqs, order, lcp, width)
         remainder, prefix, f = max(len(q) - shared[owner[r]] for r, q in enumerate(seqs)), max(shared), len(shared)
         head = min(min(lcp), min(shared))
@@ -221,6 +221,8 @@ class HFEngine:
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"HFEngine.generate: prompt {i} is empty")
+        if sampling.max_new_tokens < 1:
+            raise ValueError(f"HFEngine.generate: max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
         if sampling.keys is not None and len(sampling.keys) != len(prompts):
             raise ValueError(f"HFEngine.generate: {len(sampling.keys)} keys for {len(prompts)} prompts")
         seqs = [list(p) for p in prompts for _ in range(n)]

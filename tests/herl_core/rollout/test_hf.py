@@ -156,6 +156,8 @@ def test_bad_arguments(policy):
         HFEngine(model, tok).generate([[1, 2]], 0, GREEDY)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         HFEngine(model, tok).generate([[1, 2], []], 1, GREEDY)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        HFEngine(model, tok).generate([[1, 2]], 1, SamplingParams(max_new_tokens=0))
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         HFEngine(model, tok, batch_size=0)
 
