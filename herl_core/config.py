@@ -200,6 +200,13 @@ class RolloutConfig(StrictModel):
             "group's hindsight prompts); off = plain left padding. Same samples either way."
         ),
     ] = True
+    pack_linears: Annotated[
+        bool,
+        Field(
+            description="HF engine on a CPU: run the fp32 linears through oneDNN with weights packed once per "
+            "generate call (faster at decode shapes); off = the model's own nn.Linear. Same values up to rounding."
+        ),
+    ] = True
     system_prompt: Annotated[
         str | None, Field(description="System message for the chat template; None = the tokenizer's default.")
     ] = None

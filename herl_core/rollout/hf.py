@@ -9,7 +9,8 @@ The engine shares the training model, so ``sync_weights`` is a no-op. One ``gene
    restored afterwards). Shared prefill (``prefix_plan``): rows whose prompts share a long common prefix (the n
    samples of a prompt; the hindsight prompts of one group's drafts, which differ only from the draft on) form a
    family; the KV cache of the family's prefix is computed once and indexed out to its rows, and the loop runs only
-   the rest. A head that all rows share is prefilled once for all families. Layout of a row:
+   the rest. A head that all rows share is prefilled once for all families. On a CPU the model's fp32 linears run
+   through oneDNN with their weights packed once per call (``herl_core.rollout.packed``). Layout of a row:
    ``[head][pad][family prefix][pad][own suffix]`` with the prefixes right-aligned to one column and the suffixes to
    the end; the attention mask hides the pads and the position ids (cumulative mask) continue across the gaps, so the
    values equal the per-row prefill up to float rounding. Used when it costs fewer prefill tokens than plain left
@@ -57,6 +58,7 @@ from transformers import (
 )
 
 from herl_core.rollout.base import Generation, SamplingParams, stable_key
+from herl_core.rollout.packed import packed_linears
 
 
 def row_seed(seed: int, key: int, sample: int) -> int:
@@ -191,14 +193,16 @@ class HFEngine:
         eos_token_ids: list[int] | None = None,
         share_prefixes: bool = True,
         min_new_tokens: int = 0,
+        pack_linears: bool = True,
     ):
         """``share_prefixes``: the shared prefill of common prompt prefixes (module doc); off = plain left padding.
         ``min_new_tokens``: EOS is masked out of the first this many steps (as ``generate``'s knob of that name;
-        the benchmarks use it to force equal lengths)."""
+        the benchmarks use it to force equal lengths). ``pack_linears``: fp32 CPU linears run through oneDNN with
+        weights packed once per call (``herl_core.rollout.packed``); off = the model's own ``nn.Linear``."""
         if batch_size < 1:
             raise ValueError(f"HFEngine: batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.share_prefixes, self.min_new_tokens = share_prefixes, min_new_tokens
+        self.share_prefixes, self.min_new_tokens, self.pack_linears = share_prefixes, min_new_tokens, pack_linears
         self.eos_token_ids = eos_token_ids or self._default_eos()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
 
@@ -236,7 +240,7 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), packed_linears(self.model, self.pack_linears):
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start : start + self.batch_size]
                     u = uniforms[chunk] if uniforms is not None else None

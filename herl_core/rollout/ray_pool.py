@@ -97,7 +97,11 @@ class RolloutWorker:
             from herl_core.rollout.hf import HFEngine
 
             self.engine = HFEngine(
-                model, tok, batch_size=self.cfg.generation_batch_size, share_prefixes=self.cfg.share_prefixes
+                model,
+                tok,
+                batch_size=self.cfg.generation_batch_size,
+                share_prefixes=self.cfg.share_prefixes,
+                pack_linears=self.cfg.pack_linears,
             )
         return folder
 

@@ -38,7 +38,9 @@ def test_rollout_throughput_tiny(tmp_path):
     # forced length: 2 sequences × 3 new tokens = 6 tokens on both sides
     assert row["ours_tokens"] == row["plain_tokens"] == 6
     assert row["ours_tok_s"] > 0 and row["bound_tok_s"] > 0
-    assert res["ceilings"]["tiny"]["ceiling_gflops"] == max(res["ceilings"]["tiny"]["gflops_by_shape"].values())
+    by_shape = res["ceilings"]["tiny"]["gflops_by_shape"]
+    assert res["ceilings"]["tiny"]["ceiling_gflops"] == max(r for rates in by_shape.values() for r in rates.values())
+    assert all("mm" in rates for rates in by_shape.values()) and "1024x1024x1024" in by_shape
     assert res["command"].startswith("python") and "--new-tokens 3" in res["command"]
     assert {"load1_start", "load1_end", "commit", "machine"} <= set(res)
 
