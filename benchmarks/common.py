@@ -132,11 +132,18 @@ class Report:
             "load1_end": load1(),
             **results,
         }
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"{self.name}.json"
-        text = json.dumps(payload, indent=2) + "\n"
-        # results are committed: no machine-specific paths (the repo root becomes ".", temp dirs become $TMP)
-        text = text.replace(str(ROOT) + "/", "").replace(tempfile.gettempdir() + "/", "$TMP/")
-        path.write_text(text)
+        path = write_json_atomic(self.out_dir / f"{self.name}.json", payload)
         print(f"[bench] wrote {path}", file=sys.stderr)
         return path
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> Path:
+    """``payload`` as indented JSON at ``path``, through a temp file and a rename (never half-written). Results are
+    committed, so machine-specific paths are dropped: the repo root becomes ".", temp dirs become ``$TMP``."""
+    text = json.dumps(payload, indent=2) + "\n"
+    text = text.replace(str(ROOT) + "/", "").replace(tempfile.gettempdir() + "/", "$TMP/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -17,8 +17,9 @@ one untimed warm-up run, in an order rotated per repetition:
 The MLflow sqlite store is created before the timed runs (its first-time schema migration, about 6 s, is a
 one-off per store, not per run). Overhead = variant − direct (medians). It is a fixed cost per run (imports,
 store/server start, hashing) plus a small per-step cost (metric logging), so it is reported in seconds and as a
-share of ``--reference-wall-s``, the wall time of a ``cpu``-profile run measured separately (default: the run
-recorded in docs/performance.md).
+share of ``--reference-wall-s``, the wall time of a ``cpu``-profile run measured separately, or of the ``herl
+train --profile cpu`` run in a ``benchmarks.peak_memory`` JSON given as ``--reference-json`` (``benchmarks.suite``
+runs that one first).
 """
 
 from __future__ import annotations
@@ -120,6 +121,20 @@ def reset(repo: Path) -> None:
             path.unlink()
 
 
+def reference_wall(path: Path) -> tuple[float, str]:
+    """The wall time of the ``cpu``-profile ``herl train`` run recorded by ``benchmarks.peak_memory`` in ``path``."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+        wall, profile, steps = float(data["wall_s"]), data["profile"], data["steps"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"{path}: not a peak_memory result with wall_s, profile and steps ({exc})") from None
+    if profile != "cpu":
+        raise SystemExit(f"{path}: its run used profile {profile!r}; the reference must be a cpu-profile run")
+    return wall, f"{path.name}: herl train --profile cpu, {steps} steps, commit {data.get('commit', '?')[:7]}"
+
+
 def timed(cmd: list[str], repo: Path, env: dict[str, str]) -> float:
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
@@ -134,9 +149,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--reference-wall-s", type=float, default=374.0, help="wall time of a cpu-profile run")
+    ap.add_argument(
+        "--reference-json",
+        default=None,
+        help="take the reference wall time from a peak_memory JSON (its `herl train` run of the cpu profile)",
+    )
     ap.add_argument("--no-wait", action="store_true")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
+    reference_source = "--reference-wall-s"
+    if args.reference_json:
+        args.reference_wall_s, reference_source = reference_wall(Path(args.reference_json))
     quiet = {} if args.no_wait else wait_for_quiet()
     report = Report("pipeline_overhead", quiet, Path(args.out_dir) if args.out_dir else None, argv)
     py = sys.executable
@@ -188,7 +211,15 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
     print(table(rows, list(rows[0])))
-    report.write({"profile": args.profile, "reference_wall_s": args.reference_wall_s, "walls": walls, "rows": rows})
+    report.write(
+        {
+            "profile": args.profile,
+            "reference_wall_s": args.reference_wall_s,
+            "reference_source": reference_source,
+            "walls": walls,
+            "rows": rows,
+        }
+    )
 
 
 if __name__ == "__main__":

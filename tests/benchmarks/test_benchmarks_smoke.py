@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts in the repo, not an installed package
 
@@ -96,3 +98,47 @@ def test_rollout_ab_tiny(tmp_path):
     assert [r["engine"] for r in res["rows"]] == ["base", "head"] and res["base"] == "HEAD"
     for row in res["rows"]:
         assert row["tokens_per_call"] == 8 and len(row["tok_s_per_call"]) == 1 and row["median_tok_s"] > 0
+
+
+def test_suite_commands_and_docs():
+    from benchmarks import suite
+
+    names = [name for name, _ in suite.commands(None)]
+    assert names == ["rollout_throughput", "step_time", "peak_memory", "pipeline_overhead"]  # no A/B without a base
+    name, args = suite.commands("abc123")[1]
+    assert name == "rollout_ab" and args[:2] == ["--base", "abc123"]
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "performance.md").read_text()
+    assert "python -m benchmarks.suite" in doc
+
+
+def test_suite_refuses_a_dirty_tree_and_stops_at_the_first_failure(tmp_path, monkeypatch, capsys):
+    from benchmarks import suite
+
+    monkeypatch.setattr(suite, "git_commit", lambda: {"commit": "f" * 40, "dirty": True})
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        suite.main(["--out-dir", str(tmp_path)])
+    assert not (tmp_path / "suite.json").exists()
+    # `python -m benchmarks.common` exits 0 (no main); a missing module exits 1; the third never runs
+    monkeypatch.setattr(suite, "SUITE", [("common", []), ("no_such_benchmark", []), ("common", [])])
+    with pytest.raises(SystemExit, match="no_such_benchmark failed"):
+        suite.main(["--allow-dirty", "--out-dir", str(tmp_path)])
+    res = json.loads((tmp_path / "suite.json").read_text())
+    assert [(r["name"], r["rc"] == 0) for r in res["runs"]] == [("common", True), ("no_such_benchmark", False)]
+    assert res["dirty"] is True and res["runs"][0]["command"] == "python -m benchmarks.common "
+
+
+def test_pipeline_overhead_reference_from_a_peak_memory_result(tmp_path):
+    from benchmarks.pipeline_overhead import reference_wall
+
+    good = tmp_path / "peak_memory.json"
+    good.write_text(json.dumps({"wall_s": 251.5, "profile": "cpu", "steps": 4, "commit": "0123456789abcdef"}))
+    wall, source = reference_wall(good)
+    assert wall == 251.5 and source == "peak_memory.json: herl train --profile cpu, 4 steps, commit 0123456"
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({"wall_s": 20.0, "profile": "tiny", "steps": 2}))
+    with pytest.raises(SystemExit, match="profile 'tiny'"):
+        reference_wall(tiny)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"wall_s": 1')
+    with pytest.raises(SystemExit, match="broken.json: not a peak_memory result"):
+        reference_wall(broken)
