@@ -50,12 +50,17 @@ def wait_for_quiet(threshold: float = 1.3, max_wait_s: float | None = None, poll
 
 
 def git_commit() -> dict[str, Any]:
-    """HEAD's hash and whether the working tree had uncommitted changes to tracked files."""
+    """HEAD's hash and whether the working tree had uncommitted changes to tracked files. The results folder does not
+    count: within ``benchmarks.suite`` each benchmark rewrites its committed JSON, which made every later one
+    "dirty" although the code was HEAD's."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")),
+    }
 
 
 def machine_info() -> dict[str, Any]:

@@ -142,3 +142,24 @@ def test_pipeline_overhead_reference_from_a_peak_memory_result(tmp_path):
     broken.write_text('{"wall_s": 1')
     with pytest.raises(SystemExit, match="broken.json: not a peak_memory result"):
         reference_wall(broken)
+
+
+def test_git_commit_dirty_ignores_the_results_folder(tmp_path, monkeypatch):
+    import subprocess
+
+    from benchmarks import common
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text('{"rows": []}\n')  # an earlier benchmark's result
+    assert common.git_commit()["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert common.git_commit()["dirty"] is True

@@ -5,6 +5,8 @@ Run: .venv/bin/pytest tests/herl_core/rollout/test_packed.py
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from torch import nn
@@ -82,3 +84,24 @@ def test_engine_with_and_without_packing_agree(policy, prompts):
     for a, b in zip(on, off, strict=True):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
     assert all("forward" not in vars(m) for m in model.modules())  # restored after generate
+
+
+@needs_onednn
+def test_leaving_the_block_trims_the_heap_once(monkeypatch):
+    import herl_core.rollout.packed as packed
+
+    calls = []
+    monkeypatch.setattr(packed, "trim_heap", lambda: calls.append(1) or True)
+    with torch.inference_mode(), packed.packed_linears(Net()):
+        pass
+    assert calls == [1]
+    with packed.packed_linears(Net(), enabled=False):  # nothing packed, nothing to hand back
+        pass
+    assert calls == [1]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_trim_heap_calls_glibc():
+    from herl_core.memory import trim_heap
+
+    assert trim_heap() is True
