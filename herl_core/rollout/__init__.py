@@ -23,13 +23,7 @@ def make_engine(cfg: RolloutConfig, model: Any, tokenizer: Any, seed: int = 0) -
     if cfg.backend == "hf":
         from herl_core.rollout.hf import HFEngine
 
-        return HFEngine(
-            model,
-            tokenizer,
-            batch_size=cfg.generation_batch_size,
-            share_prefixes=cfg.share_prefixes,
-            pack_linears=cfg.pack_linears,
-        )
+        return HFEngine.from_config(cfg, model, tokenizer)
     from herl_core.rollout.vllm import VLLMEngine
 
     return VLLMEngine(

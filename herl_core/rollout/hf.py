@@ -206,6 +206,17 @@ class HFEngine:
         self.eos_token_ids = eos_token_ids or self._default_eos()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
 
+    @classmethod
+    def from_config(cls, cfg: Any, model: Any, tokenizer: Any) -> HFEngine:
+        """The engine a ``RolloutConfig`` describes (in-process and in each Ray worker alike)."""
+        return cls(
+            model,
+            tokenizer,
+            batch_size=cfg.generation_batch_size,
+            share_prefixes=cfg.share_prefixes,
+            pack_linears=cfg.pack_linears,
+        )
+
     def _default_eos(self) -> list[int]:
         ids = [self.tokenizer.eos_token_id]
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)

@@ -96,13 +96,7 @@ class RolloutWorker:
         else:
             from herl_core.rollout.hf import HFEngine
 
-            self.engine = HFEngine(
-                model,
-                tok,
-                batch_size=self.cfg.generation_batch_size,
-                share_prefixes=self.cfg.share_prefixes,
-                pack_linears=self.cfg.pack_linears,
-            )
+            self.engine = HFEngine.from_config(self.cfg, model, tok)
         return folder
 
     def _vllm_engine(self, model: Any, tok: Any) -> Any:
