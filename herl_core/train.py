@@ -47,7 +47,7 @@ from herl_core.records import PromptRecord, RolloutRecord
 from herl_core.rewards import make_reward
 from herl_core.rewards.base import RewardFn
 from herl_core.rollout import make_engine
-from herl_core.rollout.base import RolloutEngine
+from herl_core.rollout.base import DrawMeter, RolloutEngine
 from herl_core.rollout.groups import call_seed, rollout_records, sample_groups
 from herl_core.samples import Group, Sample
 from herl_core.sink import MetricsSink, NullSink
@@ -152,7 +152,9 @@ class Trainer:
             weight_decay=cfg.train.weight_decay,
             fused=fused_adamw and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params),
         )
-        self.engine = engine if engine is not None else make_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed)
+        self.engine = DrawMeter(
+            engine if engine is not None else make_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed)
+        )
         self.reward = reward if reward is not None else make_reward(cfg.reward)
         self.sink = sink or NullSink()
         self.state = TrainerState()
@@ -391,6 +393,9 @@ class Trainer:
                 "perf/tokens_per_s": gen_tokens / max(t_end - t0, 1e-9),
             }
         )
+        margin = min(v for part in self.dp.gather([self.engine.take()]) for v in part)  # all ranks' draws
+        if math.isfinite(margin):  # an engine that reports margins (the HF engine)
+            metrics["rollout/min_draw_margin"] = margin
         if self.dp.world > 1:  # rank 0's view: how much of the model each rank holds
             share = self.dp.param_share(self.model)
             metrics.update({"dist/world_size": float(self.dp.world), "dist/param_share": share})
