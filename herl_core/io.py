@@ -126,6 +126,47 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     remove_stale_temps(path)
 
 
+_CONTROL_NAMES = {0: "NUL", 8: "backspace", 9: "tab", 10: "line feed", 12: "form feed", 13: "carriage return"}
+
+_JSON_PROBLEMS = (
+    ("Expecting value", "expected a value (a string, number, object, array, true, false or null)"),
+    ("Expecting property name", "expected a property name in double quotes"),
+    ("Expecting ':'", "expected ':' after the property name"),
+    ("Expecting ','", "expected ',' or the closing bracket"),
+    ("Unterminated string", "a string starts here and is never closed"),
+    ("Invalid \\uXXXX", "invalid \\u escape (expected four hex digits)"),
+    ("Invalid \\escape", 'invalid escape in a string (allowed: \\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX)'),
+    ("Extra data", "more text after the end of the JSON value"),
+)
+
+
+def _found(doc: str, pos: int) -> str:
+    rest = doc[pos:].split("\n", 1)[0].rstrip("\r")
+    if not rest:
+        return "the end of the line"
+    return repr(rest[:20] + ("..." if len(rest) > 20 else ""))
+
+
+def json_error_message(exc: json.JSONDecodeError, *, with_line: bool = False) -> str:
+    """A JSON syntax error in words: ``invalid JSON at column 46: raw control character U+0000 (NUL) inside a
+    string; write it escaped, as \\u0000``. ``with_line`` adds the line (a whole-file document; a JSONL reader
+    names the line itself)."""
+    where = f"line {exc.lineno}, column {exc.colno}" if with_line else f"column {exc.colno}"
+    if exc.msg.startswith("Invalid control character"):
+        code = ord(exc.doc[exc.pos]) if exc.pos < len(exc.doc) else 0
+        name = _CONTROL_NAMES.get(code, "a control character")
+        return (
+            f"invalid JSON at {where}: raw control character U+{code:04X} ({name}) inside a string; "
+            f"write it escaped, as \\u{code:04x}"
+        )
+    for prefix, problem in _JSON_PROBLEMS:
+        if exc.msg.startswith(prefix):
+            if prefix != "Unterminated string":
+                problem += f", found {_found(exc.doc, exc.pos)}"
+            return f"invalid JSON at {where}: {problem}"
+    return f"invalid JSON at {where}: {exc.msg.removesuffix(' at')}"
+
+
 def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number (JSON has no NaN or Infinity)")
 
@@ -160,10 +201,11 @@ def read_jsonl(path: str | Path, model: type[T], *, unique_field: str | None = "
                 raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
             if not text.strip():
                 raise DataError(f"{path}:{lineno}: empty line (expected one JSON object per line)")
+            line = text.rstrip("\r\n")  # the line break ends the record: an unclosed string is reported as such
             try:
-                obj = json.loads(text, parse_constant=_no_constant)
+                obj = json.loads(line, parse_constant=_no_constant)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
+                raise DataError(f"{path}:{lineno}: {json_error_message(exc)}") from exc
             except (ValueError, RecursionError) as exc:  # NaN/Infinity, a 5000-digit int, [[[[... nested too deep
                 raise DataError(f"{path}:{lineno}: invalid JSON: {str(exc)[:200]}") from exc
             if not isinstance(obj, dict):

@@ -75,3 +75,49 @@ def test_non_utf8_and_huge_line(tmp_path, monkeypatch):
     p.write_text(json.dumps({**GOOD, "prompt": "x" * 5000}))
     with pytest.raises(DataError, match="line longer than 1000 bytes"):
         read_jsonl(p, PromptRecord)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# JSON syntax errors in words: the column, what is wrong, what was found there
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        # a raw NUL byte inside the prompt string: "x" is at column 25 (1-based), the NUL right after it
+        ('{"id": "p1", "prompt": "x\x00y", "rubrics": []}', "invalid JSON at column 26: raw control character "
+         "U+0000 (NUL) inside a string; write it escaped, as \\u0000"),
+        ('{"id": "p1", "prompt": "a\tb", "rubrics": []}', "invalid JSON at column 26: raw control character "
+         "U+0009 (tab) inside a string; write it escaped, as \\u0009"),
+        # the string opened at column 24 is still open when the line ends (the line break is not inside it)
+        ('{"id": "p1", "prompt": "x', "invalid JSON at column 24: a string starts here and is never closed"),
+        ('{"id": "p1",}', "invalid JSON at column 13: expected a property name in double quotes, found '}'"),
+        ('{"id" "p1"}', "invalid JSON at column 7: expected ':' after the property name, found '\"p1\"}'"),
+        ('{"id": "p1" "prompt": "x"}', "invalid JSON at column 13: expected ',' or the closing bracket, found "
+         "'\"prompt\": \"x\"}'"),
+        ('{"id": "p1"', "invalid JSON at column 12: expected ',' or the closing bracket, found the end of the line"),
+        ('{"id": tru}', "invalid JSON at column 8: expected a value (a string, number, object, array, true, false or "
+         "null), found 'tru}'"),
+        ('{"id": "p\\q"}', "invalid JSON at column 10: invalid escape in a string"),
+        ('{"id": "p1"} {}', "invalid JSON at column 14: more text after the end of the JSON value, found '{}'"),
+    ],
+)  # fmt: skip
+def test_json_syntax_errors_read_well(tmp_path, line, message):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps(GOOD) + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_jsonl(p, PromptRecord)
+    assert str(err.value) == f"{p}:2: {message}" or str(err.value).startswith(f"{p}:2: {message}"), str(err.value)
+    assert " at at " not in str(err.value)
+
+
+def test_json_error_message_of_a_whole_file_names_line_and_column():
+    from herl_core.io import json_error_message
+
+    with pytest.raises(json.JSONDecodeError) as err:
+        json.loads('[\n  {"a": 1},\n  {"a": }\n]')
+    assert json_error_message(err.value, with_line=True) == (
+        "invalid JSON at line 3, column 9: expected a value (a string, number, object, array, true, false or null), "
+        "found '}'"
+    )
+
