@@ -121,3 +121,70 @@ def test_json_error_message_of_a_whole_file_names_line_and_column():
         "found '}'"
     )
 
+
+# --------------------------------------------------------------------------------------------------------------------
+# stale temp leftovers: removed only when no live writer can own them
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_is_stale_temp_by_writer(tmp_path):
+    import subprocess
+    import sys
+
+    from herl_core.io import is_stale_temp
+
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        me = os.getpid()
+        assert is_stale_temp(tmp_path / f".model.{dead}.abc_12.tmp")  # its process is gone
+        assert is_stale_temp(tmp_path / f".model.old-{dead}")
+        assert not is_stale_temp(tmp_path / f".model.{live.pid}.abc_12.tmp")  # a live writer's
+        assert not is_stale_temp(tmp_path / f".model.old-{live.pid}")
+        # this process's pid, but this process is not writing it: a restarted container's leftover
+        assert is_stale_temp(tmp_path / f".model.{me}.abc_12.tmp")
+        # nested temp folders: the innermost writer (last pid) decides
+        assert is_stale_temp(tmp_path / f"..step-000003.{dead}.ab.tmp.{dead}.cd.tmp")
+        assert not is_stale_temp(tmp_path / f"..step-000003.{live.pid}.ab.tmp.{live.pid}.cd.tmp")
+        # not temp names at all
+        for name in (".model.lock", ".herl-complete", ".gitignore", f".m.tmp-{dead}", "model", f"model.{dead}.a.tmp"):
+            assert not is_stale_temp(tmp_path / name), name
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_sweep_never_removes_this_process_s_writes_in_flight(tmp_path):
+    from herl_core.io import sweep_stale_temps
+
+    dead = _dead_pid()
+    leftover = tmp_path / f"..step-000003.{dead}.ab.tmp.{dead}.cd.tmp"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".keep.lock").write_text("")
+    with atomic_dir(tmp_path / "step-000004") as tmp, atomic_open(tmp_path / "state.json") as fh:
+        fh.write("{}")
+        (ours,) = tmp_path.glob(f".state.json.{os.getpid()}.*.tmp")
+        assert sweep_stale_temps(tmp_path) == [leftover]  # the dead writer's, not ours in flight
+        assert tmp.is_dir() and ours.is_file()
+        (tmp / "w").write_text("w")
+    assert sorted(os.listdir(tmp_path)) == [".keep.lock", "state.json", "step-000004"]
+    assert sweep_stale_temps(tmp_path) == []
+
+
+def test_a_write_removes_the_leftover_of_a_dead_writer_with_this_process_s_pid(tmp_path):
+    # a killed container restarts its process with the same pid: the old temp must not look like a live write
+    p = tmp_path / "out.json"
+    leftover = tmp_path / f".out.json.{os.getpid()}.abc123.tmp"
+    leftover.write_text('{"half": ')
+    with atomic_open(p) as fh:
+        fh.write("{}")
+    assert os.listdir(tmp_path) == ["out.json"]
