@@ -335,6 +335,14 @@ class TrainConfig(StrictModel):
     ] = 1.0
     seed: Annotated[int, Field(description="Seed of sampling, data order and the merge RNG.")] = 0
     data: Annotated[str, Field(description="Training prompts JSONL.")] = "data/prepared/train.jsonl"
+    allow_ifbench_constraints: Annotated[
+        bool,
+        Field(
+            description="Accept training prompts whose constraints are IFBench instruction ids. IFBench is held out "
+            "for evaluation, so training on its constraints contaminates its scores; off, such a record is an "
+            "error naming the file, the line and the id."
+        ),
+    ] = False
     shuffle: Annotated[bool, Field(description="Shuffle the prompts each epoch (§5.2 data.shuffle: true).")] = True
     save_every: Annotated[int, Field(ge=0, description="Resume checkpoint every k steps (0 = only at the end).")] = 1
     keep_checkpoints: Annotated[int, Field(ge=1, description="Resume checkpoints kept (older ones deleted).")] = 1

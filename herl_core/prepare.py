@@ -385,7 +385,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     splits = {"ifeval": load_ifeval(), "ifbench": load_ifbench()}
     for rec in (rec for recs in splits.values() for rec in recs):
         for rubric in rec.rubrics:
-            validate_rubric(rubric, prompt=rec.prompt, allow_replaced=True)  # benchmark rows count as written
+            # benchmark rows count as written (and IFBench's rows are IFBench's)
+            validate_rubric(rubric, prompt=rec.prompt, allow_replaced=True, allow_ifbench=True)
     heldout = [rec for recs in splits.values() for rec in recs]
     kept, dropped = drop_overlapping(_unique(_base_instructions(cfg)), heldout)
     train = build_train_set(kept, cfg.seed, cfg.min_constraints, cfg.max_constraints, cfg.n_train)
