@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -132,9 +132,10 @@ class RewardConfig(StrictModel):
     """How responses are scored (spec §4)."""
 
     type: Annotated[
-        Literal["constraints", "judge"],
+        str,
         Field(
-            description="'constraints' = IFEval/IFBench checkers (§4.1); 'judge' = weighted rubric LLM judge (§4.2)."
+            description="A registered reward (herl_core.rewards.REWARDS): 'constraints' = IFEval/IFBench checkers "
+            "(§4.1); 'judge' = weighted rubric LLM judge (§4.2)."
         ),
     ] = "constraints"
     repetition_check: Annotated[
@@ -142,6 +143,15 @@ class RewardConfig(StrictModel):
         Field(description="§4.1 repetition detector: a repetitive response gets dense=0 for HeRL selection only."),
     ] = True
     judge: JudgeConfig = JudgeConfig()
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from herl_core.rewards import REWARDS  # the rewards import this module: look them up at validation time
+
+        if value not in REWARDS:
+            raise ValueError(REWARDS.unknown(value))
+        return value
 
 
 # --------------------------------------------------------------------------------------------------------------------
