@@ -129,25 +129,26 @@ def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
 
 @app.command()
 def rollout(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-    """Sample G responses per prompt from the policy and score them (readiness probe, part 1) → rollout.out_dir."""
+    """Sample G responses per prompt from the policy and score them (readiness probe, part 1) → probe.rollout_dir."""
     from herl_core.stages import run_rollout
 
     cfg = load_config(params, profile, set_)
     banner("rollout", cfg)
     run_tracked(
-        "rollout", params, cfg, lambda t: run_rollout(cfg, sink=t.sink), [cfg.rollout.out_dir],
+        "rollout", params, cfg, lambda t: run_rollout(cfg, sink=t.sink), [cfg.probe.rollout_dir],
         precheck=lambda: precheck_prompts(cfg),
     )  # fmt: skip
 
 
 @app.command()
 def hindsight(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-    """Hindsight prompts, rewrites, re-scores and bonus on the rollouts (readiness probe, part 2) → herl.out_dir."""
+    """Hindsight prompts, rewrites, re-scores and bonus on the rollouts (readiness probe, part 2) →
+    probe.hindsight_dir."""
     from herl_core.stages import run_hindsight
 
     cfg = load_config(params, profile, set_)
     banner("hindsight", cfg)
-    run_tracked("hindsight", params, cfg, lambda t: run_hindsight(cfg, sink=t.sink), [cfg.herl.out_dir])
+    run_tracked("hindsight", params, cfg, lambda t: run_hindsight(cfg, sink=t.sink), [cfg.probe.hindsight_dir])
 
 
 @app.command()
@@ -157,7 +158,7 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in train.checkpoint_dir.")] = True,
 ) -> None:
-    """Train the policy with HeRL (or GRPO with --set herl.enabled=false): rollout → hindsight → update per step."""
+    """Train the policy with HeRL (GRPO with --set hindsight.enabled=false): rollout → hindsight → update per step."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from herl_core.stages import run_train
@@ -170,7 +171,7 @@ def train(
         run_train(cfg, resume=resume)
         return
     console.print(f"[bold]herl train[/bold] profile={cfg.profile} model={cfg.model.name_or_path} "
-                  f"herl.enabled={cfg.herl.enabled} steps={cfg.train.steps} config={cfg.hash()}")  # fmt: skip
+                  f"hindsight.enabled={cfg.hindsight.enabled} steps={cfg.train.steps} config={cfg.hash()}")  # fmt: skip
     with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("train", total=cfg.train.steps)
 

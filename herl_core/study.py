@@ -3,9 +3,9 @@
 Arms (spec §7.2 ablation at our scale; "NaiveHE" has no code path, §7.2, so it is not an arm):
 
 * ``base``: the starting model, not trained, evaluated once (greedy decoding does not depend on the seed);
-* ``grpo``: RLVR through the same trainer (``herl.enabled=false``, spec §6 baselines);
+* ``grpo``: RLVR through the same trainer (``hindsight.enabled=false``, spec §6 baselines);
 * ``herl``: the defaults (hindsight rewrites + bonus, spec §3.4-3.12);
-* ``herl_no_bonus``: hindsight without the bonus reward (``herl.bonus_enabled=false``, §3.8; the ablation's "+HE").
+* ``herl_no_bonus``: hindsight without the bonus reward (``hindsight.bonus_enabled=false``, §3.8; the ablation's "+HE").
 
 Equal rollout budget: every trained arm runs with the same resolved ``rollout``/``train`` budget keys
 (``check_equal_budget``); HeRL's rewrites are extra generation by design and are reported (``perf/gen_tokens``).
@@ -33,9 +33,9 @@ from herl_core.config import Config, StrictModel, _deep_merge, _line_of, parse_o
 ArmName = Literal["base", "grpo", "herl", "herl_no_bonus"]
 ARMS: dict[str, list[str]] = {
     "base": [],
-    "grpo": ["herl.enabled=false"],
+    "grpo": ["hindsight.enabled=false"],
     "herl": [],
-    "herl_no_bonus": ["herl.bonus_enabled=false"],
+    "herl_no_bonus": ["hindsight.bonus_enabled=false"],
 }
 """Arm → the ``--set`` overrides that define it (on top of the study's shared overrides)."""
 

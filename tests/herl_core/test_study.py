@@ -245,7 +245,7 @@ def test_plan_puts_every_output_under_the_run_folder():
     assert sets["train.seed"] == "0" and sets["train.steps"] == "2" and sets["tracking.log_model"] == "false"
     assert sets["train.data"] == "runs/s/data/train.jsonl"
     assert [c[:2] for c in herl["commands"]] == [["herl", "train"], ["herl", "evaluate"]]
-    assert "herl.bonus_enabled=false" in runs[3]["overrides"] and "herl.enabled=false" in runs[1]["overrides"]
+    assert "hindsight.bonus_enabled=false" in runs[3]["overrides"] and "hindsight.enabled=false" in runs[1]["overrides"]
     base = dict(item.split("=", 1) for item in runs[0]["overrides"])
     assert "train.seed" not in base and "evaluate.policy" not in base  # falls back to model.name_or_path
     assert base["train.out_dir"] == "runs/s/base/policy"
@@ -255,7 +255,7 @@ def test_plan_puts_every_output_under_the_run_folder():
 def test_equal_budget_check():
     study = StudyConfig(params_profile="tiny", seeds=[0])
     configs = {r["name"]: load_params(ROOT / "params.yaml", "tiny", r["overrides"]) for r in plan(study)}
-    check_equal_budget(configs)  # arms differ only in herl.* and seeds: passes
+    check_equal_budget(configs)  # arms differ only in hindsight.* and seeds: passes
     configs["herl-s0"] = load_params(ROOT / "params.yaml", "tiny", [*plan(study)[2]["overrides"], "rollout.n=6"])
     with pytest.raises(StudyError, match=r"rollout\.n differs"):
         check_equal_budget(configs)

@@ -19,7 +19,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from herl_core.config import Config, RolloutConfig  # noqa: E402
+from herl_core.config import Config, EngineConfig  # noqa: E402
 from herl_core.io import read_jsonl  # noqa: E402
 from herl_core.records import PromptRecord, RolloutRecord, Rubric  # noqa: E402
 from herl_core.rollout import make_engine  # noqa: E402
@@ -45,7 +45,7 @@ def pool(cluster, policy, tmp_path_factory):
     model, tok = policy
     live = copy.deepcopy(model)
     weights = tmp_path_factory.mktemp("weights")
-    engine = make_engine(RolloutConfig(workers=2, worker_cpus=1, weights_dir=str(weights)), live, tok, seed=0)
+    engine = make_engine(EngineConfig(workers=2, worker_cpus=1, weights_dir=str(weights)), live, tok, seed=0)
     assert isinstance(engine, RayEngine)
     yield engine, live, weights
     engine.shutdown()
@@ -129,9 +129,13 @@ def test_rollout_stage_with_two_workers_equals_in_process(cluster, tmp_path):
 
     def rollouts(workers: int) -> list[RolloutRecord]:
         out = tmp_path / f"rollout-{workers}"
-        rollout = {"n": 2, "max_new_tokens": 6, "prompts": 3, "out_dir": str(out), "workers": workers}
         cfg = Config.model_validate(
-            {"model": {"name_or_path": "tiny"}, "rollout": {**rollout, "worker_cpus": 1}, "train": {"data": str(data)}}
+            {
+                "model": {"name_or_path": "tiny"},
+                "rollout": {"n": 2, "max_new_tokens": 6, "engine": {"workers": workers, "worker_cpus": 1}},
+                "probe": {"prompts": 3, "rollout_dir": str(out)},
+                "train": {"data": str(data)},
+            }
         )
         run_rollout(cfg)
         return read_jsonl(out / "rollouts.jsonl", RolloutRecord)
