@@ -161,6 +161,7 @@ def train(
     """Train the policy with HeRL (GRPO with --set hindsight.enabled=false): rollout → hindsight → update per step."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from herl_core.resume import RUN_ID_KEY
     from herl_core.stages import run_train
 
     cfg = load_config(params, profile, set_)
@@ -180,7 +181,7 @@ def train(
             bar.console.print(format_step(step, metrics))
 
         def runner(tracker) -> dict:
-            extras = {"mlflow_run_id": tracker.run_id}
+            extras = {RUN_ID_KEY: tracker.run_id}  # a resume re-attaches to this run (herl_core.resume)
             return run_train(cfg, resume=resume, sink=tracker.sink, on_step=on_step, checkpoint_extras=extras)
 
         run_tracked(
