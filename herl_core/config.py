@@ -580,7 +580,7 @@ def _check_moved(
         for key_path in _moved_paths(tree):
             old = ".".join(key_path)
             new = moved_to(old)
-            line = _line_of(root, (*prefix, *key_path))
+            line = line_of(root, (*prefix, *key_path))
             where = f"{path}:{line}" if line else str(path)
             scope = "".join(f"{p}." for p in prefix)
             lines.append(f"{where}: {scope}{old} moved to {scope}{new}")
@@ -593,11 +593,13 @@ def _check_moved(
         raise ConfigError("keys of an earlier params layout:\n  " + "\n  ".join(lines))
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: nested mappings key by key, anything else replaced (how a profile
+    applies to the base sections; study.yaml's profiles too)."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -613,8 +615,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _line_of(root: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
-    """1-based line of the deepest YAML node along ``path`` (keys of mappings)."""
+def line_of(root: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest YAML node along ``path`` (keys of mappings): where an error points
+    (``root`` = ``yaml.compose`` of the file; study.yaml's errors use it too)."""
     node, line = root, None
     for key in path:
         if not isinstance(node, yaml.MappingNode):
@@ -666,10 +669,10 @@ def load_params(
 
     profiles = raw.pop("profiles", {}) or {}
     if not isinstance(profiles, dict):
-        raise ConfigError(f"{path}:{_line_of(root, ('profiles',))}: 'profiles' must be a mapping of profile names")
+        raise ConfigError(f"{path}:{line_of(root, ('profiles',))}: 'profiles' must be a mapping of profile names")
     chosen = profile if profile is not None else raw.get("profile")
     if chosen is not None and not isinstance(chosen, str):
-        raise ConfigError(f"{path}:{_line_of(root, ('profile',))}: profile: expected a profile name, got {chosen!r}")
+        raise ConfigError(f"{path}:{line_of(root, ('profile',))}: profile: expected a profile name, got {chosen!r}")
     _check_moved(path, root, raw, profiles, overrides)
     tree = dict(raw)
     origin: dict[str, tuple[Any, ...]] = {}
@@ -679,11 +682,11 @@ def load_params(
         over = profiles[chosen] or {}
         if not isinstance(over, dict):
             raise ConfigError(f"{path}: profiles.{chosen} must be a mapping")
-        tree = _deep_merge(tree, over)
+        tree = deep_merge(tree, over)
         for section in over:
             origin[section] = ("profiles", chosen, section)
     tree["profile"] = chosen
-    tree = _deep_merge(tree, parse_overrides(overrides))
+    tree = deep_merge(tree, parse_overrides(overrides))
     overridden = {tuple(item.split("=", 1)[0].strip().split(".")) for item in overrides or []}
     try:
         return Config.model_validate(tree)
@@ -692,7 +695,7 @@ def load_params(
         for err in exc.errors():
             loc = tuple(err["loc"])
             yaml_path = origin.get(loc[0], ()) + loc[1:] if loc and loc[0] in origin else loc
-            line = _line_of(root, yaml_path) or _line_of(root, loc)
+            line = line_of(root, yaml_path) or line_of(root, loc)
             field = ".".join(str(p) for p in loc) or "<root>"
             where = f"{path}:{line}" if line else str(path)
             if any(loc[: len(o)] == o for o in overridden):
