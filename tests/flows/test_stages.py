@@ -70,6 +70,18 @@ def test_bad_params_exit_2_naming_file_line_field(tmp_path):
     assert f"{bad}:3" in text and "rollout.n" in text
 
 
+def test_config_prints_the_resolved_layout_and_names_the_new_place_of_an_old_key():
+    shown = RUNNER.invoke(app, ["config", "--params", str(ROOT / "params.yaml"), *TINY])
+    assert shown.exit_code == 0, shown.output
+    cfg = json.loads(shown.stdout)
+    assert list(cfg) == ["profile", "model", "reward", "prepare", "rollout", "hindsight", "train", "evaluate",
+                         "probe", "tracking"]  # fmt: skip
+    assert cfg["rollout"]["engine"]["generation_batch_size"] == 16 and cfg["probe"]["prompts"] == 4  # tiny's
+    old = RUNNER.invoke(app, ["config", "--params", str(ROOT / "params.yaml"), "--set", "herl.bonus_alpha=0.1"])
+    assert old.exit_code == 2
+    assert "herl.bonus_alpha moved to hindsight.bonus_alpha" in " ".join(old.output.split())
+
+
 def test_prepare_writes_validated_splits_and_report(ws):
     root, results = ws
     report = ok(results["prepare"])
