@@ -243,13 +243,18 @@ def tag_child(client, parent_run_id: str, stage: str, root: Path, output: str) -
 
 
 def evaluate_metrics(client, parent_run_id: str, cfg) -> dict[str, float]:
-    """Metrics of this pipeline's evaluate child, else of the newest finished evaluate run with this config hash."""
+    """Metrics of this pipeline's evaluate child, else (DVC skipped evaluate) of the newest finished evaluate run made
+    under the same settings of what evaluate reads (``herl.stage_config_hash``: a probe or tracking edit does not
+    rerun evaluate, so the whole-config hash would find none)."""
+    from herl_core.config import STAGE_SECTIONS
+
     child = find_child(client, parent_run_id, "evaluate")
     if child is None:
         exp = client.get_run(parent_run_id).info.experiment_id
         runs = client.search_runs(
             [exp],
-            filter_string=f"attributes.run_name = 'evaluate' and tags.`herl.config_hash` = '{cfg.hash()}' "
+            filter_string="attributes.run_name = 'evaluate' and "
+            f"tags.`herl.stage_config_hash` = '{cfg.hash(STAGE_SECTIONS['evaluate'])}' "
             "and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
             max_results=1,

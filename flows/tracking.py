@@ -45,7 +45,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from herl_core.config import Config  # noqa: E402
+from herl_core.config import STAGE_SECTIONS, Config  # noqa: E402
 from herl_core.sink import JsonlSink  # noqa: E402
 
 PARENT_ENV = "HERL_MLFLOW_PARENT_RUN_ID"
@@ -176,6 +176,7 @@ def lineage_tags(cfg: Config, stage: str, root: str | Path) -> dict[str, str]:
     tags = {
         **git_info(root),
         "herl.config_hash": cfg.hash(),
+        **({"herl.stage_config_hash": cfg.hash(STAGE_SECTIONS[stage])} if stage in STAGE_SECTIONS else {}),
         "herl.profile": str(cfg.profile),
         "herl.stage": stage,
         **(dvc_tags(root, stage) if stage != "pipeline" else pipeline_dvc_tags(root)),

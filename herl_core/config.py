@@ -468,6 +468,17 @@ class TrackingConfig(StrictModel):
 SECTIONS = ("model", "reward", "prepare", "rollout", "hindsight", "train", "evaluate", "probe", "tracking")
 """The sections of params.yaml: the shared ones (model, reward, tracking), one per stage, and the probe's."""
 
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("prepare",),
+    "rollout": ("model", "reward", "rollout", "train", "probe"),
+    "hindsight": ("model", "reward", "rollout", "hindsight", "train", "probe"),
+    "train": ("model", "reward", "rollout", "hindsight", "train"),
+    "evaluate": ("model", "rollout", "hindsight", "train", "prepare", "evaluate"),
+}
+"""The sections each stage reads: what dvc.yaml lists as its params, what its train fingerprint hashes (train) and
+what its ``herl.stage_config_hash`` tag hashes (tests/flows/test_dvc_yaml.py checks all three against the code).
+The probe stages read ``train`` for train.seed and train.data: they run training step 0."""
+
 
 class Config(StrictModel):
     """The resolved config tree. ``profile`` names the override set of params.yaml that was applied."""
@@ -500,9 +511,12 @@ class Config(StrictModel):
                 )
         return self
 
-    def hash(self) -> str:
-        """Stable short hash of the resolved config (lineage tag)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+    def hash(self, sections: tuple[str, ...] | None = None) -> str:
+        """Stable short hash of the resolved config, or of the given ``sections`` only (lineage tags)."""
+        tree = self.model_dump(mode="json")
+        if sections is not None:
+            tree = {s: tree[s] for s in sections}
+        blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from herl_core.checkpoint import STATE_FILE, latest_checkpoint
-from herl_core.config import Config, resume_neutral
+from herl_core.config import STAGE_SECTIONS, Config, resume_neutral
 
-TRAIN_SECTIONS = ("model", "reward", "rollout", "hindsight", "train")
-"""The config sections a training step reads (dvc.yaml's train stage lists exactly these: a test checks it)."""
+TRAIN_SECTIONS = STAGE_SECTIONS["train"]
+"""The config sections a training step reads (dvc.yaml's train stage lists exactly these)."""
 
 FINGERPRINT_KEY = "train_fingerprint"
 """``TrainerState.extras`` key of the fingerprint of the settings the checkpoint was written under."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from herl_core.config import SECTIONS, Config
+from herl_core.config import SECTIONS, STAGE_SECTIONS, Config
 from herl_core.resume import TRAIN_SECTIONS
 from herl_core.stages import STAGES
 
@@ -25,13 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "herl_core"
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
 
-READS = {
-    "prepare": ["prepare"],
-    "rollout": ["model", "reward", "rollout", "train", "probe"],
-    "hindsight": ["model", "reward", "rollout", "hindsight", "train", "probe"],
-    "train": list(TRAIN_SECTIONS),
-    "evaluate": ["model", "rollout", "hindsight", "train", "prepare", "evaluate"],
-}
+READS = {stage: list(sections) for stage, sections in STAGE_SECTIONS.items()}
 """The config sections each stage's runner reads (checked against the code by test_reads_matches_the_runners)."""
 
 
@@ -166,6 +160,7 @@ def test_each_stage_lists_the_sections_it_reads_in_the_base_and_in_the_active_pr
 def test_train_lists_the_sections_of_the_fingerprint():
     """The train stage reruns exactly when a section its resume fingerprint hashes changes (herl_core.resume)."""
     assert READS["train"] == list(TRAIN_SECTIONS)
+    assert list(STAGE_SECTIONS) == list(STAGES)
 
 
 def test_reads_matches_the_runners():

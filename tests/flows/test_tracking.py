@@ -287,6 +287,31 @@ def test_a_checkpoint_of_other_settings_opens_a_new_run(project):
     assert third.run_id == first.run_id
 
 
+def test_a_skipped_evaluate_is_found_by_the_settings_it_reads(project, monkeypatch):
+    """When DVC skips evaluate (nothing it reads changed: here only a probe knob did), the pipeline's parent run still
+    gets the metrics of the evaluate run made under those settings (``herl.stage_config_hash``)."""
+    from flows.pipeline import evaluate_metrics
+    from herl_core.config import STAGE_SECTIONS
+
+    cfg = load_params(project / "params.yaml")
+    with stage_run(cfg, "evaluate") as ev:
+        ev.finish({"ifeval/prompt_strict": 0.25})
+    probe_edit = load_params(project / "params.yaml", overrides=["probe.prompts=3"])
+    eval_edit = load_params(project / "params.yaml", overrides=["evaluate.limit=3"])
+    tags = MlflowClient().get_run(ev.run_id).data.tags
+    assert (
+        tags["herl.stage_config_hash"]
+        == cfg.hash(STAGE_SECTIONS["evaluate"])
+        == probe_edit.hash(STAGE_SECTIONS["evaluate"])
+    )
+    assert probe_edit.hash() != cfg.hash() and eval_edit.hash(STAGE_SECTIONS["evaluate"]) != tags[
+        "herl.stage_config_hash"
+    ]  # fmt: skip
+    for edited, found in ((probe_edit, {"ifeval/prompt_strict": 0.25}), (eval_edit, {})):
+        with stage_run(edited, "pipeline") as parent:  # a pipeline whose evaluate child was skipped by DVC
+            assert evaluate_metrics(parent.client, parent.run_id, edited) == found
+
+
 def test_judge_api_key_never_reaches_mlflow(project, monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HERL_JUDGE_API_KEY", SECRET)
     cfg = load_params(project / "params.yaml", overrides=["reward.type=judge"])
