@@ -81,7 +81,7 @@ def precheck_prompts(cfg) -> None:
     """Validate the training prompts before any run is opened, so bad input writes nothing, not even a FAILED run."""
     from herl_core.stages import load_prompts
 
-    load_prompts(cfg.train.data)
+    load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
 
 
 def run_tracked(
@@ -129,25 +129,26 @@ def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
 
 @app.command()
 def rollout(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-    """Sample G responses per prompt from the policy and score them (readiness probe, part 1) → rollout.out_dir."""
+    """Sample G responses per prompt from the policy and score them (readiness probe, part 1) → probe.rollout_dir."""
     from herl_core.stages import run_rollout
 
     cfg = load_config(params, profile, set_)
     banner("rollout", cfg)
     run_tracked(
-        "rollout", params, cfg, lambda t: run_rollout(cfg, sink=t.sink), [cfg.rollout.out_dir],
+        "rollout", params, cfg, lambda t: run_rollout(cfg, sink=t.sink), [cfg.probe.rollout_dir],
         precheck=lambda: precheck_prompts(cfg),
     )  # fmt: skip
 
 
 @app.command()
 def hindsight(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-    """Hindsight prompts, rewrites, re-scores and bonus on the rollouts (readiness probe, part 2) → herl.out_dir."""
+    """Hindsight prompts, rewrites, re-scores and bonus on the rollouts (readiness probe, part 2) →
+    probe.hindsight_dir."""
     from herl_core.stages import run_hindsight
 
     cfg = load_config(params, profile, set_)
     banner("hindsight", cfg)
-    run_tracked("hindsight", params, cfg, lambda t: run_hindsight(cfg, sink=t.sink), [cfg.herl.out_dir])
+    run_tracked("hindsight", params, cfg, lambda t: run_hindsight(cfg, sink=t.sink), [cfg.probe.hindsight_dir])
 
 
 @app.command()
@@ -157,9 +158,10 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in train.checkpoint_dir.")] = True,
 ) -> None:
-    """Train the policy with HeRL (or GRPO with --set herl.enabled=false): rollout → hindsight → update per step."""
+    """Train the policy with HeRL (GRPO with --set hindsight.enabled=false): rollout → hindsight → update per step."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from herl_core.resume import RUN_ID_KEY
     from herl_core.stages import run_train
 
     cfg = load_config(params, profile, set_)
@@ -170,7 +172,7 @@ def train(
         run_train(cfg, resume=resume)
         return
     console.print(f"[bold]herl train[/bold] profile={cfg.profile} model={cfg.model.name_or_path} "
-                  f"herl.enabled={cfg.herl.enabled} steps={cfg.train.steps} config={cfg.hash()}")  # fmt: skip
+                  f"hindsight.enabled={cfg.hindsight.enabled} steps={cfg.train.steps} config={cfg.hash()}")  # fmt: skip
     with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("train", total=cfg.train.steps)
 
@@ -179,7 +181,7 @@ def train(
             bar.console.print(format_step(step, metrics))
 
         def runner(tracker) -> dict:
-            extras = {"mlflow_run_id": tracker.run_id}
+            extras = {RUN_ID_KEY: tracker.run_id}  # a resume re-attaches to this run (herl_core.resume)
             return run_train(cfg, resume=resume, sink=tracker.sink, on_step=on_step, checkpoint_extras=extras)
 
         run_tracked(

@@ -21,7 +21,7 @@ from herl_core.hindsight.drafts import is_failed
 from herl_core.records import HindsightRecord, RolloutRecord, Verdict
 
 REFERENCE_THRESHOLD = 1.0
-"""§9-A7: a group is failed when its best dense score < 1.0 (the hindsight stage uses ``herl.threshold``)."""
+"""§9-A7: a group is failed when its best dense score < 1.0 (the hindsight stage uses ``hindsight.threshold``)."""
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -1,6 +1,6 @@
 """The online HeRL training loop (spec §3.15): every step is rollout → reward → hindsight → advantage → update.
 
-``Trainer.step()`` reads top to bottom like the spec's pseudo-code. With ``herl.enabled = false`` the hindsight
+``Trainer.step()`` reads top to bottom like the spec's pseudo-code. With ``hindsight.enabled = false`` the hindsight
 stage is skipped and the same code is plain GRPO (RLVR, spec §6 baselines).
 
 Departures from the authors' code (spec §9 and docs/algorithm.md):
@@ -154,7 +154,7 @@ class Trainer:
             fused=fused_adamw and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params),
         )
         self.engine = DrawMeter(
-            engine if engine is not None else make_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed)
+            engine if engine is not None else make_engine(cfg.rollout.engine, model, tokenizer, seed=cfg.train.seed)
         )
         self.reward = reward if reward is not None else make_reward(cfg.reward)
         self.sink = sink or NullSink()
@@ -334,7 +334,7 @@ class Trainer:
         per_token, lm = self.loss_fn(
             logp, old_logp, adv, mask, guided,
             clip_low=t.clip_ratio_low, clip_high=t.clip_ratio_high, clip_c=t.clip_ratio_c,
-            gamma=self.cfg.herl.shaping_gamma,
+            gamma=self.cfg.hindsight.shaping_gamma,
         )  # fmt: skip
         share = mask.sum().item() / n_tok if t.loss_agg == "token-mean" else len(micro) / n_seq
         pg = agg_loss(per_token, mask, t.loss_agg) * share
@@ -364,10 +364,10 @@ class Trainer:
         self.sink.log_records("rollouts", self._rollout_records(everyone, step), step)
         metrics = self._reward_metrics(everyone)
         gen_tokens = sum(len(s.completion_ids) for g in everyone for s in g.samples)
-        if self.cfg.herl.enabled:  # §3.4-3.9
+        if self.cfg.hindsight.enabled:  # §3.4-3.9
             with self.dp.gathered():
                 out = hindsight_step(
-                    groups, self.engine, self.reward, self.tokenizer, self.cfg.herl, self.cfg.rollout,
+                    groups, self.engine, self.reward, self.tokenizer, self.cfg.hindsight, self.cfg.rollout,
                     (self.cfg.train.seed, step), seed=call_seed(self.cfg.train.seed, step, 1), step=step,
                 )  # fmt: skip
             everyone = self.gather_groups(groups)

@@ -32,7 +32,7 @@ os.environ.setdefault("MPLCONFIGDIR", os.path.join(_TMP_HOME, "mpl"))
 # Comparing two computations of the same generations (another batch layout, engine, process or CPU)
 
 DRAW_MARGIN = 1e-3
-"""Draws closer than this to choosing another token may flip between two computations (herl_core.rollout.compare).
+"""Draws closer than this to choosing another token may flip between two computations (herl_core.compare).
 Measured rounding between batch layouts on the tiny test model: log-probs within 6.2e-6 on AVX-512 and on AVX2
 (capped with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS), so 1e-3 leaves a factor > 100."""
 
@@ -43,9 +43,9 @@ LOGPROB_ATOL = 1e-4
 @pytest.fixture
 def same_draws():
     """``same_draws(a, b, min_full=0.5)``: assert that two lists of generations are the same call computed two ways,
-    as far as float rounding allows (herl_core.rollout.compare), and that at least ``min_full`` of the rows were
+    as far as float rounding allows (herl_core.compare), and that at least ``min_full`` of the rows were
     compared to their end (so a test cannot pass by cutting every row at a near-tie)."""
-    from herl_core.rollout.compare import compare_generations
+    from herl_core.compare import compare_generations
 
     def check(a, b, *, margin: float = DRAW_MARGIN, logprob_atol: float = LOGPROB_ATOL, min_full: float = 0.5):
         result = compare_generations(a, b, margin=margin, logprob_atol=logprob_atol)

@@ -36,9 +36,10 @@ import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from herl_core.config import RewardConfig
 from herl_core.nltk_setup import ensure_punkt
 from herl_core.records import PromptRecord, RewardResult, Rubric, Verdict
-from herl_core.rewards.base import result_from_verdicts
+from herl_core.rewards.base import register_reward, result_from_verdicts
 
 # Every IFEval id except combination:repeat_prompt, whose kwarg is the prompt itself (checked by a test).
 SAMPLEABLE_IFEVAL_IDS: tuple[str, ...] = (
@@ -402,3 +403,9 @@ def sample_constraint(rng: random.Random, instruction_id: str, prompt: str | Non
     finally:
         random.setstate(state)
     raise ValueError(f"no valid kwargs drawn for constraint {instruction_id!r} in {_SAMPLE_ATTEMPTS} attempts")
+
+
+@register_reward("constraints")
+def constraint_reward(cfg: RewardConfig) -> ConstraintReward:
+    """``reward.type: constraints``: the IFEval/IFBench checkers (§4.1) with ``reward.repetition_check``."""
+    return ConstraintReward(repetition_check=cfg.repetition_check)

@@ -240,7 +240,7 @@ class HFEngine:
 
     @classmethod
     def from_config(cls, cfg: Any, model: Any, tokenizer: Any) -> HFEngine:
-        """The engine a ``RolloutConfig`` describes (in-process and in each Ray worker alike)."""
+        """The engine an ``EngineConfig`` (``rollout.engine``) describes (in-process and in each Ray worker alike)."""
         return cls(
             model,
             tokenizer,

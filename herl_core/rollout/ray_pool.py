@@ -4,8 +4,8 @@ issue 7: scale rollouts out by fanning prompts to workers). Built on Ray's core 
 ``RayEngine`` implements the ``RolloutEngine`` protocol. ``generate(prompts, n, sampling)`` cuts the prompts into
 contiguous shards, one per worker (sizes differ by at most one), sends each shard with its slice of
 ``sampling.keys``, and concatenates the workers' prompt-major results in shard order: the same layout as one
-in-process engine. Each worker runs an ``HFEngine`` (or a ``VLLMEngine`` when ``rollout.backend == "vllm"``), whose
-samples depend only on (seed, the prompt's key, the sample index) and not on batch mates, batch size or process
+in-process engine. Each worker runs an ``HFEngine`` (or a ``VLLMEngine`` when ``rollout.engine.backend == "vllm"``),
+whose samples depend only on (seed, the prompt's key, the sample index) and not on batch mates, batch size or process
 (``herl_core.rollout.hf`` module doc). So that the pool returns exactly what one in-process engine returns for the
 same call: missing keys become the prompts' *global* positions (not their positions inside a shard), and a missing
 seed is drawn once here, from torch's global RNG as ``HFEngine`` does, and sent to every worker.
@@ -14,15 +14,15 @@ Weight sync, the method chosen (as in ``herl_core.rollout.vllm``): weights reach
 pickled tensors. On construction and on every ``sync_weights()`` the live policy is saved with
 ``save_checkpoint_weights`` to a new versioned folder ``<weights_dir>/v<k>`` (safetensors + tokenizer), every worker
 rebuilds its engine from ``load_policy`` on that folder, the driver waits for all of them, and only then deletes the
-previous version's folder. ``rollout.weights_dir`` must be storage every node can read when the cluster has more than
-one node; None = a temporary folder, removed by ``shutdown()`` (or at exit). Cost: one save per sync plus one load
-per worker (a few seconds for SmolLM2-135M); NCCL or object-store transfer would be faster but ties the workers to
-the trainer's process layout. With vLLM the worker's ``VLLMEngine`` saves the loaded model once more into its own
-folder (its only public constructor takes a model), so a vLLM sync writes the weights twice.
+previous version's folder. ``rollout.engine.weights_dir`` must be storage every node can read when the cluster has
+more than one node; None = a temporary folder, removed by ``shutdown()`` (or at exit). Cost: one save per sync plus
+one load per worker (a few seconds for SmolLM2-135M); NCCL or object-store transfer would be faster but ties the
+workers to the trainer's process layout. With vLLM the worker's ``VLLMEngine`` saves the loaded model once more into
+its own folder (its only public constructor takes a model), so a vLLM sync writes the weights twice.
 
 Ray is imported lazily: herl_core imports without it; building a ``RayEngine`` without it raises ImportError with the
-install hint. ``rollout.ray_address`` joins an existing cluster (the workers must be able to import herl there);
-None starts a local one sized for the workers, unless Ray is already initialised in this process.
+install hint. ``rollout.engine.ray_address`` joins an existing cluster (the workers must be able to import herl
+there); None starts a local one sized for the workers, unless Ray is already initialised in this process.
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ from typing import Any
 
 import torch
 
-from herl_core.config import RolloutConfig
+from herl_core.config import EngineConfig
 from herl_core.rollout.base import Generation, SamplingParams
 
 INSTALL_HINT = (
-    "rollout.workers > 0 needs Ray: `pip install ray==2.60.0` (part of herl's requirements.txt), "
-    "or set rollout.workers: 0 to roll out in-process."
+    "rollout.engine.workers > 0 needs Ray: `pip install ray==2.60.0` (part of herl's requirements.txt), "
+    "or set rollout.engine.workers: 0 to roll out in-process."
 )
 
 
@@ -75,7 +75,7 @@ def dtype_name(model: Any) -> str:
 class RolloutWorker:
     """One Ray actor's state: an in-process engine over the policy loaded from the latest weights folder."""
 
-    def __init__(self, cfg: RolloutConfig, seed: int, threads: int) -> None:
+    def __init__(self, cfg: EngineConfig, seed: int, threads: int) -> None:
         torch.set_num_threads(threads)
         self.cfg, self.seed, self.engine, self.vllm_dir = cfg, seed, None, None
 
@@ -108,7 +108,7 @@ class RolloutWorker:
         self.vllm_dir = tempfile.mkdtemp(prefix="herl-ray-vllm-")
         c = self.cfg
         return VLLMEngine(
-            model, tok, c.vllm_gpu_memory_utilization, c.vllm_tensor_parallel_size, seed=self.seed,
+            model, tok, c.vllm.gpu_memory_utilization, c.vllm.tensor_parallel_size, seed=self.seed,
             work_dir=self.vllm_dir,
         )  # fmt: skip
 
@@ -129,9 +129,9 @@ class RolloutWorker:
 class RayEngine:
     """RolloutEngine over ``cfg.workers`` Ray actors (see module docstring). Call ``shutdown()`` when done."""
 
-    def __init__(self, model: Any, tokenizer: Any, cfg: RolloutConfig, seed: int = 0) -> None:
+    def __init__(self, model: Any, tokenizer: Any, cfg: EngineConfig, seed: int = 0) -> None:
         if cfg.workers < 1:
-            raise ValueError(f"RayEngine: rollout.workers must be >= 1, got {cfg.workers}")
+            raise ValueError(f"RayEngine: rollout.engine.workers must be >= 1, got {cfg.workers}")
         ray = _import_ray()
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.owns_cluster = not ray.is_initialized()

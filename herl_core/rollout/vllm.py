@@ -32,7 +32,7 @@ from herl_core.rollout.base import Generation, SamplingParams, stable_key
 
 INSTALL_HINT = (
     "VLLMEngine needs vLLM and a CUDA GPU: install vllm (>=0.33, which pins its own torch/transformers) in a "
-    "separate GPU environment as docs/scaling.md (rung L1) describes, or set rollout.backend: hf."
+    "separate GPU environment as docs/scaling.md (rung L1) describes, or set rollout.engine.backend: hf."
 )
 
 

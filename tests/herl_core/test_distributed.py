@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # micro-batches of 3 sequences: ranks hold 4-5 sequences per mini-batch, so they run unequal micro-batch splits
 OVERRIDES = [
     "train.steps=2", "train.prompts_per_step=4", "train.mini_batch_prompts=2", "train.micro_batch_size=3",
-    "train.lr=1e-3", "rollout.n=4", "rollout.max_new_tokens=8", "herl.rewrite_max_new_tokens=8",
+    "train.lr=1e-3", "rollout.n=4", "rollout.max_new_tokens=8", "hindsight.rewrite_max_new_tokens=8",
     "tracking.log_model=false", "train.seed=7",
 ]  # fmt: skip
 

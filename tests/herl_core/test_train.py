@@ -33,8 +33,8 @@ PROMPTS = [
 def tiny_cfg(tmp_path, **over) -> Config:
     tree = {
         "model": {"name_or_path": "tiny"},
-        "rollout": {"n": 4, "max_new_tokens": 8, "generation_batch_size": 16},
-        "herl": {"rewrite_max_new_tokens": 8},
+        "rollout": {"n": 4, "max_new_tokens": 8, "engine": {"generation_batch_size": 16}},
+        "hindsight": {"rewrite_max_new_tokens": 8},
         "train": {
             "steps": 2, "prompts_per_step": 2, "mini_batch_prompts": 1, "micro_batch_size": 4, "lr": 1e-3,
             "out_dir": str(tmp_path / "policy"), "checkpoint_dir": str(tmp_path / "ckpt"),
@@ -72,7 +72,7 @@ def test_two_herl_steps_change_the_policy_and_report_every_metric(tmp_path):
 
 
 def test_grpo_flag_uses_the_same_loop_without_hindsight(tmp_path):
-    t = trainer(tiny_cfg(tmp_path, herl={"enabled": False}))
+    t = trainer(tiny_cfg(tmp_path, hindsight={"enabled": False}))
     history = t.train()
     assert not any(k.startswith("herl/") for k in history[0])
     assert all(not s.guided for s in t._samples)
@@ -171,7 +171,7 @@ def test_one_herl_step_on_smollm2_with_real_ifeval_rubrics(tmp_path):
         tmp_path,
         model={"name_or_path": "smollm2-135m-instruct"},
         rollout={"n": 2, "max_new_tokens": 24},
-        herl={"rewrite_max_new_tokens": 24},
+        hindsight={"rewrite_max_new_tokens": 24},
         train={"steps": 1, "prompts_per_step": 1, "mini_batch_prompts": 1, "lr": 1e-6},
     )
     t = trainer(cfg)

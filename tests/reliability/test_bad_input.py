@@ -127,6 +127,14 @@ def test_run_train_on_bad_prompts_writes_nothing(tmp_path, herl, name):
     assert _outputs(ws) == [] and os.listdir(ws / "data") == ["prompts.jsonl"]
 
 
+def test_ifbench_constraints_load_when_the_user_opts_in(tmp_path, herl):
+    ws = herl.make_workspace(tmp_path / "ws")
+    path = ws / "data" / "prompts.jsonl"
+    path.write_bytes((CORPUS / "ifbench_constraint.jsonl").read_bytes())
+    rows = load_prompts(path, allow_ifbench=True)
+    assert any(r.id.startswith("count:") for row in rows for r in row.rubrics)
+
+
 def _cfg(ws: Path, **train) -> Config:
     return Config.model_validate(
         {

@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from herl_core.config import RolloutConfig
+from herl_core.config import EngineConfig
 from herl_core.logprobs import pack_batch, sequence_logprobs
 from herl_core.models import encode_prompt
 from herl_core.rollout import make_engine
@@ -25,7 +25,7 @@ NEVER = 49151  # an id the peaked tiny model does not produce in these tests (as
 
 def test_engine_satisfies_protocol_and_make_engine(policy):
     model, tok = policy
-    engine = make_engine(RolloutConfig(generation_batch_size=5), model, tok)
+    engine = make_engine(EngineConfig(generation_batch_size=5), model, tok)
     assert isinstance(engine, HFEngine) and isinstance(engine, RolloutEngine)
     assert engine.batch_size == 5 and engine.eos_token_ids == [2]
     engine.sync_weights()  # shares the model: nothing to do, must not fail

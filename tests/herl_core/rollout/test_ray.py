@@ -20,7 +20,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from herl_core.config import Config, RolloutConfig  # noqa: E402
+from herl_core.config import Config, EngineConfig  # noqa: E402
 from herl_core.io import read_jsonl  # noqa: E402
 from herl_core.records import PromptRecord, RolloutRecord, Rubric  # noqa: E402
 from herl_core.rollout import make_engine  # noqa: E402
@@ -47,7 +47,7 @@ def pool(cluster, policy, tmp_path_factory):
     model, tok = policy
     live = copy.deepcopy(model)
     weights = tmp_path_factory.mktemp("weights")
-    engine = make_engine(RolloutConfig(workers=2, worker_cpus=1, weights_dir=str(weights)), live, tok, seed=0)
+    engine = make_engine(EngineConfig(workers=2, worker_cpus=1, weights_dir=str(weights)), live, tok, seed=0)
     assert isinstance(engine, RayEngine)
     yield engine, live, weights
     engine.shutdown()
@@ -140,11 +140,11 @@ def test_rollout_stage_with_two_workers_equals_in_process(cluster, tmp_path, pol
     data.write_text("".join(r.model_dump_json() + "\n" for r in records))
 
     def config(workers: int) -> Config:
-        rollout = {"n": 2, "max_new_tokens": 6, "prompts": 3, "out_dir": str(tmp_path / f"rollout-{workers}")}
         return Config.model_validate(
             {
                 "model": {"name_or_path": str(folder)},
-                "rollout": {**rollout, "workers": workers, "worker_cpus": 1},
+                "rollout": {"n": 2, "max_new_tokens": 6, "engine": {"workers": workers, "worker_cpus": 1}},
+                "probe": {"prompts": 3, "rollout_dir": str(tmp_path / f"rollout-{workers}")},
                 "train": {"data": str(data)},
             }
         )
@@ -152,7 +152,7 @@ def test_rollout_stage_with_two_workers_equals_in_process(cluster, tmp_path, pol
     def rollouts(workers: int) -> list[RolloutRecord]:
         cfg = config(workers)
         run_rollout(cfg)
-        return read_jsonl(Path(cfg.rollout.out_dir) / "rollouts.jsonl", RolloutRecord)
+        return read_jsonl(Path(cfg.probe.rollout_dir) / "rollouts.jsonl", RolloutRecord)
 
     local, pooled = rollouts(0), rollouts(2)
     assert len(local) == 6  # 3 prompts × n = 2
@@ -162,7 +162,7 @@ def test_rollout_stage_with_two_workers_equals_in_process(cluster, tmp_path, pol
         cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens,
         call_seed(cfg.train.seed, 0, 0), tuple(stable_key(r.id) for r in records),
     )  # fmt: skip
-    gens = HFEngine.from_config(cfg.rollout, model, tok).generate(
+    gens = HFEngine.from_config(cfg.rollout.engine, model, tok).generate(
         encode_prompts(records, tok, cfg.rollout), 2, sampling
     )
     assert [g.text for g in gens] == [r.response for r in local]

@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from herl_core.config import ModelConfig, RolloutConfig, TinyModelConfig
+from herl_core.config import EngineConfig, ModelConfig, TinyModelConfig
 from herl_core.rollout import make_engine
 from herl_core.rollout.base import SamplingParams
 
@@ -25,10 +25,10 @@ def test_module_imports_without_vllm():
 def test_constructor_without_vllm_raises_with_install_hint(monkeypatch):
     mod = importlib.import_module("herl_core.rollout.vllm")
     monkeypatch.setattr(mod, "vllm_available", lambda: False)
-    with pytest.raises(ImportError, match=r"separate GPU environment as docs/scaling.md.*rollout.backend: hf"):
+    with pytest.raises(ImportError, match=r"separate GPU environment as docs/scaling.md.*rollout.engine.backend: hf"):
         mod.VLLMEngine(model=None, tokenizer=None)
     with pytest.raises(ImportError, match="needs vLLM and a CUDA GPU"):
-        make_engine(RolloutConfig(backend="vllm"), model=None, tokenizer=None)
+        make_engine(EngineConfig(backend="vllm"), model=None, tokenizer=None)
 
 
 @pytest.mark.skipif(not GPU, reason="needs vllm and a CUDA GPU")

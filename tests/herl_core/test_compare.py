@@ -1,9 +1,9 @@
-"""herl_core.rollout.compare: equal up to float rounding, and nothing more. Run: .venv/bin/pytest <this file>"""
+"""herl_core.compare: equal up to float rounding, and nothing more. Run: .venv/bin/pytest <this file>"""
 
 from __future__ import annotations
 
+from herl_core.compare import compare_generations
 from herl_core.rollout.base import Generation
-from herl_core.rollout.compare import compare_generations
 
 
 def gen(ids, lps, margins, finished=True, text=None):
