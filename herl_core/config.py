@@ -468,6 +468,21 @@ class ProbeConfig(StrictModel):
     )
     rollout_dir: Annotated[str, Field(description="rollout stage output folder.")] = "data/rollout"
     hindsight_dir: Annotated[str, Field(description="hindsight stage output folder.")] = "data/hindsight"
+    control: Annotated[
+        bool,
+        Field(
+            description=(
+                "The hindsight stage also draws, per draft, as many fresh samples from the original prompt as it has "
+                "rewrites, under the rewrite's token cap, and reports whether guidance beats resampling "
+                "(control.json, control_types.csv; docs/probe.md). Costs about as much generation again as the "
+                "rewrites."
+            )
+        ),
+    ] = True
+    control_temperature: Annotated[
+        float | None,
+        Field(ge=0, description="Temperature of the control's resamples; None = rollout.temperature (the policy's)."),
+    ] = None
 
 
 class TrackingConfig(StrictModel):
