@@ -212,6 +212,14 @@ class RolloutConfig(StrictModel):
     ] = None
     vllm_gpu_memory_utilization: Annotated[float, Field(gt=0, le=1, description="vLLM memory share (§5.1: 0.3).")] = 0.3
     vllm_tensor_parallel_size: Annotated[int, Field(ge=1, description="vLLM tensor parallel size (§5.1: 2).")] = 1
+    vllm_dtype: Annotated[
+        Literal["auto", "float32", "bfloat16", "float16"],
+        Field(description="dtype vLLM samples in; auto = the policy's parameter dtype (float32 on a CPU)."),
+    ] = "auto"
+    vllm_kv_cache_gb: Annotated[
+        float | None,
+        Field(gt=0, description="vLLM KV cache size in GiB; None = 2 on a CPU, vllm_gpu_memory_utilization on a GPU."),
+    ] = None
     workers: Annotated[
         int,
         Field(ge=0, description="Ray rollout workers, each holding the policy (docs/scaling.md); 0 = in-process."),
