@@ -1,6 +1,7 @@
 """vLLM-CPU vs herl's HF engine on this CPU, in one run: rollout tokens/s per batch size and one HeRL step each.
 
-    .venv-vllm/bin/python -m benchmarks.vllm_engine [--batch-sizes 8 32 64] [--new-tokens 32] [--reps 2] [--no-step]
+    .venv-vllm/bin/python -m benchmarks.vllm_engine [--batch-sizes 8 32 64] [--new-tokens 32] [--reps 2] [--threads N]
+                                                    [--warmup-steps 1] [--no-step]
 
 Runs in the vLLM environment (``bash scripts/setup.sh --vllm``). Model: SmolLM2-135M-Instruct, fp32.
 
@@ -15,9 +16,14 @@ caching, fp32). Also measured: the vLLM engine's start (``LLM`` construction + t
 in-place weight sync (median of 3).
 
 HeRL step (``--no-step`` skips it): the ``cpu`` profile (G = 4, 4 prompts per step, 64 response tokens, 96 rewrite
-tokens, one update) on the first prompts of a ``herl prepare --profile cpu`` run made into a temporary folder, two
-``Trainer.step()`` per backend from a fresh copy of the model; the second step is the timed one (the first warms
-up), split into rollout, hindsight and update (the vLLM step's update includes its weight sync).
+tokens, one update) on the first prompts of a ``herl prepare --profile cpu`` run made into a temporary folder,
+``--warmup-steps`` + 1 ``Trainer.step()`` per backend from a fresh copy of the model; the last step is the timed one,
+split into rollout, hindsight and update (the vLLM step's update includes its weight sync).
+
+``--threads N``: torch's intra-op threads in this process (the HF engine and the trainer). vLLM's CPU worker binds its
+own OpenMP threads (``VLLM_CPU_OMP_THREADS_BIND=auto``: on this 2-core machine it keeps one core for the engine
+process and runs the model on the other). On a machine shared with other work, 2 OpenMP threads on 2 busy cores
+spin at every barrier; the JSON records the load so such a run can be told apart.
 """
 
 from __future__ import annotations
@@ -92,7 +98,7 @@ def step_config(backend: str, data: Path):
     return load_params(ROOT / "params.yaml", profile="cpu", overrides=overrides)
 
 
-def herl_steps(model: Any, tok: Any) -> list[dict[str, Any]]:
+def herl_steps(model: Any, tok: Any, warmup: int) -> list[dict[str, Any]]:
     from herl_core.stages import load_prompts, run_prepare
     from herl_core.train import Trainer
 
@@ -106,8 +112,8 @@ def herl_steps(model: Any, tok: Any) -> list[dict[str, Any]]:
             cfg = step_config(backend, Path(tmp) / "train.jsonl")
             policy = copy.deepcopy(model)
             trainer = Trainer(cfg, prompts, model=policy, tokenizer=tok)
-            steps = [trainer.step() for _ in range(2)]
-            m = steps[1]
+            steps = [trainer.step() for _ in range(warmup + 1)]
+            m = steps[-1]
             rows.append(
                 {
                     "backend": backend,
@@ -116,7 +122,7 @@ def herl_steps(model: Any, tok: Any) -> list[dict[str, Any]]:
                     "hindsight_s": m["perf/hindsight_s"],
                     "update_s": m["perf/update_s"],
                     "gen_tokens": m["perf/gen_tokens"],
-                    "warmup_step_s": steps[0]["perf/step_s"],
+                    "warmup_steps_s": [x["perf/step_s"] for x in steps[:-1]],
                 }
             )
             print(table(rows[-1:], list(rows[-1])), flush=True)
@@ -133,10 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--samples-per-prompt", type=int, default=4)
     ap.add_argument("--reps", type=int, default=2, help="alternating timed calls per engine and batch size (median)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's own)")
+    ap.add_argument("--warmup-steps", type=int, default=1, help="untimed HeRL steps before the timed one")
     ap.add_argument("--no-step", action="store_true", help="skip the HeRL step of each backend")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from herl_core.config import ModelConfig
     from herl_core.models import load_policy
 
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tok = load_policy(ModelConfig(name_or_path="smollm2-135m-instruct", device="cpu"))
     rows, engine = throughput(model, tok, args)
-    steps = [] if args.no_step else herl_steps(model, tok)
+    steps = [] if args.no_step else herl_steps(model, tok, args.warmup_steps)
     print(table(rows, ["batch", "prompts_x_n", "new_tokens", "hf_tok_s", "vllm_tok_s", "vllm/hf"]))
     if steps:
         print(table(steps, list(steps[0])))
