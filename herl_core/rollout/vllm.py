@@ -94,7 +94,8 @@ def vllm_available() -> bool:
 
 def refuse_spawned_bootstrap() -> None:
     """Raise when called while a spawned child process re-imports its parent's ``__main__`` (module doc)."""
-    if multiprocessing.parent_process() is not None and getattr(multiprocessing.current_process(), "_inheriting", 0):
+    # the flag Python's own check reads (multiprocessing.spawn): set while a spawned child runs its parent's __main__
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise RuntimeError(
             "VLLMEngine: an engine is being built while a child process imports the parent's main module; vLLM starts "
             "its processes with 'spawn', so build the engine under `if __name__ == \"__main__\":`."
