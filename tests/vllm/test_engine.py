@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +185,26 @@ def test_bad_calls_are_refused(engine):
         engine.generate([[1, 2], []], 1, SamplingParams())
     with pytest.raises(ValueError, match="2 keys for 1 prompts"):
         engine.generate([[1, 2]], 1, SamplingParams(keys=(1, 2)))
+
+
+def test_an_engine_built_outside_the_main_guard_is_refused_with_the_advice(tmp_path):
+    """vLLM spawns its processes, which re-import the caller's __main__: a script that builds an engine at import time
+    fails with herl's advice (raised in the child before it loads anything), not with a hang or a fork bomb."""
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        textwrap.dedent("""
+        from herl_core.config import ModelConfig, TinyModelConfig
+        from herl_core.models import load_policy
+        from herl_core.rollout.vllm import VLLMEngine
+
+        tiny = TinyModelConfig(hidden_size=64, num_layers=1, num_heads=2)
+        model, tok = load_policy(ModelConfig(name_or_path="tiny", tiny=tiny, device="cpu"))
+        VLLMEngine(model, tok, kv_cache_gb=0.25)
+        print("built without a guard")
+    """)
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode != 0 and "built without a guard" not in done.stdout
+    assert 'so build the engine under `if __name__ == "__main__":`' in done.stderr, done.stderr[-3000:]
