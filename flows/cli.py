@@ -209,11 +209,12 @@ def show_config(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = N
 
 
 def _register_orchestration() -> None:
-    """`herl pipeline | deploy | ui` (flows/pipeline_cli.py) and `herl study` (flows/study.py)."""
-    from flows import pipeline_cli, study
+    """`herl pipeline | deploy | ui` (flows/pipeline_cli.py) and `herl study` (flows/study_cli.py). Neither imports
+    Prefect until its command runs, so the stage commands work where Prefect is not installed (the vLLM env)."""
+    from flows import pipeline_cli, study_cli
 
     pipeline_cli.register(app)
-    study.register(app)
+    study_cli.register(app)
 
 
 _register_orchestration()

@@ -219,6 +219,14 @@ class VllmConfig(StrictModel):
 
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1, description="vLLM memory share (§5.1: 0.3).")] = 0.3
     tensor_parallel_size: Annotated[int, Field(ge=1, description="vLLM tensor parallel size (§5.1: 2).")] = 1
+    dtype: Annotated[
+        Literal["auto", "float32", "bfloat16", "float16"],
+        Field(description="dtype vLLM samples in; auto = the policy's parameter dtype (float32 on a CPU)."),
+    ] = "auto"
+    kv_cache_gb: Annotated[
+        float | None,
+        Field(gt=0, description="vLLM KV cache size in GiB; None = 2 on a CPU, gpu_memory_utilization on a GPU."),
+    ] = None
 
 
 class EngineConfig(StrictModel):
