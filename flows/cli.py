@@ -72,7 +72,7 @@ def quiet_transformers() -> None:
 def stage_errors() -> tuple[type[Exception], ...]:
     """Errors a user can fix (bad data, config, model source, diverged training): a message, exit code 1."""
     from herl_core.models import ModelSourceError
-    from herl_core.train import NonFiniteError
+    from herl_core.update import NonFiniteError
 
     return ValueError, FileNotFoundError, ModelSourceError, NonFiniteError
 

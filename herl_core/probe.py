@@ -62,7 +62,7 @@ def rollout_summary(rows: Sequence[RolloutRecord]) -> dict:
     flat = 0
     for members in groups.values():
         s = [r.reward.score for r in members if r.reward.score is not None]
-        flat += len(s) < 2 or max(s) - min(s) < 1e-12  # same rule as train.frac_zero_std
+        flat += len(s) < 2 or max(s) - min(s) < 1e-12  # same rule as rollout.groups.frac_zero_std
     n = len(groups)
     return {
         "prompts": n,

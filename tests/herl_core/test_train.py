@@ -13,7 +13,8 @@ from herl_core.config import Config
 from herl_core.models import load_policy
 from herl_core.records import PromptRecord, Rubric
 from herl_core.stages import run_train
-from herl_core.train import NonFiniteError, Trainer
+from herl_core.train import Trainer
+from herl_core.update import NonFiniteError
 
 PROMPTS = [
     PromptRecord(
@@ -71,11 +72,18 @@ def test_two_herl_steps_change_the_policy_and_report_every_metric(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_grpo_flag_uses_the_same_loop_without_hindsight(tmp_path):
+def test_grpo_flag_uses_the_same_loop_without_hindsight(tmp_path, monkeypatch):
+    import herl_core.train
+
+    batches = []
+    real_update = herl_core.train.update
+    monkeypatch.setattr(
+        herl_core.train, "update", lambda policy, batch, *a: batches.append(batch) or real_update(policy, batch, *a)
+    )
     t = trainer(tiny_cfg(tmp_path, hindsight={"enabled": False}))
     history = t.train()
     assert not any(k.startswith("herl/") for k in history[0])
-    assert all(not s.guided for s in t._samples)
+    assert len(batches) == 2 and all(not s.guided for b in batches for s in b.samples)
 
 
 def test_same_seed_same_rollouts_and_losses(tmp_path):
@@ -87,21 +95,20 @@ def test_same_seed_same_rollouts_and_losses(tmp_path):
                 assert a[k] == b[k], k
 
 
-def test_single_pass_takes_old_logprobs_from_the_training_forward(tmp_path):
+def test_single_pass_takes_old_logprobs_from_the_training_forward(tmp_path, monkeypatch):
+    import herl_core.update
+
+    calls = []
+    orig = herl_core.update.no_grad_logprobs
+    monkeypatch.setattr(herl_core.update, "no_grad_logprobs", lambda *a, **k: calls.append(1) or orig(*a, **k))
     # one mini-batch, one epoch: ρ ≡ 1, so nothing can be clipped and the ratio mean is exactly 1
     t = trainer(tiny_cfg(tmp_path, train={"mini_batch_prompts": 2}))
-    calls = []
-    orig = t._no_grad_logprobs
-    t._no_grad_logprobs = lambda *a, **k: calls.append(1) or orig(*a, **k)
     m = t.step()
     assert calls == [] and m["actor/clipfrac"] == 0.0 and m["actor/updates"] == 1
     # two mini-batches: one no-grad pass for π_old over the whole batch
     t2 = trainer(tiny_cfg(tmp_path / "2"))
-    calls2 = []
-    orig2 = t2._no_grad_logprobs
-    t2._no_grad_logprobs = lambda *a, **k: calls2.append(1) or orig2(*a, **k)
     t2.step()
-    assert calls2 == [1]
+    assert calls == [1]
 
 
 def test_reference_model_only_when_kl_is_on(tmp_path):
@@ -131,13 +138,13 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, train={"max_nonfinite_steps": 2, "mini_batch_prompts": 2})
     t = trainer(cfg)
     before = weights(t.model)
-    orig = t.loss_fn
+    orig = t.policy.loss_fn
 
     def nan_loss(*a, **k):
         per_token, m = orig(*a, **k)
         return per_token * float("nan"), m
 
-    t.loss_fn = nan_loss
+    t.policy.loss_fn = nan_loss
     m = t.step()  # first non-finite update: skipped and counted
     assert m["actor/nonfinite_skipped"] == 1 and t.state.nonfinite_total == 1
     assert all(torch.equal(before[k], v) for k, v in weights(t.model).items())
@@ -180,7 +187,7 @@ def test_one_herl_step_on_smollm2_with_real_ifeval_rubrics(tmp_path):
 
 
 def test_padded_split_minimises_padded_tokens_by_hand():
-    from herl_core.train import padded_split
+    from herl_core.update import padded_split
 
     # (prompt, completion) lengths, max 2 per micro-batch, 32 token-equivalents per forward:
     #   [0,1) [1,3) [3,4): (80+10)+32 + 2·(80+64)+32 + (400+90)+32 = 122 + 320 + 522 = 964   ← best

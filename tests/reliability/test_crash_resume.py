@@ -295,7 +295,7 @@ def test_repeated_nonfinite_updates_stop_the_stage_without_a_corrupted_checkpoin
     import herl_core.train as train_mod
     from herl_core.config import load_params
     from herl_core.stages import run_train
-    from herl_core.train import NonFiniteError
+    from herl_core.update import NonFiniteError
 
     real = train_mod.get_policy_loss
 
