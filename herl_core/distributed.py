@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -360,6 +360,16 @@ class DataParallel:
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         torch.distributed.all_reduce(t)
         return dict(zip(keys, t.tolist(), strict=True))
+
+    def map(self, fn: Callable[[list[T]], list[Any]], items: Sequence[T]) -> list[Any]:
+        """``fn`` (one result per item) over a round-robin share of ``items`` on each rank (``items[rank::W]``), the
+        results gathered on every rank in the order of ``items``: ``fn(items)`` in one process."""
+        if self.world == 1:
+            return fn(list(items))
+        out: list[Any] = [None] * len(items)
+        for rank, part in enumerate(self.gather(fn(list(items[self.rank :: self.world])))):
+            out[rank :: self.world] = part
+        return out
 
     def min(self, value: float) -> float:
         """The smallest ``value`` over ranks."""

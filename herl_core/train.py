@@ -45,6 +45,7 @@ from herl_core.rollout.groups import call_seed, reward_metrics, rollout_records,
 from herl_core.samples import Group
 from herl_core.sink import MetricsSink, NullSink
 from herl_core.update import Policy, compute_advantages, update
+from herl_core.validate import validate, validation_due
 
 
 class Laps:
@@ -88,10 +89,12 @@ class Trainer:
         sink: MetricsSink | None = None,
         fused_adamw: bool = True,
         dp: DataParallel | None = None,
+        val_prompts: Sequence[PromptRecord] | None = None,
     ):
         """``fused_adamw``: one fused AdamW kernel over all parameters (CPU/CUDA); the per-tensor loop costs about
         7x more on a CPU for SmolLM2 (docs/performance.md). Same update rule; float rounding may differ.
-        ``dp``: the data-parallel group (default: from the launcher's environment; one process when not launched)."""
+        ``dp``: the data-parallel group (default: from the launcher's environment; one process when not launched).
+        ``val_prompts``: the held-out prompts scored every ``train.eval_every`` steps (herl_core/validate.py)."""
         t = cfg.train
         self.cfg = cfg
         self.dp = dp or DataParallel.from_env(t.parallel)
@@ -103,7 +106,9 @@ class Trainer:
             raise ValueError(
                 f"train.prompts_per_step ({t.prompts_per_step}) exceeds the {len(prompts)} training prompts"
             )
-        self.prompts = list(prompts)
+        if t.eval_every and not val_prompts:
+            raise ValueError(f"train.eval_every = {t.eval_every} needs validation prompts (train.eval_set)")
+        self.prompts, self.val_prompts = list(prompts), list(val_prompts or [])[: t.eval_prompts]
         if model is None or tokenizer is None:
             model, tokenizer = load_policy(cfg.model, device=self.dp.load_device)
         self.model, self.tokenizer = model, tokenizer
@@ -123,6 +128,8 @@ class Trainer:
             engine if engine is not None else make_engine(cfg.rollout.engine, model, tokenizer, seed=t.seed)
         )
         self.reward = reward if reward is not None else make_reward(cfg.reward)
+        # validation scores with its own reward instance, so a judge client's counters (judge/*) count training only
+        self.val_reward = make_reward(cfg.reward) if t.eval_every and reward is None else self.reward
         self.sink = sink or NullSink()
         self.state = TrainerState()
         self.advantage_fn = get_advantage(t.advantage)
@@ -161,7 +168,7 @@ class Trainer:
         """One training step, spec §3.15 top to bottom (docs/algorithm.md §1)."""
         cfg, dp, step = self.cfg, self.dp, self.state.step
         seed, engine, reward, tok = cfg.train.seed, self.engine, self.reward, self.tokenizer
-        metrics: dict[str, float] = {}
+        metrics = self.validation(step)  # val/*, every train.eval_every steps: the policy before this step's update
         laps = Laps()
         records = dp.share(self.next_prompts())  # this rank's prompts (all of them in one process)
         with dp.gathered():  # FSDP: the whole policy on every rank while it generates
@@ -210,6 +217,15 @@ class Trainer:
         if isinstance(stats, dict):
             out |= {f"judge/{k}": float(v) for k, v in stats.items()}
         return out
+
+    def validation(self, step: int) -> dict[str, float]:
+        """``val/*`` of the current policy on the held-out prompts when step ``step`` is a validation point
+        (``validation_due``), else {}. Samples through the unmetered engine with its own seeds: the training
+        samples, their RNG streams and ``rollout/min_draw_margin`` are untouched."""
+        if not validation_due(step, self.cfg.train):
+            return {}
+        with self.dp.gathered():
+            return validate(self.val_prompts, self.engine.engine, self.val_reward, self.tokenizer, self.cfg, self.dp)
 
     # ---------------------------------------------------------------------------------------------------- state
     def save(self, root: str, keep: int = 1, extras: dict | None = None) -> str:

@@ -1,6 +1,6 @@
 """Groups of G sampled responses with their rewards (spec §3.1-3.3): sampled through an engine, or rebuilt from a
 rollouts JSONL, and the ``reward/*`` metrics of a batch of groups. One implementation for the online loop
-(``Trainer.step``) and the offline ``rollout`` / ``hindsight`` stages.
+(``Trainer.step``), its validation (herl_core/validate.py) and the offline ``rollout`` / ``hindsight`` stages.
 
 Rebuilding a group from ``rollouts.jsonl`` (the ``hindsight`` stage): the prompt ids are re-encoded with the chat
 template (§3.1) and the completion ids are re-tokenised from the response text, plus EOS when the sample finished.
@@ -23,10 +23,13 @@ from herl_core.rewards.base import RewardFn
 from herl_core.rollout.base import RolloutEngine, SamplingParams, stable_key
 from herl_core.samples import Group, Sample
 
+ROLLOUT_PHASE, HINDSIGHT_PHASE, VALIDATION_PHASE = 0, 1, 2
+"""The ``phase`` of ``call_seed``: a step's rollout, its hindsight rewrites, and validation (herl_core/validate.py)."""
+
 
 def call_seed(seed: int, step: int, phase: int) -> int:
     """A distinct, reproducible sampling seed per (run seed, step, phase): resume replays the same samples.
-    Phases: 0 = rollout, 1 = hindsight rewrites."""
+    Phases: 0 = rollout, 1 = hindsight rewrites, 2 = validation (no (step, phase) pair shares a seed)."""
     return (seed * 1_000_003 + step * 16 + phase) % (2**31 - 1)
 
 

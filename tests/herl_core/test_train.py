@@ -1,5 +1,6 @@
 """The online loop end to end on the tiny model: HeRL and GRPO through one code path, determinism, resume,
-the old-log-prob shortcut, the reference model only when β > 0, and the non-finite guard."""
+the old-log-prob shortcut, the reference model only when β > 0, the non-finite guard, and validation during
+training that changes no training number."""
 
 from __future__ import annotations
 
@@ -198,3 +199,34 @@ def test_padded_split_minimises_padded_tokens_by_hand():
     assert padded_split(shapes, max_size=1) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     # equal shapes: one micro-batch saves the per-forward overhead
     assert padded_split([(10, 10)] * 4, max_size=4) == [(0, 4)]
+
+
+VAL_PROMPTS = [
+    PromptRecord(id=f"v{i}", prompt=p, rubrics=[Rubric(id=c)])
+    for i, (p, c) in enumerate(
+        [("Write about snow.", "change_case:english_lowercase"), ("Name a bird.", "punctuation:no_comma")]
+    )
+]
+
+
+def test_validation_logs_val_metrics_and_changes_no_training_number(tmp_path):
+    """3 steps with validation every 2 steps: val/* and perf/val_s at steps 0 and 2 (2 is also the last step), none
+    at step 1; every training metric and the final weights equal those of the same run without validation."""
+    off = trainer(tiny_cfg(tmp_path / "off", train={"steps": 3}))
+    h_off = off.train()
+    cfg = tiny_cfg(tmp_path / "on", train={"steps": 3, "eval_every": 2, "eval_samples": 2})
+    model, tok = load_policy(cfg.model)
+    on = Trainer(cfg, PROMPTS, model=model, tokenizer=tok, val_prompts=VAL_PROMPTS)
+    h_on = on.train()
+    assert [s for s, h in enumerate(h_on) if "val/reward_mean" in h] == [0, 2]
+    assert all("val/greedy/reward_mean" in h and h["perf/val_s"] > 0 for h in (h_on[0], h_on[2]))
+    for a, b in zip(h_off, h_on, strict=True):
+        trained = {k: v for k, v in b.items() if not k.startswith(("val/", "perf/"))}
+        assert trained == {k: v for k, v in a.items() if not k.startswith("perf/")}
+    a, b = weights(off.model), weights(on.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_needs_its_prompts(tmp_path):
+    with pytest.raises(ValueError, match="train.eval_every = 2 needs validation prompts"):
+        trainer(tiny_cfg(tmp_path, train={"eval_every": 2}))
