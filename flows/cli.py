@@ -39,6 +39,9 @@ HEADLINE = [
     ("actor/clipfrac", "clipfrac"),
     ("perf/tokens_per_s", "tok/s"),
     ("perf/step_s", "step_s"),
+    ("val/reward_mean", "val_reward"),
+    ("val/greedy/reward_mean", "val_greedy"),
+    ("perf/val_s", "val_s"),
 ]
 
 
@@ -72,16 +75,19 @@ def quiet_transformers() -> None:
 def stage_errors() -> tuple[type[Exception], ...]:
     """Errors a user can fix (bad data, config, model source, diverged training): a message, exit code 1."""
     from herl_core.models import ModelSourceError
-    from herl_core.train import NonFiniteError
+    from herl_core.update import NonFiniteError
 
     return ValueError, FileNotFoundError, ModelSourceError, NonFiniteError
 
 
-def precheck_prompts(cfg) -> None:
-    """Validate the training prompts before any run is opened, so bad input writes nothing, not even a FAILED run."""
-    from herl_core.stages import load_prompts
+def precheck_prompts(cfg, validation: bool = False) -> None:
+    """Validate the training prompts (and, for train, the validation prompts) before any run is opened, so bad input
+    writes nothing, not even a FAILED run."""
+    from herl_core.stages import load_prompts, load_val_prompts
 
     load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
+    if validation:
+        load_val_prompts(cfg)
 
 
 def run_tracked(
@@ -190,7 +196,13 @@ def train(
             return run_train(cfg, resume=resume, sink=tracker.sink, on_step=on_step, checkpoint_extras=extras)
 
         run_tracked(
-            "train", params, cfg, runner, [cfg.train.report_dir], resume=resume, precheck=lambda: precheck_prompts(cfg)
+            "train",
+            params,
+            cfg,
+            runner,
+            [cfg.train.report_dir],
+            resume=resume,
+            precheck=lambda: precheck_prompts(cfg, validation=True),
         )
     console.print(f"policy saved to {cfg.train.out_dir}")
 
@@ -214,11 +226,12 @@ def show_config(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = N
 
 
 def _register_orchestration() -> None:
-    """`herl pipeline | deploy | ui` (flows/pipeline_cli.py) and `herl study` (flows/study.py)."""
-    from flows import pipeline_cli, study
+    """`herl pipeline | deploy | ui` (flows/pipeline_cli.py) and `herl study` (flows/study_cli.py). Neither imports
+    Prefect until its command runs, so the stage commands work where Prefect is not installed (the vLLM env)."""
+    from flows import pipeline_cli, study_cli
 
     pipeline_cli.register(app)
-    study.register(app)
+    study_cli.register(app)
 
 
 _register_orchestration()

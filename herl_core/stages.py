@@ -4,7 +4,7 @@ Stage names are the same everywhere: ``prepare``, ``rollout``, ``hindsight``, ``
 subcommands, flows/, dvc.yaml and the MLflow child runs). Each function returns a small summary dict (the stage's
 DVC metric) and never leaves a half-written output. Outputs (docs/pipeline.md):
 
-* prepare   → ``prepare.out_dir``/{train,ifeval,ifbench}.jsonl, report.json
+* prepare   → ``prepare.out_dir``/{train,val,ifeval,ifbench}.jsonl, report.json
 * rollout   → ``probe.rollout_dir``/rollouts.jsonl (RolloutRecord), summary.json          (spec §3.2-3.3)
 * hindsight → ``probe.hindsight_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json  (spec §3.4-3.9),
               and with ``probe.control`` control.jsonl, control.json, control_types.csv  (docs/probe.md)
@@ -58,11 +58,22 @@ def load_prompts(
     return rows
 
 
+def load_val_prompts(cfg: Config) -> list[PromptRecord]:
+    """The validation prompts of the train stage (``train.eval_set``; the trainer keeps the first
+    ``train.eval_prompts``), none when ``train.eval_every`` is 0. Any constraint id is accepted (IFBench's too):
+    validation never trains on them."""
+    if not cfg.train.eval_every:
+        return []
+    return load_prompts(cfg.train.eval_set, allow_ifbench=True)
+
+
 def summarise(history: list[dict]) -> dict[str, float]:
-    """Final/mean values of the headline metrics for the train stage's DVC metric file."""
+    """Final/mean values of the headline metrics for the train stage's DVC metric file (validation metrics over the
+    steps that validated)."""
     if not history:
         return {}
-    keys = ["reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate", "herl/bonus_mean", "actor/loss"]
+    keys = ["reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate", "herl/bonus_mean", "actor/loss",
+            "val/reward_mean", "val/all_met_frac", "val/greedy/reward_mean", "val/greedy/all_met_frac"]  # fmt: skip
     out: dict[str, float] = {"steps": float(len(history))}
     for k in keys:
         vals = [h[k] for h in history if k in h]
@@ -97,9 +108,10 @@ def run_train(
     kwargs = dict(trainer_kwargs or {})
     dp = kwargs.pop("dp", None) or DataParallel.from_env(cfg.train.parallel)
     prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
+    val_prompts = load_val_prompts(cfg)
     report = JsonlSink(cfg.train.report_dir) if dp.is_main else None  # rank 0 writes reports and tracks
     sinks = [x for x in (report, sink if dp.is_main else None) if x is not None]
-    trainer = Trainer(cfg, prompts, sink=MultiSink(*sinks), dp=dp, **kwargs)
+    trainer = Trainer(cfg, prompts, sink=MultiSink(*sinks), dp=dp, val_prompts=val_prompts, **kwargs)
     point = resume_point(cfg, resume)  # the same decision the tracker made when it chose the run
     resumed = point.checkpoint is not None and trainer.resume(cfg.train.checkpoint_dir)
     with dp.main_first() as main:  # every rank has decided before rank 0 drops anything
