@@ -14,7 +14,7 @@ Departures from the authors' code (all configurable, see herl_core.config):
 2. the merge slot comes from a seeded RNG, so runs are reproducible (§3.9 uses an unseeded one); each group has its own
    stream, ``default_rng([*merge_seed, stable_key(prompt id)])``, and each rewrite job its own sampling key
    (prompt id, draft index), so a group's hindsight outcome does not depend on the other groups of the batch (a
-   data-parallel rank running its share reproduces the single-process run, issue 7);
+   data-parallel rank running its share reproduces the single-process run);
 3. rewrites whose reward failed (judge failure) are never chosen and give no bonus;
 4. ``merge_mode="append"`` adds the guided sample as an extra member instead of replacing one (§9-A6).
 """

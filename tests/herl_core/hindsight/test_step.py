@@ -148,7 +148,7 @@ def test_original_prompt_option_trains_the_rewrite_under_x(tok):
 
 
 def test_rewrite_keys_and_merge_streams_are_per_group(tok):
-    """Issue 7: a group's rewrites are keyed by (prompt id, draft index) and its merge slot by its prompt id, so the
+    """A group's rewrites are keyed by (prompt id, draft index) and its merge slot by its prompt id, so the
     outcome for a group is the same alone or in a batch (what lets data-parallel ranks reproduce one process)."""
     _, engine, _ = run(tok, ["the sun is bright and warm today", "The sun is Bright, and warm today"])
     assert engine.calls[0][2].keys == (stable_key("p0", 1), stable_key("p0", 2))
