@@ -75,7 +75,8 @@ def tracking_uri(cfg: Config, root: str | Path = ".") -> str:
 def artifact_location(cfg: Config, uri: str, root: str | Path = ".") -> str | None:
     """Absolute file URI of ``tracking.artifact_root`` for local backends; None (the server decides) otherwise.
 
-    Without it MLflow puts artifacts in ``./mlruns`` relative to the CWD (stack_notes §3).
+    Without it MLflow puts artifacts in ``./mlruns`` relative to the CWD, so runs started from two
+    folders would scatter it.
     """
     if not (uri.startswith("sqlite:") or uri.startswith("file:")):
         return None

@@ -1,7 +1,7 @@
-"""The one config tree of herl, loaded from ``params.yaml`` (spec: ../shared/reference/herl_algorithm.md §5).
+"""The one config tree of herl, loaded from ``params.yaml`` (spec: docs/spec.md §5).
 
 Every knob of spec §5 is a field here with the reference default and a description that names the spec section.
-Rules (style_anchors habit 6-7):
+Rules:
 
 * every model is ``extra="forbid"`` and ``frozen=True``: a misspelt key anywhere, nested or not, is an error;
 * ``params.yaml`` holds base sections plus ``profiles.<name>`` overrides; ``profile`` picks one. The resolved
