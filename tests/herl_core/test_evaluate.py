@@ -146,6 +146,114 @@ def test_equal_to_lm_eval_ifeval_scoring():
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# truncation, prompts, generation
+
+
+def test_truncation_rate_hand_counted():
+    # 3 answers: cut (5 tokens), finished (3 tokens), a bare string (unknown) → 1 cut of 2 known; mean length 4
+    recs = [_record(f"r{i}", ["punctuation:no_comma"]) for i in range(3)]
+    res = ev.score_responses(recs, [ev.Answer("a b", True, 5), ev.Answer("c", False, 3), "d"])
+    assert (res.metrics["truncated_frac"], res.metrics["n_truncated"]) == (0.5, 1)
+    assert res.metrics["response_tokens_mean"] == 4.0
+    assert [(s["truncated"], s["response_tokens"]) for s in res.samples] == [(True, 5), (False, 3), (None, None)]
+    # a cut answer is scored as it stands: all three pass no_comma
+    assert res.metrics["inst_strict"] == 1.0
+
+
+def test_truncation_unknown_for_bare_strings():
+    m = ev.score_responses([_record("r", ["punctuation:no_comma"])], ["x"]).metrics
+    assert m["truncated_frac"] is None and m["n_truncated"] == 0 and m["response_tokens_mean"] is None
+
+
+def test_self_improvement_keeps_the_kept_answers_truncation():
+    # a's first answer is cut and fails; its revision passes and finished: the kept answer's flag counts
+    recs = [_record("a", ["punctuation:no_comma"], prompt="Say A."), _record("b", ["punctuation:no_comma"])]
+
+    def generate(prompts):
+        if prompts == ["Say A.", "Say something."]:
+            return [ev.Answer("x, y", True, 8), ev.Answer("fine", False, 2)]
+        return [ev.Answer("fixed", False, 3) for _ in prompts]
+
+    res = ev.evaluate_policy(recs, generate, rounds=1)
+    assert [r["truncated_frac"] for r in res.rounds] == [0.5, 0.0]
+    assert [s["round"] for s in res.samples] == [1, 0]
+
+
+class _Gen:
+    def __init__(self, ids, finished, text):
+        self.completion_ids, self.finished, self.text = ids, finished, text
+
+
+class _Engine:
+    """Answers prompt i with i+1 tokens; the odd ones are cut at the cap."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, n, sampling):
+        self.calls.append((prompts, n, sampling))
+        return [_Gen(list(range(i + 1)), i % 2 == 0, f"t{i}") for i in range(len(prompts))]
+
+
+class _Tok:
+    """A tokenizer stand-in: one id per character; the template writes ``bos`` first when ``own_bos``."""
+
+    bos_token = "<s>"
+
+    def __init__(self, own_bos: bool):
+        self.own_bos, self.seen = own_bos, []
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert tokenize is False and add_generation_prompt is True
+        body = "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
+        return ("<s>" if self.own_bos else "") + body
+
+    def __call__(self, text, **kwargs):
+        self.seen.append(kwargs)
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([1] if kwargs.get("add_special_tokens", True) else []) + ids}
+
+
+def test_encode_eval_prompt_follows_lm_evals_bos_rule():
+    # the template writes BOS: no special tokens added; it does not: the tokenizer's defaults (here: BOS prepended)
+    own, plain = _Tok(own_bos=True), _Tok(own_bos=False)
+    a = ev.encode_eval_prompt(own, "hi")
+    b = ev.encode_eval_prompt(plain, "hi")
+    assert own.seen == [{"add_special_tokens": False}] and plain.seen == [{}]
+    assert a == [ord(c) for c in "<s>[user]hi[assistant]"] and b == [1] + [ord(c) for c in "[user]hi[assistant]"]
+    assert ev.encode_eval_prompt(plain, "hi", system_prompt="S") == [1] + [
+        ord(c) for c in "[system]S[user]hi[assistant]"
+    ]
+    assert ev.encode_eval_prompt(plain, "raw", chat=False) == [ord(c) for c in "raw"]
+
+
+def test_eval_prompts_equal_the_training_format_for_smollm2():
+    # SmolLM2's template starts with <|im_start|>, its BOS: lm-eval's rule adds nothing, so every IFEval/IFBench
+    # prompt encodes exactly as herl_core.models.encode_prompt (training) encodes it
+    from herl_core.config import ModelConfig
+    from herl_core.models import encode_prompt, load_tokenizer
+    from herl_core.prepare import load_ifbench, load_ifeval
+
+    tok = load_tokenizer(ModelConfig(name_or_path="tiny"))  # the SmolLM2 tokenizer
+    texts = [r.prompt for r in load_ifeval() + load_ifbench()]
+    assert len(texts) == 841
+    assert all(ev.encode_eval_prompt(tok, t) == encode_prompt(tok, t) for t in texts)
+    assert ev.encode_eval_prompt(tok, texts[0])[0] == tok.bos_token_id == 1
+
+
+def test_generate_answers_marks_cut_answers():
+    from herl_core.rollout.base import SamplingParams
+
+    engine, tok = _Engine(), _Tok(own_bos=True)
+    got = ev.generate_answers(engine, tok, ["a", "b", "c"], max_new_tokens=7, seed=3, system_prompt="S")
+    assert got == [ev.Answer("t0", False, 1), ev.Answer("t1", True, 2), ev.Answer("t2", False, 3)]
+    prompts, n, sampling = engine.calls[0]
+    assert n == 1 and sampling == SamplingParams(temperature=0.0, max_new_tokens=7, seed=3)
+    assert prompts[0] == ev.encode_eval_prompt(_Tok(own_bos=True), "a", "S")
+    assert ev.generate_answers(engine, tok, [], max_new_tokens=7) == [] and len(engine.calls) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # test-time self-improvement
 
 GAMMA = {"keywords": ["gamma"]}
