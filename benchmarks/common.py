@@ -63,8 +63,13 @@ def git_commit() -> dict[str, Any]:
     }
 
 
+ISA_FLAGS = {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile",
+             "amx_bf16", "amx_int8"}  # fmt: skip
+"""The /proc/cpuinfo flags that change which float kernels torch runs (and so rounding and speed)."""
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, memory, Python and library versions, torch threads."""
+    """CPU model and its ISA flags (``ISA_FLAGS``), cores, memory, Python and library versions, torch threads."""
     import torch
 
     cpu = platform.processor()
@@ -72,6 +77,14 @@ def machine_info() -> dict[str, Any]:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
@@ -88,6 +101,7 @@ def machine_info() -> dict[str, Any]:
             versions[name] = None
     return {
         "cpu": cpu,
+        "isa": sorted(flags & ISA_FLAGS),
         "cores": os.cpu_count(),
         "memory_gb": mem_gb,
         "python": platform.python_version(),
