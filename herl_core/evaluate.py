@@ -192,6 +192,18 @@ def encode_eval_prompt(tokenizer: Any, text: str, system_prompt: str | None = No
     return list(tokenizer(rendered, **special)["input_ids"])
 
 
+def pass_limits(max_new_tokens: int, first_pass_tokens: int) -> list[int]:
+    """Cumulative token limits of the generation passes: ``first_pass_tokens``, doubling, then ``max_new_tokens``
+    (e.g. 256 → [256, 512, 1024, 1280]); one pass when ``first_pass_tokens`` is 0 or reaches the cap."""
+    if first_pass_tokens <= 0 or first_pass_tokens >= max_new_tokens:
+        return [max_new_tokens]
+    limits, limit = [], first_pass_tokens
+    while limit < max_new_tokens:
+        limits.append(limit)
+        limit *= 2
+    return [*limits, max_new_tokens]
+
+
 def generate_answers(
     engine: Any,
     tokenizer: Any,
@@ -201,17 +213,37 @@ def generate_answers(
     seed: int | None = None,
     system_prompt: str | None = None,
     chat: bool = True,
+    first_pass_tokens: int = 0,
 ) -> list[Answer]:
-    """One answer per text from a rollout engine: ``truncated`` = cut at ``max_new_tokens`` without EOS."""
+    """One answer per text from a rollout engine: ``truncated`` = cut at ``max_new_tokens`` without EOS.
+
+    Greedy answers are generated in passes (``pass_limits``): after each pass only the answers without EOS go on,
+    re-batched, from their prompt plus what they have so far, so a batch no longer decodes finished answers until
+    its longest one ends (at a 1280-token cap on a CPU most of the work otherwise). Greedy decoding from a prefix is
+    the same computation as decoding through it, up to float rounding of the prefill: tokens can differ only at a
+    near-tie, as between any two batchings. Text = ``tokenizer.decode(all completion ids, skip_special_tokens=True)``
+    (the HF engine's own decoding). Sampled answers (temperature > 0) take one pass: a second would reuse the random
+    stream of the first.
+    """
     from herl_core.rollout.base import SamplingParams
 
-    if not texts:
-        return []
-    ids = [encode_eval_prompt(tokenizer, t, system_prompt, chat=chat) for t in texts]
-    sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    prompts = [encode_eval_prompt(tokenizer, t, system_prompt, chat=chat) for t in texts]
+    limits = pass_limits(max_new_tokens, first_pass_tokens) if temperature == 0 else [max_new_tokens]
+    completions: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    pending, done = list(range(len(prompts))), 0
+    for limit in limits:
+        if not pending:
+            break
+        sampling = SamplingParams(temperature=temperature, max_new_tokens=limit - done, seed=seed)
+        gens = engine.generate([prompts[i] + completions[i] for i in pending], 1, sampling)
+        for i, g in zip(pending, gens, strict=True):
+            completions[i] += list(g.completion_ids)
+            finished[i] = g.finished
+        pending, done = [i for i in pending if not finished[i]], limit
     return [
-        Answer(text=g.text, truncated=not g.finished, n_tokens=len(g.completion_ids))
-        for g in engine.generate(ids, 1, sampling)
+        Answer(text=tokenizer.decode(ids, skip_special_tokens=True), truncated=not fin, n_tokens=len(ids))
+        for ids, fin in zip(completions, finished, strict=True)
     ]
 
 

@@ -272,7 +272,7 @@ def run_evaluate(cfg: Config, sink: MetricsSink | None = None) -> dict:
     def answer(texts: list[str], chat: bool) -> list:
         return generate_answers(
             engine, tok, texts, e.max_new_tokens, temperature=e.temperature, seed=cfg.train.seed,
-            system_prompt=cfg.rollout.system_prompt, chat=chat,
+            system_prompt=cfg.rollout.system_prompt, chat=chat, first_pass_tokens=e.first_pass_tokens,
         )  # fmt: skip
 
     metrics: dict = {"policy": policy, "policy_fallback": fallback, "max_new_tokens": e.max_new_tokens}

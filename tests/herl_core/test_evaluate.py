@@ -180,19 +180,26 @@ def test_self_improvement_keeps_the_kept_answers_truncation():
 
 
 class _Gen:
-    def __init__(self, ids, finished, text):
-        self.completion_ids, self.finished, self.text = ids, finished, text
+    def __init__(self, prompt, ids, finished):
+        self.prompt_ids, self.completion_ids, self.finished = prompt, ids, finished
 
 
 class _Engine:
-    """Answers prompt i with i+1 tokens; the odd ones are cut at the cap."""
+    """A deterministic greedy "model" over whole sequences: the first token is the length at which it writes EOS (0);
+    before that the next token is len(seq) % 50 + 1. Continuing from a prefix gives the same tokens (as greedy does)."""
 
     def __init__(self):
         self.calls = []
 
     def generate(self, prompts, n, sampling):
-        self.calls.append((prompts, n, sampling))
-        return [_Gen(list(range(i + 1)), i % 2 == 0, f"t{i}") for i in range(len(prompts))]
+        self.calls.append(([list(p) for p in prompts], n, sampling))
+        out = []
+        for p in prompts:
+            seq = list(p)
+            while len(seq) - len(p) < sampling.max_new_tokens and (len(seq) == len(p) or seq[-1] != 0):
+                seq.append(0 if len(seq) + 1 >= p[0] else len(seq) % 50 + 1)
+            out.append(_Gen(list(p), seq[len(p) :], seq[-1] == 0))
+        return out
 
 
 class _Tok:
@@ -212,6 +219,10 @@ class _Tok:
         self.seen.append(kwargs)
         ids = [ord(c) for c in text]
         return {"input_ids": ([1] if kwargs.get("add_special_tokens", True) else []) + ids}
+
+    def decode(self, ids, skip_special_tokens):
+        assert skip_special_tokens
+        return "".join(chr(i + 96) for i in ids if i != 0)
 
 
 def test_encode_eval_prompt_follows_lm_evals_bos_rule():
@@ -241,16 +252,43 @@ def test_eval_prompts_equal_the_training_format_for_smollm2():
     assert ev.encode_eval_prompt(tok, texts[0])[0] == tok.bos_token_id == 1
 
 
+def test_pass_limits():
+    assert ev.pass_limits(1280, 256) == [256, 512, 1024, 1280]
+    assert ev.pass_limits(1280, 640) == [640, 1280]
+    assert ev.pass_limits(128, 256) == ev.pass_limits(128, 128) == ev.pass_limits(128, 0) == [128]
+
+
 def test_generate_answers_marks_cut_answers():
     from herl_core.rollout.base import SamplingParams
 
+    # prompt texts are raw (chat=False): the first character's code is where the fake model writes EOS.
+    # "\x05a" (2 ids): EOS at length 5 → 3 tokens [3, 4, 0]; "\x0aab" (3 ids): 7 tokens; "\x30" (1 id): cut at 7
     engine, tok = _Engine(), _Tok(own_bos=True)
-    got = ev.generate_answers(engine, tok, ["a", "b", "c"], max_new_tokens=7, seed=3, system_prompt="S")
-    assert got == [ev.Answer("t0", False, 1), ev.Answer("t1", True, 2), ev.Answer("t2", False, 3)]
-    prompts, n, sampling = engine.calls[0]
+    got = ev.generate_answers(engine, tok, ["\x05a", "\x0aab", "\x30"], max_new_tokens=7, seed=3, chat=False)
+    assert [(a.n_tokens, a.truncated) for a in got] == [(3, False), (7, False), (7, True)]
+    assert got[0].text == "cd" and got[2].text == "bcdefgh"  # ids 2..8 → b..h; EOS not decoded
+    ((prompts, n, sampling),) = engine.calls
     assert n == 1 and sampling == SamplingParams(temperature=0.0, max_new_tokens=7, seed=3)
-    assert prompts[0] == ev.encode_eval_prompt(_Tok(own_bos=True), "a", "S")
+    assert prompts[0] == [5, ord("a")]
     assert ev.generate_answers(engine, tok, [], max_new_tokens=7) == [] and len(engine.calls) == 1
+
+
+def test_passes_give_the_one_pass_answers_and_stop_finished_ones():
+    # targets: EOS after 3, 6, 13, 30 new tokens (first id = total length; prompts of 2 ids); one never ends by 40
+    texts = ["\x05a", "\x08a", "\x0fa", "\x20a", "\x60a"]
+    one, passes = _Engine(), _Engine()
+    ref = ev.generate_answers(one, _Tok(True), texts, max_new_tokens=40, chat=False)
+    got = ev.generate_answers(passes, _Tok(True), texts, max_new_tokens=40, chat=False, first_pass_tokens=5)
+    assert got == ref
+    assert [(a.n_tokens, a.truncated) for a in got] == [(3, False), (6, False), (13, False), (30, False), (40, True)]
+    # passes to 5, 10, 20, 40 tokens: each continues only the answers without EOS, from prompt + answer so far
+    assert [len(p) for p, _, _ in passes.calls] == [5, 4, 3, 2]
+    assert [s.max_new_tokens for _, _, s in passes.calls] == [5, 5, 10, 20]
+    assert passes.calls[1][0][0] == [8, ord("a"), 3, 4, 5, 6, 7]  # prompt + the first 5 tokens
+    # sampled answers take one pass (a second would reuse the random stream)
+    sampled = _Engine()
+    ev.generate_answers(sampled, _Tok(True), texts, max_new_tokens=40, chat=False, temperature=1.0, first_pass_tokens=5)
+    assert len(sampled.calls) == 1
 
 
 # --------------------------------------------------------------------------------------------------------------------
