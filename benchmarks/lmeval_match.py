@@ -32,6 +32,9 @@ subclass whose ``_model_generate`` keeps the ids it returns). The comparison (``
 does not depend on the cap), so the answer at cap c is the first c tokens of the answer at ``--max-new-tokens``:
 they are cut there, decoded and scored; an answer is truncated at c when no EOS is among its first c tokens.
 
+Long runs can be split: ``--no-lmeval --keep H`` and ``--no-herl --keep L`` save each side's answers;
+``--herl-from H --lmeval-from L`` compares them later on the first ``--limit`` prompts (no generation).
+
 Results: ``benchmarks/results/<--name>.json`` (default ``lmeval_match``) with the command, CPU model and ISA flags,
 commit, the metrics of both sides, per-prompt agreement, divergences with their logit gaps, wall time per side.
 """
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -399,19 +403,44 @@ def summary_row(name: str, metrics: dict[str, Any], truncated_frac: float | None
 # command line
 
 
-def keep_answers(folder: Path, work: Path, records: Sequence[Any], herl: Side, lmeval: Side | None) -> None:
-    """herl's evaluate reports and, per prompt, both sides' completion ids, texts and truncation (answers.jsonl)."""
-    import shutil
-
+def save_side(folder: Path, name: str, records: Sequence[Any], side: Side) -> None:
+    """``<name>.jsonl`` (per prompt: id, prompt and completion ids, text, truncation, the tool's per-sample result) and
+    ``<name>.json`` (metrics, wall time) in ``folder``, for a later ``--herl-from`` / ``--lmeval-from``."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(work / "herl", folder / "herl", dirs_exist_ok=True)
-    with (folder / "answers.jsonl").open("w", encoding="utf-8") as fh:
+    samples = side.extra.get("samples") or [None] * len(records)
+    with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
         for i, rec in enumerate(records):
-            row = {"id": rec.id, "herl_ids": herl.completion_ids[i], "herl_truncated": herl.truncated[i]}
-            if lmeval is not None:
-                row |= {"lmeval_ids": lmeval.completion_ids[i], "lmeval_text": lmeval.texts[i],
-                        "lmeval_truncated": lmeval.truncated[i]}  # fmt: skip
-            fh.write(json.dumps(row) + "\n")
+            row = {"id": rec.id, "prompt_ids": side.prompt_ids[i], "completion_ids": side.completion_ids[i],
+                   "text": side.texts[i], "truncated": side.truncated[i], "sample": samples[i]}  # fmt: skip
+            fh.write(json.dumps(row, default=str) + "\n")
+    meta = {"metrics": side.metrics, "wall_s": side.wall_s, "n": len(records)}
+    (folder / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load_side(folder: Path, name: str, records: Sequence[Any]) -> Side:
+    """A side saved by ``save_side``, restricted to ``records`` (in their order); metrics recomputed on them."""
+    from herl_core.evaluate import aggregate
+
+    rows = {}
+    for line in (folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        rows[row["id"]] = row
+    missing = [r.id for r in records if r.id not in rows]
+    if missing:
+        raise SystemExit(f"{folder / name}.jsonl: no answers for {len(missing)} of the prompts (first {missing[0]})")
+    picked = [rows[r.id] for r in records]
+    samples = [row["sample"] for row in picked]
+    metrics = aggregate(samples) if name == "herl" else lmeval_aggregate(samples)
+    meta = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+    return Side(
+        prompt_ids=[row["prompt_ids"] for row in picked],
+        completion_ids=[row["completion_ids"] for row in picked],
+        texts=[row["text"] for row in picked],
+        truncated=[row["truncated"] for row in picked],
+        metrics=metrics,
+        wall_s=meta["wall_s"] * len(records) / meta["n"],
+        extra={"samples": samples, "loaded_from": str(folder), "run_n": meta["n"], "run_wall_s": meta["wall_s"]},
+    )
 
 
 def model_folder(name: str, workdir: Path) -> Path:
@@ -440,27 +469,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gap-tol", type=float, default=1e-2, help="logit gap below which a divergence is a near-tie")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-lmeval", action="store_true", help="herl side only (timing estimates, cap tables)")
+    ap.add_argument("--no-herl", action="store_true", help="lm-eval side only (save it with --keep)")
+    ap.add_argument("--herl-from", default=None, help="a --keep folder: herl's answers from that run, not a new one")
+    ap.add_argument("--lmeval-from", default=None, help="a --keep folder: lm-eval's answers from that run")
     ap.add_argument("--name", default="lmeval_match", help="results file name under benchmarks/results/")
-    ap.add_argument("--keep", default=None, help="copy herl's reports and both sides' answers (ids, texts) here")
+    ap.add_argument("--keep", default=None, help="save the answers of the sides run here (ids, texts, reports)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
-    if args.benchmark == "ifbench" and not args.no_lmeval:
+    use_herl = not args.no_herl or args.herl_from
+    use_lmeval = not args.no_lmeval or args.lmeval_from
+    if args.benchmark == "ifbench" and use_lmeval:
         ap.error("lm-eval 0.4.13 has no IFBench task: use --no-lmeval with --benchmark ifbench")
+    if not (use_herl or use_lmeval):
+        ap.error("nothing to run: --no-herl and --no-lmeval")
     if args.threads:
         torch.set_num_threads(args.threads)
     report = Report(args.name, out_dir=Path(args.out_dir) if args.out_dir else None, argv=argv)
+    from herl_core.config import ModelConfig
+    from herl_core.evaluate import encode_eval_prompt
     from herl_core.models import load_policy
 
+    keep = Path(args.keep) if args.keep else None
     with tempfile.TemporaryDirectory(prefix="lmeval-match-") as tmp:
         work = Path(tmp)
         folder = model_folder(args.model, work)
         records = benchmark_records(args.benchmark, args.limit)
-        extra = [] if args.first_pass_tokens is None else [f"evaluate.first_pass_tokens={args.first_pass_tokens}"]
-        herl, cfg = run_herl(
-            folder, len(records), args.max_new_tokens, args.batch_size, work, args.system_prompt, extra, args.benchmark
-        )
-        print(f"[bench] herl: {herl.wall_s:.0f} s, {herl.metrics}", flush=True)
-        model, tok = load_policy(cfg.model.model_copy(update={"name_or_path": str(folder)}))
+        model, tok = load_policy(ModelConfig(name_or_path=str(folder)))
         results: dict[str, Any] = {
             "model": args.model,
             "model_folder": str(folder),
@@ -469,33 +503,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size,
             "system_prompt": args.system_prompt,
-            "first_pass_tokens": cfg.evaluate.first_pass_tokens,
-            "herl": {"metrics": herl.metrics, "wall_s": round(herl.wall_s, 1)},
-            "herl_at_caps": cap_metrics(records, herl, tok, args.caps),
         }
-        rows = [summary_row("herl", herl.metrics, herl.metrics.get("truncated_frac"))]
-        if not args.no_lmeval:
-            import lm_eval
-
+        rows = []
+        herl = lmeval = None
+        if args.herl_from:
+            herl = load_side(Path(args.herl_from), "herl", records)
+        elif use_herl:
+            extra = [] if args.first_pass_tokens is None else [f"evaluate.first_pass_tokens={args.first_pass_tokens}"]
+            herl, cfg = run_herl(
+                folder, len(records), args.max_new_tokens, args.batch_size, work, args.system_prompt, extra,
+                args.benchmark,
+            )  # fmt: skip
+            results["first_pass_tokens"] = cfg.evaluate.first_pass_tokens
+            if keep:
+                shutil.copytree(work / "herl", keep / "herl", dirs_exist_ok=True)
+                save_side(keep, "herl", records, herl)
+        if herl is not None:
+            print(f"[bench] herl: {herl.wall_s:.0f} s, {herl.metrics}", flush=True)
+            results["herl"] = {"metrics": herl.metrics, "wall_s": round(herl.wall_s, 1)}
+            results["herl"] |= {k: herl.extra[k] for k in ("loaded_from", "run_n", "run_wall_s") if k in herl.extra}
+            results["herl_at_caps"] = cap_metrics(records, herl, tok, args.caps)
+            rows.append(summary_row("herl", herl.metrics, herl.metrics.get("truncated_frac")))
+        if args.lmeval_from:
+            lmeval = load_side(Path(args.lmeval_from), "lmeval", records)
+        elif use_lmeval:
+            prompts = herl.prompt_ids if herl is not None else [
+                encode_eval_prompt(tok, r.prompt, args.system_prompt) for r in records]  # fmt: skip
             lmeval = run_lmeval(
-                folder, ifeval_rows(len(records)), herl.prompt_ids, args.max_new_tokens, args.batch_size, work,
+                folder, ifeval_rows(len(records)), prompts, args.max_new_tokens, args.batch_size, work,
                 args.system_prompt,
             )  # fmt: skip
+            if keep:
+                save_side(keep, "lmeval", records, lmeval)
+        if lmeval is not None:
+            import lm_eval
+
             print(f"[bench] lm-eval: {lmeval.wall_s:.0f} s, {lmeval.metrics}", flush=True)
             trunc = sum(lmeval.truncated) / len(lmeval.truncated)
             results["lmeval"] = {
                 "version": lm_eval.__version__,
                 "metrics": lmeval.metrics,
                 "truncated_frac": trunc,
+                "response_tokens_mean": sum(map(len, lmeval.completion_ids)) / len(records),
                 "wall_s": round(lmeval.wall_s, 1),
             }
-            results["comparison"] = compare(records, herl, lmeval, model, args.gap_tol)
+            results["lmeval"] |= {
+                k: lmeval.extra[k] for k in ("loaded_from", "run_n", "run_wall_s") if k in lmeval.extra
+            }
             rows.append(summary_row("lm-eval", lmeval.metrics, trunc))
+        if herl is not None and lmeval is not None:
+            results["comparison"] = compare(records, herl, lmeval, model, args.gap_tol)
             rows.append(summary_row("herl scorer, lm-eval responses", results["comparison"][
                 "herl_scorer_on_lmeval_responses"], None))  # fmt: skip
         results["table"] = rows
-        if args.keep:
-            keep_answers(Path(args.keep), work, records, herl, lmeval if not args.no_lmeval else None)
     report.write(results)
     print(json.dumps(rows, indent=1))
     return results
