@@ -31,6 +31,7 @@ subclass whose ``_model_generate`` keeps the ids it returns). The comparison (``
 ``--caps``: the metrics herl's answers would get at smaller token caps. Greedy decoding is prefix-consistent (step t
 does not depend on the cap), so the answer at cap c is the first c tokens of the answer at ``--max-new-tokens``:
 they are cut there, decoded and scored; an answer is truncated at c when no EOS is among its first c tokens.
+``--cap-check c:DIR`` checks that against a run made at cap c (equal ids, or near-tie divergences).
 
 Long runs can be split: ``--no-lmeval --keep H`` and ``--no-herl --keep L`` save each side's answers;
 ``--herl-from H --lmeval-from L`` compares them later on the first ``--limit`` prompts (no generation).
@@ -395,6 +396,25 @@ def cap_metrics(records: Sequence[Any], herl: Side, tokenizer: Any, caps: Sequen
     return out
 
 
+def cap_check(records: Sequence[Any], herl: Side, direct: Side, cap: int, model: Any, gap_tol: float) -> dict:
+    """herl's answers cut at ``cap`` against a run made at ``cap`` (``direct``): equal ids, or the first divergence
+    with its logit gap; both runs' metrics (the check of ``cap_metrics``' prefix argument)."""
+    divergences = {}
+    for i, rec in enumerate(records):
+        d = divergence(model, herl.prompt_ids[i], herl.completion_ids[i][:cap], direct.completion_ids[i])
+        if d is not None:
+            divergences[rec.id] = {**d, "near_tie": d["gap"] <= gap_tol}
+    return {
+        "cap": cap,
+        "n_prompts": len(records),
+        "prompts_equal": sum(a == b for a, b in zip(herl.prompt_ids, direct.prompt_ids, strict=True)),
+        "answers_equal": len(records) - len(divergences),
+        "divergences": divergences,
+        "all_divergences_near_ties": all(d["near_tie"] for d in divergences.values()),
+        "direct_metrics": {k: direct.metrics[k] for k in (*METRICS, "truncated_frac", "response_tokens_mean")},
+    }
+
+
 def summary_row(name: str, metrics: dict[str, Any], truncated_frac: float | None) -> dict[str, Any]:
     return {"side": name, **{k: metrics.get(k) for k in METRICS}, "truncated_frac": truncated_frac}
 
@@ -472,6 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-herl", action="store_true", help="lm-eval side only (save it with --keep)")
     ap.add_argument("--herl-from", default=None, help="a --keep folder: herl's answers from that run, not a new one")
     ap.add_argument("--lmeval-from", default=None, help="a --keep folder: lm-eval's answers from that run")
+    ap.add_argument("--cap-check", nargs="*", default=[], metavar="CAP:DIR",
+                    help="compare herl's answers cut at CAP with a --keep run made at that cap")  # fmt: skip
     ap.add_argument("--name", default="lmeval_match", help="results file name under benchmarks/results/")
     ap.add_argument("--keep", default=None, help="save the answers of the sides run here (ids, texts, reports)")
     ap.add_argument("--out-dir", default=None)
@@ -523,6 +545,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["herl"] = {"metrics": herl.metrics, "wall_s": round(herl.wall_s, 1)}
             results["herl"] |= {k: herl.extra[k] for k in ("loaded_from", "run_n", "run_wall_s") if k in herl.extra}
             results["herl_at_caps"] = cap_metrics(records, herl, tok, args.caps)
+            for spec in args.cap_check:
+                cap, where = spec.split(":", 1)
+                direct = load_side(Path(where), "herl", records)
+                results.setdefault("cap_checks", {})[cap] = cap_check(
+                    records, herl, direct, int(cap), model, args.gap_tol
+                )
             rows.append(summary_row("herl", herl.metrics, herl.metrics.get("truncated_frac")))
         if args.lmeval_from:
             lmeval = load_side(Path(args.lmeval_from), "lmeval", records)
