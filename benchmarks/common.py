@@ -63,31 +63,45 @@ def git_commit() -> dict[str, Any]:
     }
 
 
-ISA_FLAGS = {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile",
-             "amx_bf16", "amx_int8"}  # fmt: skip
-"""The /proc/cpuinfo flags that change which float kernels torch runs (and so rounding and speed)."""
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+"""The /proc/cpuinfo flags that decide which float kernels oneDNN, MKL and torch run: figures measured on CPUs with
+different sets are not comparable (docs/performance.md)."""
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
+    """CPU model, the ISA flags of ``ISA_FLAGS`` it has, and the kernel level torch dispatches to (AVX2 / AVX512,
+    which ``ATEN_CPU_CAPABILITY`` can cap). ``cpuinfo``: the text of /proc/cpuinfo (read when None)."""
+    import torch
+
+    model, flags = platform.processor(), set()
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == platform.processor():
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return {
+        "cpu": model,
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_caps": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
+    }
+
+
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+"""Environment variables that cap the instruction set the kernels use (recorded when set)."""
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model and its ISA flags (``ISA_FLAGS``), cores, memory, Python and library versions, torch threads."""
+    """CPU model and ISA flags (``cpu_info``), cores, memory, Python and library versions, torch threads."""
     import torch
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    cpu = cpu_info()
     mem_gb = None
     try:
         mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
@@ -100,8 +114,7 @@ def machine_info() -> dict[str, Any]:
         except ImportError:
             versions[name] = None
     return {
-        "cpu": cpu,
-        "isa": sorted(flags & ISA_FLAGS),
+        **cpu,
         "cores": os.cpu_count(),
         "memory_gb": mem_gb,
         "python": platform.python_version(),

@@ -18,8 +18,8 @@ length of each side is reported because step time scales with it. TRL detokenise
 itself; herl encodes prompts once.
 
 ``--backend vllm`` (issue 6 item 3; a CUDA GPU and vLLM in the environment, docs/scaling.md L1): herl generates with
-``rollout.backend=vllm`` on the GPU and TRL with ``use_vllm=True, vllm_mode="colocate"`` (vLLM in the training
-process, as herl's engine), both with herl's ``rollout.vllm_gpu_memory_utilization``; training on the GPU on both
+``rollout.engine.backend=vllm`` on the GPU and TRL with ``use_vllm=True, vllm_mode="colocate"`` (vLLM in the training
+process, as herl's engine), both with herl's ``rollout.engine.vllm.gpu_memory_utilization``; training on the GPU on both
 sides. Refused before any model loads when CUDA or vLLM is missing.
 """
 
@@ -41,17 +41,17 @@ def herl_config(args: argparse.Namespace, herl_enabled: bool):
 
     overrides = [
         f"model.name_or_path={'tiny' if args.model == 'tiny' else 'smollm2-135m-instruct'}",
-        f"herl.enabled={str(herl_enabled).lower()}",
+        f"hindsight.enabled={str(herl_enabled).lower()}",
         f"rollout.n={args.G}",
         f"rollout.max_new_tokens={args.max_new_tokens}",
-        f"rollout.generation_batch_size={max(args.prompts * args.G, 1)}",
-        f"herl.rewrite_max_new_tokens={args.rewrite_max_new_tokens}",
+        f"rollout.engine.generation_batch_size={max(args.prompts * args.G, 1)}",
+        f"hindsight.rewrite_max_new_tokens={args.rewrite_max_new_tokens}",
         f"train.prompts_per_step={args.prompts}",
         f"train.mini_batch_prompts={args.prompts}",
         "train.kl_coef=0.0",
         "train.shuffle=false",
         f"train.threads={torch.get_num_threads()}",
-        *(["rollout.backend=vllm", "model.device=cuda"] if args.backend == "vllm" else []),
+        *(["rollout.engine.backend=vllm", "model.device=cuda"] if args.backend == "vllm" else []),
         *args.set,
     ]
     return load_params(ROOT / "params.yaml", profile=args.profile, overrides=overrides)
@@ -119,7 +119,7 @@ def trl_backend(args: argparse.Namespace, cfg) -> dict[str, Any]:
         return {"use_cpu": True, "use_vllm": False}
     return {
         "use_cpu": False, "use_vllm": True, "vllm_mode": "colocate",
-        "vllm_gpu_memory_utilization": cfg.rollout.vllm_gpu_memory_utilization,
+        "vllm_gpu_memory_utilization": cfg.rollout.engine.vllm.gpu_memory_utilization,
     }  # fmt: skip
 
 

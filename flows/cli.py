@@ -39,6 +39,9 @@ HEADLINE = [
     ("actor/clipfrac", "clipfrac"),
     ("perf/tokens_per_s", "tok/s"),
     ("perf/step_s", "step_s"),
+    ("val/reward_mean", "val_reward"),
+    ("val/greedy/reward_mean", "val_greedy"),
+    ("perf/val_s", "val_s"),
 ]
 
 
@@ -72,16 +75,19 @@ def quiet_transformers() -> None:
 def stage_errors() -> tuple[type[Exception], ...]:
     """Errors a user can fix (bad data, config, model source, diverged training): a message, exit code 1."""
     from herl_core.models import ModelSourceError
-    from herl_core.train import NonFiniteError
+    from herl_core.update import NonFiniteError
 
     return ValueError, FileNotFoundError, ModelSourceError, NonFiniteError
 
 
-def precheck_prompts(cfg) -> None:
-    """Validate the training prompts before any run is opened, so bad input writes nothing, not even a FAILED run."""
-    from herl_core.stages import load_prompts
+def precheck_prompts(cfg, validation: bool = False) -> None:
+    """Validate the training prompts (and, for train, the validation prompts) before any run is opened, so bad input
+    writes nothing, not even a FAILED run."""
+    from herl_core.stages import load_prompts, load_val_prompts
 
-    load_prompts(cfg.train.data)
+    load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
+    if validation:
+        load_val_prompts(cfg)
 
 
 def run_tracked(
@@ -129,25 +135,26 @@ def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
 
 @app.command()
 def rollout(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-    """Sample G responses per prompt from the policy and score them (readiness probe, part 1) → rollout.out_dir."""
+    """Sample G responses per prompt from the policy and score them (readiness probe, part 1) → probe.rollout_dir."""
     from herl_core.stages import run_rollout
 
     cfg = load_config(params, profile, set_)
     banner("rollout", cfg)
     run_tracked(
-        "rollout", params, cfg, lambda t: run_rollout(cfg, sink=t.sink), [cfg.rollout.out_dir],
+        "rollout", params, cfg, lambda t: run_rollout(cfg, sink=t.sink), [cfg.probe.rollout_dir],
         precheck=lambda: precheck_prompts(cfg),
     )  # fmt: skip
 
 
 @app.command()
 def hindsight(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-    """Hindsight prompts, rewrites, re-scores and bonus on the rollouts (readiness probe, part 2) → herl.out_dir."""
+    """Hindsight prompts, rewrites, re-scores and bonus on the rollouts (readiness probe, part 2) →
+    probe.hindsight_dir."""
     from herl_core.stages import run_hindsight
 
     cfg = load_config(params, profile, set_)
     banner("hindsight", cfg)
-    run_tracked("hindsight", params, cfg, lambda t: run_hindsight(cfg, sink=t.sink), [cfg.herl.out_dir])
+    run_tracked("hindsight", params, cfg, lambda t: run_hindsight(cfg, sink=t.sink), [cfg.probe.hindsight_dir])
 
 
 @app.command()
@@ -157,9 +164,10 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in train.checkpoint_dir.")] = True,
 ) -> None:
-    """Train the policy with HeRL (or GRPO with --set herl.enabled=false): rollout → hindsight → update per step."""
+    """Train the policy with HeRL (GRPO with --set hindsight.enabled=false): rollout → hindsight → update per step."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from herl_core.resume import RUN_ID_KEY
     from herl_core.stages import run_train
 
     cfg = load_config(params, profile, set_)
@@ -170,7 +178,7 @@ def train(
         run_train(cfg, resume=resume)
         return
     console.print(f"[bold]herl train[/bold] profile={cfg.profile} model={cfg.model.name_or_path} "
-                  f"herl.enabled={cfg.herl.enabled} steps={cfg.train.steps} config={cfg.hash()}")  # fmt: skip
+                  f"hindsight.enabled={cfg.hindsight.enabled} steps={cfg.train.steps} config={cfg.hash()}")  # fmt: skip
     with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("train", total=cfg.train.steps)
 
@@ -179,11 +187,17 @@ def train(
             bar.console.print(format_step(step, metrics))
 
         def runner(tracker) -> dict:
-            extras = {"mlflow_run_id": tracker.run_id}
+            extras = {RUN_ID_KEY: tracker.run_id}  # a resume re-attaches to this run (herl_core.resume)
             return run_train(cfg, resume=resume, sink=tracker.sink, on_step=on_step, checkpoint_extras=extras)
 
         run_tracked(
-            "train", params, cfg, runner, [cfg.train.report_dir], resume=resume, precheck=lambda: precheck_prompts(cfg)
+            "train",
+            params,
+            cfg,
+            runner,
+            [cfg.train.report_dir],
+            resume=resume,
+            precheck=lambda: precheck_prompts(cfg, validation=True),
         )
     console.print(f"policy saved to {cfg.train.out_dir}")
 
@@ -242,11 +256,12 @@ def show_config(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = N
 
 
 def _register_orchestration() -> None:
-    """`herl pipeline | deploy | ui` (flows/pipeline_cli.py) and `herl study` (flows/study.py)."""
-    from flows import pipeline_cli, study
+    """`herl pipeline | deploy | ui` (flows/pipeline_cli.py) and `herl study` (flows/study_cli.py). Neither imports
+    Prefect until its command runs, so the stage commands work where Prefect is not installed (the vLLM env)."""
+    from flows import pipeline_cli, study_cli
 
     pipeline_cli.register(app)
-    study.register(app)
+    study_cli.register(app)
 
 
 _register_orchestration()

@@ -6,7 +6,7 @@
   no second cache on top of DVC's, peers_and_conventions §2.5).
 * The task retries (2×, back-off) only transient failures (DVC lock contention, I/O, connection/judge errors);
   config and data errors fail at once.
-* ``pipeline`` takes an exclusive workspace lock (``.herl/pipeline.lock``, ``fcntl.flock``, non-blocking), opens
+* ``pipeline`` takes an exclusive workspace lock (``.herl/pipeline.lock``, ``flows.proc.exclusive_lock``), opens
   the MLflow parent run, runs the stage flows in order as subflows, tags each stage's child run with the fresh
   dvc.lock md5s (the lock is written after the stage command, so the stage itself only sees the previous one) and
   ends the parent with the evaluate metrics.
@@ -16,18 +16,15 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
-import subprocess
 import sys
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from flows.proc import child_env, exclusive_lock, stream
 
 STAGES = ("prepare", "rollout", "hindsight", "train", "evaluate")  # == herl_core.stages.STAGES (tested)
 LOCK_FILE = ".herl/pipeline.lock"
@@ -61,36 +58,18 @@ class WorkspaceBusy(RuntimeError):
     """Another herl pipeline holds this workspace's lock."""
 
 
-_HELD: dict[Path, int] = {}  # lock file → fd; re-entrant within one process (the CLI locks, then runs the flow)
-
-
 @contextmanager
 def workspace_lock(root: str | Path) -> Iterator[None]:
-    """Hold ``<root>/.herl/pipeline.lock`` exclusively or raise ``WorkspaceBusy`` at once naming the holder."""
-    path = (Path(root) / LOCK_FILE).resolve()
-    if path in _HELD:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = path.read_text(encoding="utf-8").strip() or "pid unknown"
-        os.close(fd)
-        raise WorkspaceBusy(
+    """Hold ``<root>/.herl/pipeline.lock`` exclusively or raise ``WorkspaceBusy`` at once naming the holder
+    (``flows.proc.exclusive_lock``: re-entrant within one process, as the CLI locks, then runs the flow)."""
+
+    def busy(holder: str) -> WorkspaceBusy:
+        return WorkspaceBusy(
             f"another herl pipeline is running in this workspace ({holder}); wait for it or use `dvc exp run --queue`"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()}, started {datetime.now().isoformat(timespec='seconds')}\n".encode())
-    _HELD[path] = fd
-    try:
+        )
+
+    with exclusive_lock(Path(root) / LOCK_FILE, busy):
         yield
-    finally:
-        del _HELD[path]
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -126,19 +105,6 @@ def retry_if_transient(task, task_run, state) -> bool:
     return False
 
 
-def stage_env(parent_run_id: str | None, flow_run_id: str | None, tracking_uri: str | None) -> dict[str, str]:
-    """The stage process's environment: ours + MLflow parent, Prefect flow run, tracking URI, this venv on PATH."""
-    from flows.tracking import FLOW_RUN_ENV, PARENT_ENV, RUN_ENV
-
-    env = dict(os.environ)
-    env.pop(RUN_ENV, None)
-    env.update({k: v for k, v in ((PARENT_ENV, parent_run_id), (FLOW_RUN_ENV, flow_run_id)) if v})
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 @task(
     name="dvc-repro",
     task_run_name="dvc repro {stage}",
@@ -153,19 +119,16 @@ def dvc_repro(stage: str, root: str, parent_run_id: str | None = None, tracking_
 
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    env = stage_env(parent_run_id, flow_run.id, tracking_uri)
+    env = child_env(parent_run_id, tracking_uri, flow_run_id=flow_run.id)
     lines: list[str] = []
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
-    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            logger.info("%s", line.rstrip())
-            lines.append(line)
-            tail.append(line)
-        returncode = proc.wait()
+
+    def log(line: str) -> None:
+        logger.info("%s", line.rstrip())
+        lines.append(line)
+
+    returncode, tail = stream(cmd, root, env, log, tail=TAIL_LINES)
     if returncode != 0:
-        text = "".join(tail)
-        raise StageError(stage, returncode, text, is_transient(returncode, text))
+        raise StageError(stage, returncode, tail, is_transient(returncode, tail))
     return "".join(lines)
 
 
@@ -280,13 +243,18 @@ def tag_child(client, parent_run_id: str, stage: str, root: Path, output: str) -
 
 
 def evaluate_metrics(client, parent_run_id: str, cfg) -> dict[str, float]:
-    """Metrics of this pipeline's evaluate child, else of the newest finished evaluate run with this config hash."""
+    """Metrics of this pipeline's evaluate child, else (DVC skipped evaluate) of the newest finished evaluate run made
+    under the same settings of what evaluate reads (``herl.stage_config_hash``: a probe or tracking edit does not
+    rerun evaluate, so the whole-config hash would find none)."""
+    from herl_core.config import STAGE_SECTIONS
+
     child = find_child(client, parent_run_id, "evaluate")
     if child is None:
         exp = client.get_run(parent_run_id).info.experiment_id
         runs = client.search_runs(
             [exp],
-            filter_string=f"attributes.run_name = 'evaluate' and tags.`herl.config_hash` = '{cfg.hash()}' "
+            filter_string="attributes.run_name = 'evaluate' and "
+            f"tags.`herl.stage_config_hash` = '{cfg.hash(STAGE_SECTIONS['evaluate'])}' "
             "and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
             max_results=1,

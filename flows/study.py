@@ -1,6 +1,6 @@
-"""Prefect flow ``study``: HeRL vs GRPO (+ ablation) over seeds, then the report (issue 4 items 3-4, spec §7).
+"""Prefect flow ``study``: HeRL vs GRPO (+ ablation) over seeds, then the report (spec §7; docs/study.md).
 
-What it does (planning, statistics and rendering live in ``herl_core.study``):
+What it does (the plan: flows/study_plan.py; the report: flows/study_report.py; the statistics: herl_core.stats):
 
 1. load ``study.yaml`` (profile ``tiny`` | ``cpu`` | ``gpu``), resolve and validate the params config of every
    arm × seed before running anything, and check the trained arms share one rollout budget;
@@ -23,43 +23,35 @@ kept in ``<out_dir>/mlflow_runs.json`` so a resumed study logs to the same runs.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import shlex
-import subprocess
 import sys
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from herl_core.config import Config, load_params
-from herl_core.io import write_json_atomic, write_text_atomic
-from herl_core.study import (
+from flows.proc import child_env, exclusive_lock, stream
+from flows.study_plan import (
     BUDGET_KEYS,
     StudyConfig,
     StudyError,
-    aggregate,
     check_equal_budget,
-    collect_run,
     data_dir,
     eval_metrics_path,
     load_study,
     plan,
-    plot_curves,
-    plot_eval,
     prepare_command,
-    render_markdown,
     shell_line,
 )
+from flows.study_report import aggregate, collect_run, plot_curves, plot_eval, render_markdown
+from herl_core.config import Config, load_params
+from herl_core.io import write_json_atomic, write_text_atomic
 
 RUN_FILE = "study_run.json"
 RUNS_FILE = "mlflow_runs.json"
@@ -91,17 +83,16 @@ def argv_of(cmd: list[str]) -> list[str]:
 
 
 def command_env(parent_run_id: str | None, tracking_uri: str | None) -> dict[str, str]:
-    """This process's environment + the MLflow parent of the stage runs and the study's tracking URI."""
-    from flows.tracking import PARENT_ENV, RUN_ENV
+    """The environment of the study's commands (``flows.proc.child_env``): their stage runs nest under
+    ``parent_run_id`` (an arm's run) in the study's tracking store, tagged with this flow run."""
+    return child_env(parent_run_id, tracking_uri, flow_run_id=_flow_run_id())
 
-    env = dict(os.environ)
-    env.pop(RUN_ENV, None)
-    env.pop(PARENT_ENV, None)
-    if parent_run_id:
-        env[PARENT_ENV] = parent_run_id
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    return env
+
+def _flow_run_id() -> str | None:
+    """The current Prefect flow run's id; None outside a flow run (``study.fn`` in unit tests)."""
+    from prefect.runtime import flow_run
+
+    return flow_run.id
 
 
 @task(name="herl-command", task_run_name="{label}", cache_policy=NO_CACHE)
@@ -109,22 +100,14 @@ def run_command(cmd: list[str], root: str, log: str, env: dict[str, str], label:
     """Run one ``herl`` command in ``root``, appending its output to ``log``; raise ``CommandError`` on failure."""
     logger = _logger()
     logger.info("%s", shell_line(cmd))
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
     path = Path(root) / log
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as out:
         out.write(f"\n$ {shell_line(cmd)}\n")
         out.flush()
-        with subprocess.Popen(
-            argv_of(cmd), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                out.write(line)
-                tail.append(line)
-            code = proc.wait()
+        code, tail = stream(argv_of(cmd), root, env, out.write, tail=TAIL_LINES)
     if code != 0:
-        raise CommandError(f"`{shell_line(cmd)}` exited with {code} (log: {path}); last lines:\n{''.join(tail)}")
+        raise CommandError(f"`{shell_line(cmd)}` exited with {code} (log: {path}); last lines:\n{tail}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -133,19 +116,14 @@ def run_command(cmd: list[str], root: str, log: str, env: dict[str, str], label:
 
 @contextmanager
 def study_lock(out_dir: Path) -> Iterator[None]:
-    """One study per ``out_dir`` at a time (``fcntl.flock`` on ``<out_dir>/.study.lock``, non-blocking)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StudyError(f"another study is running in {out_dir} (lock {out_dir / LOCK_FILE})") from None
-    try:
+    """One study per ``out_dir`` at a time (``flows.proc.exclusive_lock`` on ``<out_dir>/.study.lock``)."""
+    lock = out_dir / LOCK_FILE
+
+    def busy(holder: str) -> StudyError:
+        return StudyError(f"another study is running in {out_dir} ({holder}; lock {lock})")
+
+    with exclusive_lock(lock, busy):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def is_finished(run: dict[str, Any], root: Path, config_hash: str) -> bool:
@@ -344,41 +322,3 @@ def rerender(study_file: str = "study.yaml", profile: str | None = None, root: s
     meta = {**json.loads(previous.read_text(encoding="utf-8"))["meta"]}
     meta["rerendered"] = datetime.now(UTC).isoformat(timespec="seconds")
     return write_report(spec, runs, configs, base, meta)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``herl study`` to the typer ``app`` (flows/cli.py calls ``register(app)``)."""
-
-    @app.command("study")
-    def study_command(
-        study_file: Annotated[str, typer.Option("--study", help="Study file (arms, seeds, budget).")] = "study.yaml",
-        profile: Annotated[str | None, typer.Option("--profile", help="Study profile: tiny, cpu, gpu.")] = None,
-        arms: Annotated[str | None, typer.Option(help="Comma-separated subset of the arms.")] = None,
-        seeds: Annotated[str | None, typer.Option(help="Comma-separated subset of the seeds.")] = None,
-        report_only: Annotated[
-            bool, typer.Option("--report-only", help="Rewrite the report from the finished runs; run nothing.")
-        ] = False,
-    ) -> None:
-        """HeRL vs GRPO (+ no-bonus ablation, + base) over seeds at equal rollout budget → reports/study.md."""
-        try:
-            if report_only:
-                summary = rerender(study_file, profile)
-                typer.echo(f"report: {summary['meta']['report']} (re-rendered, nothing run)")
-                return
-            summary = study(
-                study_file=study_file,
-                profile=profile,
-                arms=arms.split(",") if arms else None,
-                seeds=[int(s) for s in seeds.split(",")] if seeds else None,
-                command=shlex.join(["herl", *sys.argv[1:]]),
-            )
-        except (ValueError, CommandError) as exc:  # StudyError, ConfigError, DataError are ValueErrors
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from exc
-        meta = summary["meta"]
-        reused = sum(bool(r.get("reused")) for r in meta["runs"])
-        typer.echo(f"report: {meta['report']} ({len(meta['runs'])} runs, {reused} reused)")

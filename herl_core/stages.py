@@ -4,22 +4,22 @@ Stage names are the same everywhere: ``prepare``, ``rollout``, ``hindsight``, ``
 subcommands, flows/, dvc.yaml and the MLflow child runs). Each function returns a small summary dict (the stage's
 DVC metric) and never leaves a half-written output. Outputs (docs/pipeline.md):
 
-* prepare   → ``prepare.out_dir``/{train,ifeval,ifbench}.jsonl, report.json
-* rollout   → ``rollout.out_dir``/rollouts.jsonl (RolloutRecord), summary.json          (spec §3.2-3.3)
-* hindsight → ``herl.out_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json  (spec §3.4-3.9)
+* prepare   → ``prepare.out_dir``/{train,val,ifeval,ifbench}.jsonl, report.json
+* rollout   → ``probe.rollout_dir``/rollouts.jsonl (RolloutRecord), summary.json          (spec §3.2-3.3)
+* hindsight → ``probe.hindsight_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json  (spec §3.4-3.9)
 * train     → ``train.out_dir`` (policy), ``train.report_dir``/*.jsonl, summary.json     (spec §3.15)
 * evaluate  → ``evaluate.out_dir``/<benchmark>/{metrics,per_type}.json, samples.jsonl, metrics.json  (spec §3.14)
 
 The rollout and hindsight stages run the functions of one training step once (the readiness probe,
-herl_core.probe), with the seeds of step 0 (``call_seed(train.seed, 0, phase)``); they are not inputs of train.
-Departure: ``run_train`` resumes only from a checkpoint written under the same training settings
-(``train_fingerprint``); otherwise it starts fresh and deletes the stale checkpoints, so a changed parameter under
-``dvc repro`` / ``dvc exp run`` never continues the previous run.
+herl_core.probe; sized and placed by the ``probe`` section), with the seeds of step 0
+(``call_seed(train.seed, 0, phase)``); they are not inputs of train.
+Departure: ``run_train`` resumes only from a checkpoint written under the same training settings; otherwise it
+starts fresh and deletes the stale checkpoints, so a changed parameter under ``dvc repro`` / ``dvc exp run`` never
+continues the previous run. The decision (and the tracking run it continues) is ``herl_core.resume.resume_point``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -27,15 +27,18 @@ from pathlib import Path
 
 from herl_core.config import Config, LoraConfig, ModelConfig
 from herl_core.io import DataError, atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic
-from herl_core.models import save_checkpoint_weights
 from herl_core.records import PromptRecord, RolloutRecord
 from herl_core.sink import JsonlSink, MetricsSink, MultiSink, NullSink
 
 STAGES = ("prepare", "rollout", "hindsight", "train", "evaluate")
 
 
-def load_prompts(path: str | Path, validate_constraints: bool = True) -> list[PromptRecord]:
-    """Read a prompts JSONL (PromptRecord per line); constraint ids and kwargs are checked against the registries."""
+def load_prompts(
+    path: str | Path, validate_constraints: bool = True, allow_ifbench: bool = False
+) -> list[PromptRecord]:
+    """Read a prompts JSONL (PromptRecord per line); constraint ids and kwargs are checked against the registries.
+    ``allow_ifbench``: accept IFBench-only constraint ids (refused by default: IFBench is a held-out benchmark, and
+    training on its constraints contaminates its scores; ``train.allow_ifbench_constraints``)."""
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found (write it with `herl prepare`, or run the whole `herl pipeline`)")
     rows = read_jsonl(path, PromptRecord)
@@ -47,17 +50,28 @@ def load_prompts(path: str | Path, validate_constraints: bool = True) -> list[Pr
                 if rubric.kind != "constraint":
                     continue
                 try:
-                    validate_rubric(rubric, row.prompt)
+                    validate_rubric(rubric, row.prompt, allow_ifbench=allow_ifbench)
                 except ValueError as exc:
                     raise DataError(f"{path}:{lineno}: field 'rubrics.{k}': {exc}") from exc
     return rows
 
 
+def load_val_prompts(cfg: Config) -> list[PromptRecord]:
+    """The validation prompts of the train stage (``train.eval_set``; the trainer keeps the first
+    ``train.eval_prompts``), none when ``train.eval_every`` is 0. Any constraint id is accepted (IFBench's too):
+    validation never trains on them."""
+    if not cfg.train.eval_every:
+        return []
+    return load_prompts(cfg.train.eval_set, allow_ifbench=True)
+
+
 def summarise(history: list[dict]) -> dict[str, float]:
-    """Final/mean values of the headline metrics for the train stage's DVC metric file."""
+    """Final/mean values of the headline metrics for the train stage's DVC metric file (validation metrics over the
+    steps that validated)."""
     if not history:
         return {}
-    keys = ["reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate", "herl/bonus_mean", "actor/loss"]
+    keys = ["reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate", "herl/bonus_mean", "actor/loss",
+            "val/reward_mean", "val/all_met_frac", "val/greedy/reward_mean", "val/greedy/all_met_frac"]  # fmt: skip
     out: dict[str, float] = {"steps": float(len(history))}
     for k in keys:
         vals = [h[k] for h in history if k in h]
@@ -80,27 +94,31 @@ def run_train(
     """The ``train`` stage: the online HeRL loop; writes the policy folder, per-step logs and a summary.
 
     Outputs: ``train.out_dir`` (HF safetensors policy), ``train.report_dir``/{steps,experiences,merges,
-    rollouts}.jsonl and summary.json. Resume checkpoints live in ``train.checkpoint_dir``; ``checkpoint_extras``
-    (e.g. the tracking run id, for re-attaching on resume) is stored in every checkpoint written from now on.
+    rollouts}.jsonl and summary.json. Resume checkpoints live in ``train.checkpoint_dir`` (``resume_point``
+    decides whether to continue one); ``checkpoint_extras`` (the tracking run id, for re-attaching on resume) and
+    the fingerprint are stored in every checkpoint written from now on.
     """
     from herl_core.distributed import DataParallel
+    from herl_core.models import save_checkpoint_weights
+    from herl_core.resume import FINGERPRINT_KEY, resume_point
     from herl_core.train import Trainer
 
     kwargs = dict(trainer_kwargs or {})
     dp = kwargs.pop("dp", None) or DataParallel.from_env(cfg.train.parallel)
-    prompts = load_prompts(cfg.train.data)
+    prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
+    val_prompts = load_val_prompts(cfg)
     report = JsonlSink(cfg.train.report_dir) if dp.is_main else None  # rank 0 writes reports and tracks
     sinks = [x for x in (report, sink if dp.is_main else None) if x is not None]
-    trainer = Trainer(cfg, prompts, sink=MultiSink(*sinks), dp=dp, **kwargs)
-    fingerprint = train_fingerprint(cfg)
-    resumed = resume and _resumable(cfg, fingerprint) and trainer.resume(cfg.train.checkpoint_dir)
+    trainer = Trainer(cfg, prompts, sink=MultiSink(*sinks), dp=dp, val_prompts=val_prompts, **kwargs)
+    point = resume_point(cfg, resume)  # the same decision the tracker made when it chose the run
+    resumed = point.checkpoint is not None and trainer.resume(cfg.train.checkpoint_dir)
     with dp.main_first() as main:  # every rank has decided before rank 0 drops anything
         if main and resumed:
             report.truncate_after(trainer.state.step - 1)
         elif main:
             _drop_checkpoints(cfg.train.checkpoint_dir)
             report.reset()
-    trainer.state.extras.update({**(checkpoint_extras or {}), "train_fingerprint": fingerprint})
+    trainer.state.extras.update({**(checkpoint_extras or {}), FINGERPRINT_KEY: point.fingerprint})
     history = _read_history(Path(cfg.train.report_dir) / "steps.jsonl")
     history += trainer.train(on_step=on_step)
     trainer.save(cfg.train.checkpoint_dir, keep=cfg.train.keep_checkpoints)
@@ -118,44 +136,6 @@ def _read_history(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-# Settings that do not change what a training step computes: a checkpoint written under other values still resumes.
-_RESUME_NEUTRAL = {
-    "train": {"steps", "save_every", "keep_checkpoints", "out_dir", "checkpoint_dir", "report_dir", "threads",
-              "max_nonfinite_steps", "parallel"},
-    "rollout": {"prompts", "policy", "out_dir"},
-    "herl": {"prompts", "out_dir"},
-}  # fmt: skip
-
-
-def train_fingerprint(cfg: Config) -> str:
-    """Hash of what a training step depends on: the model/reward/rollout/herl/train settings (minus
-    ``_RESUME_NEUTRAL``), the bytes of ``train.data`` and the herl_core source. Stored in every checkpoint; resume
-    needs it equal (DVC reruns train only when one of these changed, so a rerun never resumes a finished run)."""
-    tree = {}
-    for section in ("model", "reward", "rollout", "herl", "train"):
-        values = getattr(cfg, section).model_dump(mode="json")
-        tree[section] = {k: v for k, v in values.items() if k not in _RESUME_NEUTRAL.get(section, set())}
-    data = Path(cfg.train.data)
-    tree["data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest() if data.is_file() else None
-    code = hashlib.sha256()
-    package = Path(__file__).parent
-    for source in sorted(package.rglob("*.py")):
-        code.update(source.relative_to(package).as_posix().encode() + b"\0" + source.read_bytes())
-    tree["code_sha256"] = code.hexdigest()
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _resumable(cfg: Config, fingerprint: str) -> bool:
-    """The newest checkpoint was written under ``fingerprint`` and not past ``train.steps``."""
-    from herl_core.checkpoint import STATE_FILE, latest_checkpoint
-
-    found = latest_checkpoint(cfg.train.checkpoint_dir)
-    if found is None:
-        return False
-    trainer = json.loads((found / STATE_FILE).read_text(encoding="utf-8"))["trainer"]
-    return trainer.get("extras", {}).get("train_fingerprint") == fingerprint and trainer["step"] <= cfg.train.steps
 
 
 def _drop_checkpoints(root: str) -> None:
@@ -189,31 +169,33 @@ def policy_config(cfg: Config, policy: str | None) -> ModelConfig:
 
 
 def run_rollout(cfg: Config, sink: MetricsSink | None = None) -> dict:
-    """The ``rollout`` stage: G = ``rollout.n`` samples for each of the first ``rollout.prompts`` prompts of
-    ``train.data`` from ``rollout.policy`` (else ``model``), scored; writes rollouts.jsonl and summary.json."""
+    """The ``rollout`` stage: G = ``rollout.n`` samples for each of the first ``probe.prompts`` prompts of
+    ``train.data`` from ``probe.policy`` (else ``model``), scored; writes ``probe.rollout_dir``/rollouts.jsonl and
+    summary.json."""
     from herl_core.models import load_policy
     from herl_core.probe import rollout_summary
     from herl_core.rewards import make_reward
     from herl_core.rollout import make_engine
     from herl_core.rollout.groups import call_seed, rollout_records, sample_groups
 
-    prompts = load_prompts(cfg.train.data)[: cfg.rollout.prompts]
-    model, tok = load_policy(policy_config(cfg, cfg.rollout.policy))
-    engine = make_engine(cfg.rollout, model, tok, seed=cfg.train.seed)
+    prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)[: cfg.probe.prompts]
+    model, tok = load_policy(policy_config(cfg, cfg.probe.policy))
+    engine = make_engine(cfg.rollout.engine, model, tok, seed=cfg.train.seed)
     seed = call_seed(cfg.train.seed, 0, 0)  # the seed of training step 0's rollout
     groups = sample_groups(prompts, engine, make_reward(cfg.reward), tok, cfg.rollout, seed)
     rows = rollout_records(groups, step=None)
     (sink or NullSink()).log_records("rollouts", rows, 0)
-    out = Path(cfg.rollout.out_dir)
+    out = Path(cfg.probe.rollout_dir)
     write_jsonl_atomic(out / "rollouts.jsonl", rows)
-    summary = {**rollout_summary(rows), "policy": cfg.rollout.policy or cfg.model.name_or_path}
+    summary = {**rollout_summary(rows), "policy": cfg.probe.policy or cfg.model.name_or_path}
     write_json_atomic(out / "summary.json", summary)
     return summary
 
 
 def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
     """The ``hindsight`` stage (the readiness probe): the hindsight step of spec §3.4-3.9 once, on the groups of the
-    first ``herl.prompts`` prompts of ``rollout.out_dir``/rollouts.jsonl, by the policy that wrote them."""
+    first ``probe.prompts`` prompts of ``probe.rollout_dir``/rollouts.jsonl, by the policy that wrote them
+    (``probe.policy``); writes ``probe.hindsight_dir``/experiences.jsonl, merges.jsonl and summary.json."""
 
     from herl_core.hindsight.step import hindsight_step
     from herl_core.models import load_policy
@@ -222,21 +204,21 @@ def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
     from herl_core.rollout import make_engine
     from herl_core.rollout.groups import call_seed, groups_from_rollouts
 
-    source = Path(cfg.rollout.out_dir) / "rollouts.jsonl"
+    source = Path(cfg.probe.rollout_dir) / "rollouts.jsonl"
     rows = read_jsonl(source, RolloutRecord)
-    prompts = load_prompts(cfg.train.data)
-    model, tok = load_policy(policy_config(cfg, cfg.rollout.policy))
-    groups = groups_from_rollouts(prompts, rows, tok, cfg.rollout, source=str(source))[: cfg.herl.prompts]
-    engine = make_engine(cfg.rollout, model, tok, seed=cfg.train.seed)
+    prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
+    model, tok = load_policy(policy_config(cfg, cfg.probe.policy))
+    groups = groups_from_rollouts(prompts, rows, tok, cfg.rollout, source=str(source))[: cfg.probe.prompts]
+    engine = make_engine(cfg.rollout.engine, model, tok, seed=cfg.train.seed)
     seed = cfg.train.seed
     out = hindsight_step(
-        groups, engine, make_reward(cfg.reward), tok, cfg.herl, cfg.rollout, (seed, 0),
+        groups, engine, make_reward(cfg.reward), tok, cfg.hindsight, cfg.rollout, (seed, 0),
         seed=call_seed(seed, 0, 1),
     )  # fmt: skip
     sink = sink or NullSink()
     sink.log_records("experiences", out.experiences, 0)
     sink.log_records("merges", out.merges, 0)
-    folder = Path(cfg.herl.out_dir)
+    folder = Path(cfg.probe.hindsight_dir)
     write_jsonl_atomic(folder / "experiences.jsonl", out.experiences)
     write_jsonl_atomic(folder / "merges.jsonl", out.merges)
     summary = hindsight_summary(out.experiences, out.metrics, groups=len(groups))
@@ -267,7 +249,7 @@ def run_evaluate(cfg: Config, sink: MetricsSink | None = None) -> dict:
     e = cfg.evaluate
     model_cfg, policy, fallback = eval_policy(cfg)
     model, tok = load_policy(model_cfg)
-    engine = make_engine(cfg.rollout.model_copy(update={"generation_batch_size": e.batch_size}), model, tok)
+    engine = make_engine(cfg.rollout.engine.model_copy(update={"generation_batch_size": e.batch_size}), model, tok)
 
     def answer(texts: list[str], chat: bool) -> list:
         return generate_answers(
@@ -282,7 +264,7 @@ def run_evaluate(cfg: Config, sink: MetricsSink | None = None) -> dict:
             records,
             generate=lambda texts: answer(texts, chat=True),
             rounds=e.self_improve_rounds,
-            revise=lambda texts: answer(texts, chat=cfg.herl.hindsight_chat_template),
+            revise=lambda texts: answer(texts, chat=cfg.hindsight.hindsight_chat_template),
         )
         write_eval(result, Path(e.out_dir) / bench)
         metrics.update({f"{bench}/{k}": v for k, v in result.metrics.items() if not isinstance(v, (list, dict))})

@@ -7,7 +7,7 @@ avoids adding new facts); ``[Instruction]`` and the instruction text; ``[Candida
 ``k. <description>`` joined by ", " (k = 1-based position in the sample's rubric list), or ``none``.
 
 The result is plain text with no chat template and no system message; the caller decides whether to wrap it
-(``herl.hindsight_chat_template``; the reference feeds it raw, §3.5). The caller also decides what ``instruction``
+(``hindsight.hindsight_chat_template``; the reference feeds it raw, §3.5). The caller also decides what ``instruction``
 is: the reference passes the decoded chat-templated prompt, role words included (§9-A8).
 
 Departures from the authors' code:

@@ -10,7 +10,7 @@
            otherwise a copy of the best original does
 
 Departures from the authors' code (all configurable, see herl_core.config):
-1. rewrites are sampled at ``herl.rewrite_temperature`` unless ``apply_rewrite_temperature`` is false (§9-A2);
+1. rewrites are sampled at ``hindsight.rewrite_temperature`` unless ``apply_rewrite_temperature`` is false (§9-A2);
 2. the merge slot comes from a seeded RNG, so runs are reproducible (§3.9 uses an unseeded one); each group has its own
    stream, ``default_rng([*merge_seed, stable_key(prompt id)])``, and each rewrite job its own sampling key
    (prompt id, draft index), so a group's hindsight outcome does not depend on the other groups of the batch (a
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from herl_core.config import HerlConfig, RolloutConfig
+from herl_core.config import HindsightConfig, RolloutConfig
 from herl_core.hindsight.bonus import shaped_reward
 from herl_core.hindsight.drafts import select_drafts
 from herl_core.hindsight.merge import choose_guided, fallback_index, pick_slot
@@ -57,33 +57,35 @@ class HindsightOutput:
     jobs: list[RewriteJob] = field(default_factory=list)
 
 
-def rewrite_sampling(herl: HerlConfig, rollout: RolloutConfig, seed: int | None) -> SamplingParams:
+def rewrite_sampling(hindsight: HindsightConfig, rollout: RolloutConfig, seed: int | None) -> SamplingParams:
     """Sampling of the rewrites: T = rewrite_temperature (applied) or the rollout's (reference, §3.6, §9-A2)."""
-    temperature = herl.rewrite_temperature if herl.apply_rewrite_temperature else rollout.temperature
+    temperature = hindsight.rewrite_temperature if hindsight.apply_rewrite_temperature else rollout.temperature
     return SamplingParams(
         temperature=temperature,
         top_p=rollout.top_p,
         top_k=rollout.top_k,
-        max_new_tokens=herl.rewrite_max_new_tokens or rollout.max_new_tokens,
+        max_new_tokens=hindsight.rewrite_max_new_tokens or rollout.max_new_tokens,
         seed=seed,
     )
 
 
-def collect_jobs(groups: Sequence[Group], tokenizer, herl: HerlConfig, max_prompt_tokens: int) -> list[RewriteJob]:
+def collect_jobs(
+    groups: Sequence[Group], tokenizer, hindsight: HindsightConfig, max_prompt_tokens: int
+) -> list[RewriteJob]:
     """Failed groups → drafts → hindsight prompts (§3.4, §3.5)."""
     jobs = []
     for gi, group in enumerate(groups):
         dense = [s.dense for s in group.samples]
         n_sat = [s.reward.n_satisfied for s in group.samples]
-        for di in select_drafts(dense, n_sat, herl.threshold, herl.candidate_limit):
+        for di in select_drafts(dense, n_sat, hindsight.threshold, hindsight.candidate_limit):
             draft = group.samples[di]
             instruction = (
                 tokenizer.decode(group.prompt_ids, skip_special_tokens=True)
-                if herl.instruction_text == "decoded_prompt"
+                if hindsight.instruction_text == "decoded_prompt"
                 else group.record.prompt
             )
             text = build_hindsight_prompt(instruction, draft.reward.verdicts, draft.text)
-            ids = encode_prompt(tokenizer, text, chat=herl.hindsight_chat_template)
+            ids = encode_prompt(tokenizer, text, chat=hindsight.hindsight_chat_template)
             jobs.append(RewriteJob(gi, di, text, ids[-max_prompt_tokens:]))  # left-trim (§9-A8)
     return jobs
 
@@ -94,23 +96,23 @@ def generate_rewrites(
     engine: RolloutEngine,
     reward: RewardFn,
     tokenizer,
-    herl: HerlConfig,
+    hindsight: HindsightConfig,
     sampling: SamplingParams,
 ) -> None:
     """One batched generate for every draft of the batch, then re-score against the original rubrics (§3.6, §3.7)."""
     if not jobs:
         return
     keys = tuple(stable_key(groups[j.group].record.id, j.draft) for j in jobs)
-    gens = engine.generate([j.prompt_ids for j in jobs], herl.rewrite_samples, replace(sampling, keys=keys))
+    gens = engine.generate([j.prompt_ids for j in jobs], hindsight.rewrite_samples, replace(sampling, keys=keys))
     texts = [tokenizer.decode(g.completion_ids, skip_special_tokens=True).strip() for g in gens]
     keep = [i for i, t in enumerate(texts) if t]  # empty rewrites are dropped (§3.6)
-    records = [groups[jobs[i // herl.rewrite_samples].group].record for i in keep]
+    records = [groups[jobs[i // hindsight.rewrite_samples].group].record for i in keep]
     results = reward.score(records, [texts[i] for i in keep])
-    eos = [tokenizer.eos_token_id] if herl.append_eos and tokenizer.eos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if hindsight.append_eos and tokenizer.eos_token_id is not None else []
     for i, res in zip(keep, results, strict=True):
-        job = jobs[i // herl.rewrite_samples]
+        job = jobs[i // hindsight.rewrite_samples]
         ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"] + eos  # re-tokenised + EOS (§3.7, §3.9)
-        train_ids = job.prompt_ids if herl.train_prompt == "hindsight" else groups[job.group].prompt_ids
+        train_ids = job.prompt_ids if hindsight.train_prompt == "hindsight" else groups[job.group].prompt_ids
         job.rewrites.append(Sample(list(train_ids), ids, texts[i], res, res.score, guided=True))
 
 
@@ -125,7 +127,7 @@ class DraftSnapshot:
 
 
 def merge_group(
-    group: Group, jobs: list[RewriteJob], herl: HerlConfig, rng: np.random.Generator
+    group: Group, jobs: list[RewriteJob], hindsight: HindsightConfig, rng: np.random.Generator
 ) -> tuple[list[MergeRecord], dict[tuple[int, int], int]]:
     """Put the best qualifying rewrite (else a copy of the best original) into the group (§3.9).
 
@@ -137,10 +139,10 @@ def merge_group(
     n_sat = [s.reward.n_satisfied for s in group.samples]
     candidates = [(ji, k) for ji, job in enumerate(jobs) for k in range(len(job.rewrites))]
     cand_dense: list[float | None] = [jobs[ji].rewrites[k].dense for ji, k in candidates]
-    if herl.replace_top_n == 1:
+    if hindsight.replace_top_n == 1:
         slots = [pick_slot(len(group.samples), rng)]
     else:
-        slots = [int(x) for x in rng.permutation(len(group.samples))[: herl.replace_top_n]]
+        slots = [int(x) for x in rng.permutation(len(group.samples))[: hindsight.replace_top_n]]
     fallback = group.samples[fallback_index(dense, n_sat)].copy()
     merges, chosen = [], {}
     for slot in slots:
@@ -150,7 +152,7 @@ def merge_group(
             new, outcome = jobs[candidates[pick][0]].rewrites[candidates[pick][1]].copy(), "guided"
         else:
             new, outcome = fallback.copy(), "fallback"
-        if herl.merge_mode == "append":
+        if hindsight.merge_mode == "append":
             group.samples.append(new)
             slot = len(group.samples) - 1
         else:
@@ -169,14 +171,14 @@ def merge_group(
     return merges, chosen
 
 
-def apply_bonus(group: Group, jobs: list[RewriteJob], herl: HerlConfig) -> dict[int, float]:
+def apply_bonus(group: Group, jobs: list[RewriteJob], hindsight: HindsightConfig) -> dict[int, float]:
     """r_draft += α·(max R̃ − r_draft) for every draft with a scored rewrite (§3.8). Returns {job index: delta}."""
     deltas = {}
     for ji, job in enumerate(jobs):
         scores = [r.score for r in job.rewrites if r.score is not None]
         draft = group.samples[job.draft]
-        if herl.bonus_enabled and scores and draft.score is not None:
-            draft.score, deltas[ji] = shaped_reward(draft.score, scores, herl.bonus_alpha)
+        if hindsight.bonus_enabled and scores and draft.score is not None:
+            draft.score, deltas[ji] = shaped_reward(draft.score, scores, hindsight.bonus_alpha)
         else:
             deltas[ji] = 0.0
     return deltas
@@ -187,7 +189,7 @@ def hindsight_step(
     engine: RolloutEngine,
     reward: RewardFn,
     tokenizer,
-    herl: HerlConfig,
+    hindsight: HindsightConfig,
     rollout: RolloutConfig,
     merge_seed: Sequence[int],
     seed: int | None = None,
@@ -196,8 +198,8 @@ def hindsight_step(
     """Run §3.4-3.9 on a batch of groups in place; return the experiences, merges and metrics.
 
     ``merge_seed`` seeds the merge slots (one stream per group, keyed by its prompt id); ``seed`` the rewrites."""
-    jobs = collect_jobs(groups, tokenizer, herl, rollout.max_prompt_tokens)
-    generate_rewrites(jobs, groups, engine, reward, tokenizer, herl, rewrite_sampling(herl, rollout, seed))
+    jobs = collect_jobs(groups, tokenizer, hindsight, rollout.max_prompt_tokens)
+    generate_rewrites(jobs, groups, engine, reward, tokenizer, hindsight, rewrite_sampling(hindsight, rollout, seed))
     by_group: dict[int, list[RewriteJob]] = {}
     for job in jobs:
         by_group.setdefault(job.group, []).append(job)
@@ -206,9 +208,9 @@ def hindsight_step(
         group = groups[gi]
         group_best = max(s.dense for s in group.samples if s.dense is not None)
         snaps = [_snapshot(group.samples[j.draft]) for j in gjobs]
-        deltas = apply_bonus(group, gjobs, herl)
+        deltas = apply_bonus(group, gjobs, hindsight)
         rng = np.random.default_rng([*merge_seed, stable_key(group.record.id)])
-        group_merges, chosen = merge_group(group, gjobs, herl, rng)
+        group_merges, chosen = merge_group(group, gjobs, hindsight, rng)
         merges += [m.model_copy(update={"step": step}) for m in group_merges]
         for ji, (job, snap) in enumerate(zip(gjobs, snaps, strict=True)):
             for k, rw in enumerate(job.rewrites):

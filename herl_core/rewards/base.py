@@ -1,7 +1,12 @@
-"""Reward interface and the shared score arithmetic (spec §4).
+"""Reward interface, the reward registry and the shared score arithmetic (spec §4).
 
 A reward function scores (prompt, response) pairs and returns one ``RewardResult`` per pair with per-rubric
-verdicts. The score is the weighted fraction of rubrics met:
+verdicts. Rewards are registered by name; ``reward.type`` picks one (validated against the registered names)::
+
+    @register_reward("my_reward")
+    def my_reward(cfg: RewardConfig) -> RewardFn:  # builds the reward from the reward section
+        return MyReward(...)
+ The score is the weighted fraction of rubrics met:
 
     score = Σ_k w_k · passed_k / Σ_k w_k,   w_k < 0 → 0   (spec §4.2 L252-258; §4.1 is the w = 1 case)
 
@@ -10,10 +15,12 @@ Rubrics that could not be scored (``passed is None``) are left out of both sums 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+from herl_core.config import RewardConfig
 from herl_core.records import PromptRecord, RewardResult, Verdict
+from herl_core.registry import Registry
 
 
 @runtime_checkable
@@ -23,6 +30,15 @@ class RewardFn(Protocol):
     def score(self, prompts: Sequence[PromptRecord], responses: Sequence[str]) -> list[RewardResult]:
         """Pairwise: result i scores ``responses[i]`` against ``prompts[i].rubrics``."""
         ...
+
+
+RewardFactory = Callable[[RewardConfig], RewardFn]
+"""Builds a reward from the ``reward`` config section."""
+
+REWARDS: Registry[RewardFactory] = Registry("reward")
+"""Every reward, by name (``reward.type``); herl_core.rewards imports the built-in ones."""
+register_reward = REWARDS.register
+"""Decorator: ``@register_reward("name")`` on a ``RewardConfig -> RewardFn`` factory (a function or a class)."""
 
 
 def weighted_score(verdicts: Sequence[Verdict]) -> float | None:

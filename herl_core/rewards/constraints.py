@@ -41,9 +41,10 @@ import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from herl_core.config import RewardConfig
 from herl_core.nltk_setup import ensure_punkt
 from herl_core.records import PromptRecord, RewardResult, Rubric, Verdict
-from herl_core.rewards.base import result_from_verdicts
+from herl_core.rewards.base import register_reward, result_from_verdicts
 
 # Every IFEval id except combination:repeat_prompt, whose kwarg is the prompt itself (checked by a test).
 SAMPLEABLE_IFEVAL_IDS: tuple[str, ...] = (
@@ -148,6 +149,16 @@ def checker_class(instruction_id: str) -> type:
     if found is None:
         raise ValueError(f"unknown constraint id {instruction_id!r} (not an IFEval or IFBench instruction id)")
     return found
+
+
+def is_ifbench_id(instruction_id: str) -> bool:
+    """True when the id is checked by IFBench's registry: ``"ifbench/<id>"``, or a bare id that IFEval does not have.
+    IFBench is a held-out benchmark: training on its constraints contaminates its evaluation (``validate_rubric``)."""
+    regs = _registries()
+    source, sep, bare = instruction_id.partition("/")
+    if sep and source in regs:
+        return source == "ifbench" and bare in regs["ifbench"]
+    return instruction_id not in regs["ifeval"] and instruction_id in regs["ifbench"]
 
 
 def _bare_id(instruction_id: str) -> str:
@@ -262,16 +273,25 @@ def _draws_randomly(rubric: Rubric) -> str | None:
     return None
 
 
-def validate_rubric(rubric: Rubric, prompt: str | None = None, *, allow_replaced: bool = False) -> None:
-    """Raise ValueError unless the checker accepts the rubric exactly as written.
+def validate_rubric(
+    rubric: Rubric, prompt: str | None = None, *, allow_replaced: bool = False, allow_ifbench: bool = False
+) -> None:
+    """Raise ValueError unless the checker accepts the rubric exactly as written, as a training constraint.
 
-    Rejected: unknown ids, kwargs the checker refuses (unknown names, bad values that raise), and, unless
-    ``allow_replaced``, kwargs that are missing or that the checker silently swaps for a random draw (IFEval does
-    that for out-of-range values, e.g. ``nth_paragraph > num_paragraphs`` or ``letter="#"``): such a rubric would
-    not be checked as written, and its description would change from run to run. Three benchmark rows need
-    ``allow_replaced=True``: two IFEval ``keywords:letter_frequency`` rows (letters "#", "!") and one IFBench
-    ``repeat:repeat_span`` row (``n_start=0`` is treated as unset).
+    Rejected: unknown ids, unless ``allow_ifbench`` an IFBench id (``is_ifbench_id``: IFBench is held out, and
+    training on its constraints contaminates its evaluation; the benchmark's own rows and ``sample_constraint`` pass
+    True), kwargs the checker refuses (unknown names, bad values that raise), and, unless ``allow_replaced``, kwargs
+    that are missing or that the checker silently swaps for a random draw (IFEval does that for out-of-range values,
+    e.g. ``nth_paragraph > num_paragraphs`` or ``letter="#"``): such a rubric would not be checked as written, and its
+    description would change from run to run. Three benchmark rows need ``allow_replaced=True``: two IFEval
+    ``keywords:letter_frequency`` rows (letters "#", "!") and one IFBench ``repeat:repeat_span`` row (``n_start=0``
+    is treated as unset).
     """
+    if not allow_ifbench and is_ifbench_id(rubric.id):
+        raise ValueError(
+            f"constraint {rubric.id!r} is an IFBench instruction id: IFBench is held out for evaluation, and training "
+            "on its constraints contaminates its scores (train.allow_ifbench_constraints: true trains on it anyway)"
+        )
     checker, _ = _checker(rubric, prompt)
     if allow_replaced:
         return
@@ -364,7 +384,7 @@ def _draw(instruction_id: str, prompt: str | None) -> Rubric | None:
         checker.build_description(**given)
         kwargs = {k: v for k, v in (checker.get_instruction_args() or {}).items() if v is not None}
         rubric = Rubric(id=instruction_id, kwargs=json.loads(json.dumps(kwargs)))  # JSON-safe, as stored
-        validate_rubric(rubric, prompt)
+        validate_rubric(rubric, prompt, allow_ifbench=True)
     except Exception:  # noqa: BLE001 - any failed draw is resampled
         return None
     return rubric.model_copy(update={"description": describe(rubric, prompt)})
@@ -390,3 +410,9 @@ def sample_constraint(rng: random.Random, instruction_id: str, prompt: str | Non
     finally:
         random.setstate(state)
     raise ValueError(f"no valid kwargs drawn for constraint {instruction_id!r} in {_SAMPLE_ATTEMPTS} attempts")
+
+
+@register_reward("constraints")
+def constraint_reward(cfg: RewardConfig) -> ConstraintReward:
+    """``reward.type: constraints``: the IFEval/IFBench checkers (§4.1) with ``reward.repetition_check``."""
+    return ConstraintReward(repetition_check=cfg.repetition_check)

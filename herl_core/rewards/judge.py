@@ -40,9 +40,9 @@ from typing import Any
 
 import httpx
 
-from herl_core.config import JudgeConfig
+from herl_core.config import JudgeConfig, RewardConfig
 from herl_core.records import PromptRecord, RewardResult, Rubric, Verdict
-from herl_core.rewards.base import result_from_verdicts
+from herl_core.rewards.base import register_reward, result_from_verdicts
 
 SYSTEM_PROMPT = (
     "You are an expert evaluator. For each rubric item, decide whether the response satisfies it. "
@@ -286,3 +286,9 @@ def _content(resp: httpx.Response) -> str:
         return str(body["choices"][0]["message"]["content"] or "")
     except (ValueError, KeyError, IndexError, TypeError):
         return ""
+
+
+@register_reward("judge")
+def judge_reward(cfg: RewardConfig) -> JudgeReward:
+    """``reward.type: judge``: the weighted-rubric LLM judge of ``reward.judge`` (§4.2; no repetition detector)."""
+    return JudgeReward(cfg.judge)

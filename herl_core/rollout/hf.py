@@ -18,7 +18,7 @@ The engine shares the training model, so ``sync_weights`` is a no-op. One ``gene
 3. trims every completion after its first EOS (EOS kept, ``finished=True``); a completion cut by
    ``max_new_tokens`` has ``finished=False``; the original order is restored.
 
-Why not ``model.generate`` (performance, issue 6): its per-step work around the model is built for every decoding
+Why not ``model.generate`` (performance): its per-step work around the model is built for every decoding
 strategy. At batch 64 and a 49k vocabulary, its copies of the logits, its processors' vocabulary-wide ``where`` /
 ``fill`` and the argmax over a one-hot score (how a custom sampler had to hand it the token) cost about a tenth of a
 SmolLM2 decode step on a CPU (docs/performance.md). The loop computes what ``generate`` computes for greedy decoding
@@ -35,13 +35,21 @@ is exactly the warped one, as with ``torch.multinomial``, but multinomial spends
 SmolLM2 on a 49k vocabulary on a CPU (docs/performance.md). Departure: the random stream differs from HF's own
 ``do_sample=True`` path, so a seed gives other (equally distributed) samples than HF's sampler.
 
-Determinism (issue 7): sample j of a prompt with key k (``SamplingParams.keys``, default: its position) takes its
-uniforms, one per decode step, from ``torch.Generator`` seeded with ``row_seed(seed, k, j)``. Its tokens therefore do
-not depend on ``batch_size``, on the other prompts of the call, or on which process generates it: a data-parallel
-rank or a Ray worker that samples its share of the prompts gets the single-process samples (up to float rounding of
-the logits in a differently padded batch, which can flip a draw only when u lands within ~1e-7 of a CDF step).
-With ``seed=None`` the base seed is drawn from torch's global RNG (one draw per call); the global RNG is otherwise
-untouched.
+Determinism: sample j of a prompt with key k (``SamplingParams.keys``, default: its position) takes its uniforms,
+one per decode step, from ``torch.Generator`` seeded with ``row_seed(seed, k, j)``. Its random numbers therefore do
+not depend on ``batch_size``, on the other prompts of the call, or on which process generates it, so a data-parallel
+rank or a Ray worker that samples its share of the prompts draws with the single-process run's uniforms. With
+``seed=None`` the base seed is drawn from torch's global RNG (one draw per call); the global RNG is otherwise untouched.
+
+Reproducibility (what is guaranteed, and what is not): the same call on the same machine, with the same batch layout,
+gives bit-identical tokens and log-probs (same kernels, same shapes, same order). Another layout of the same rows
+(another ``batch_size``, other batch mates, the shared prefill against plain left padding, packed against plain
+linears, a Ray worker or a data-parallel rank holding a share) or another CPU (AVX2 against AVX-512: oneDNN, MKL and
+torch's own kernels pick other summation orders) computes the scores with other float rounding, typically 1e-6 to
+1e-5 in log-prob units. Log-probs then agree within that rounding, and a token is the same wherever its draw was
+further from drawing a neighbour than the rounding: every ``Generation`` carries each draw's margin
+(``inverse_cdf_sample_with_margin``, ``greedy_with_margin``). A draw whose margin is below the rounding can flip, and
+the rest of that row then differs. The tests compare tokens exactly up to the first such draw.
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from herl_core.rollout.base import Generation, SamplingParams, stable_key
+from herl_core.rollout.base import Generation, SamplingParams, default_eos_ids, stable_key
 from herl_core.rollout.packed import packed_linears
 
 
@@ -82,10 +90,34 @@ def inverse_cdf_sample(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     on a CPU, multinomial over a 49k vocabulary costs about as much as the model's decode step (docs/performance.md).
     u·cdf_V is kept strictly below cdf_V, so a token with zero probability (filtered by top-k/top-p) is never drawn.
     """
+    return inverse_cdf_sample_with_margin(logp, u)[0]
+
+
+def inverse_cdf_sample_with_margin(logp: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``inverse_cdf_sample`` and, per row, the draw's margin: the probability mass between u and the nearer edge of
+    the drawn token's CDF interval, min(u·c_V − c_{i−1}, c_i − u·c_V) / c_V.
+
+    What it is for (module doc, "Reproducibility"): a perturbation δ of the scores moves every CDF value by at most
+    max|δ|/2, so two computations of the same draw whose scores differ by less than the margin (float rounding on
+    another CPU, another batch layout) draw the same token; a draw with a smaller margin may flip to a neighbour.
+    """
     cdf = logp.exp().cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = torch.minimum(u.to(total)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    x = torch.minimum(u.to(total)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    token = torch.searchsorted(cdf, x, right=True)
+    hi = cdf.gather(-1, token.clamp(max=cdf.shape[-1] - 1))
+    lo = torch.where(token > 0, cdf.gather(-1, (token - 1).clamp(min=0)), torch.zeros_like(hi))
+    margin = (torch.minimum(x - lo, hi - x) / total).squeeze(-1)
+    return token.squeeze(-1), margin
+
+
+def greedy_with_margin(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) argmax tokens and their margin: the gap between the best and the second-best log-prob (a perturbation of
+    the scores smaller than half the gap cannot change the argmax). With a single candidate the gap is +inf."""
+    if logp.shape[-1] < 2:
+        return logp.argmax(dim=-1), torch.full(logp.shape[:1], float("inf"), device=logp.device)
+    top = logp.topk(2, dim=-1).values
+    return logp.argmax(dim=-1), top[:, 0] - top[:, 1]
 
 
 def _warpers(sampling: SamplingParams) -> list[LogitsProcessor]:
@@ -174,12 +206,12 @@ def prefix_plan(seqs: list[list[int]]) -> PrefixPlan | None:
     return best
 
 
-def _trim(new_tokens: list[int], logprobs: list[float], eos_ids: set[int]) -> tuple[list[int], list[float], bool]:
-    """Cut after the first EOS (kept). Returns (ids, logprobs, finished)."""
+def _trim(new_tokens: list[int], eos_ids: set[int]) -> tuple[int, bool]:
+    """Where to cut after the first EOS (kept): (kept length, finished)."""
     for i, tok in enumerate(new_tokens):
         if tok in eos_ids:
-            return new_tokens[: i + 1], logprobs[: i + 1], True
-    return new_tokens, logprobs, False
+            return i + 1, True
+    return len(new_tokens), False
 
 
 class HFEngine:
@@ -208,7 +240,7 @@ class HFEngine:
 
     @classmethod
     def from_config(cls, cfg: Any, model: Any, tokenizer: Any) -> HFEngine:
-        """The engine a ``RolloutConfig`` describes (in-process and in each Ray worker alike)."""
+        """The engine an ``EngineConfig`` (``rollout.engine``) describes (in-process and in each Ray worker alike)."""
         return cls(
             model,
             tokenizer,
@@ -218,13 +250,10 @@ class HFEngine:
         )
 
     def _default_eos(self) -> list[int]:
-        ids = [self.tokenizer.eos_token_id]
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
-        ids = list(dict.fromkeys(i for i in ids if i is not None))
-        if not ids:
-            raise ValueError("HFEngine: the tokenizer has no EOS token; pass eos_token_ids")
-        return ids
+        try:
+            return default_eos_ids(self.model, self.tokenizer)
+        except ValueError as exc:
+            raise ValueError(f"HFEngine: {exc}") from exc
 
     def sync_weights(self) -> None:
         """No-op: the engine samples from the training model itself."""
@@ -315,16 +344,27 @@ class HFEngine:
         else:
             input_ids, attention_mask, cache = self._shared_prefill(seqs, plan, device)
             done = max(plan.shared)  # columns already in the cache
-        new, logprobs = self._decode(
+        new, logprobs, margins = self._decode(
             input_ids.to(device), attention_mask.to(device), cache, done, sampling,
             uniforms.to(device) if uniforms is not None else None,
         )  # fmt: skip
         eos = set(self.eos_token_ids)
         gens = []
-        for s, toks, lps in zip(seqs, new.cpu().tolist(), logprobs.cpu().tolist(), strict=True):
-            ids, lp, finished = _trim(toks, lps, eos)
+        rows = zip(seqs, new.cpu().tolist(), logprobs.cpu().tolist(), margins.cpu().tolist(), strict=True)
+        for s, toks, lps, mgs in rows:
+            keep, finished = _trim(toks, eos)
+            ids = toks[:keep]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            gens.append(Generation(prompt_ids=s, completion_ids=ids, logprobs=lp, text=text, finished=finished))
+            gens.append(
+                Generation(
+                    prompt_ids=s,
+                    completion_ids=ids,
+                    logprobs=lps[:keep],
+                    text=text,
+                    finished=finished,
+                    margins=mgs[:keep],
+                )  # fmt: skip
+            )
         return gens
 
     def _decode(
@@ -335,8 +375,8 @@ class HFEngine:
         done: int,
         sampling: SamplingParams,
         uniforms: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode loop (module doc): (B, T) new tokens and their log-probs, T ≤ max_new_tokens.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decode loop (module doc): (B, T) new tokens, their log-probs and their draw margins, T ≤ max_new_tokens.
 
         Step 0 runs the prompt columns ``done:`` (all of them without a shared prefill), each later step the token
         just drawn. Position ids count the attended tokens (mask cumsum − 1), as ``generate`` computes them, so the
@@ -351,6 +391,7 @@ class HFEngine:
         seen = input_ids  # what warpers get as input_ids (the built-in ones do not read it)
         tokens: list[torch.Tensor] = []
         logps: list[torch.Tensor] = []
+        margins: list[torch.Tensor] = []
         alive = torch.ones(batch, dtype=torch.bool, device=device)
         for t in range(sampling.max_new_tokens):
             out = self.model(
@@ -364,8 +405,12 @@ class HFEngine:
             if t < self.min_new_tokens:
                 scores[:, eos] = float("-inf")
             logp = torch.log_softmax(scores, dim=-1)
-            token = inverse_cdf_sample(logp, uniforms[:, t]) if uniforms is not None else logp.argmax(dim=-1)
+            if uniforms is not None:
+                token, margin = inverse_cdf_sample_with_margin(logp, uniforms[:, t])
+            else:
+                token, margin = greedy_with_margin(logp)
             tokens.append(token)
+            margins.append(margin)
             logps.append(logp.gather(-1, token[:, None]).squeeze(-1))
             alive &= ~torch.isin(token, eos)
             if t + 1 == sampling.max_new_tokens or not bool(alive.any()):
@@ -374,4 +419,4 @@ class HFEngine:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
             if warpers:
                 seen = torch.cat([seen, step_ids], dim=-1)
-        return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+        return torch.stack(tokens, dim=1), torch.stack(logps, dim=1), torch.stack(margins, dim=1)

@@ -163,3 +163,16 @@ def test_git_commit_dirty_ignores_the_results_folder(tmp_path, monkeypatch):
     assert common.git_commit()["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert common.git_commit()["dirty"] is True
+
+
+def test_cpu_info_reads_model_and_isa_flags():
+    from benchmarks.common import cpu_info
+
+    text = (
+        "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16 avx512_vnni\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu\n"
+    )
+    info = cpu_info(text)
+    assert info["cpu"] == "AMD EPYC 9R14"
+    assert info["isa"] == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]  # in ISA_FLAGS order
+    assert info["torch_cpu_capability"] in {"DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "NO AVX"}

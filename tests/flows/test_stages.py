@@ -19,7 +19,8 @@ from flows.cli import app
 from herl_core.config import load_params
 from herl_core.io import read_jsonl
 from herl_core.records import HindsightRecord, MergeRecord, PromptRecord, RolloutRecord
-from herl_core.stages import STAGES, eval_policy, train_fingerprint
+from herl_core.resume import train_fingerprint
+from herl_core.stages import STAGES, eval_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = CliRunner()
@@ -69,6 +70,18 @@ def test_bad_params_exit_2_naming_file_line_field(tmp_path):
     assert f"{bad}:3" in text and "rollout.n" in text
 
 
+def test_config_prints_the_resolved_layout_and_names_the_new_place_of_an_old_key():
+    shown = RUNNER.invoke(app, ["config", "--params", str(ROOT / "params.yaml"), *TINY])
+    assert shown.exit_code == 0, shown.output
+    cfg = json.loads(shown.stdout)
+    assert list(cfg) == ["profile", "model", "reward", "prepare", "rollout", "hindsight", "train", "evaluate",
+                         "probe", "tracking"]  # fmt: skip
+    assert cfg["rollout"]["engine"]["generation_batch_size"] == 16 and cfg["probe"]["prompts"] == 4  # tiny's
+    old = RUNNER.invoke(app, ["config", "--params", str(ROOT / "params.yaml"), "--set", "herl.bonus_alpha=0.1"])
+    assert old.exit_code == 2
+    assert "herl.bonus_alpha moved to hindsight.bonus_alpha" in " ".join(old.output.split())
+
+
 def test_prepare_writes_validated_splits_and_report(ws):
     root, results = ws
     report = ok(results["prepare"])
@@ -86,7 +99,7 @@ def test_rollout_summary_recounts_from_the_jsonl(ws):
     summary = ok(results["rollout"])
     rows = read_jsonl(root / "data/rollout/rollouts.jsonl", RolloutRecord)
     first4 = [r.id for r in read_jsonl(root / "data/prepared/train.jsonl", PromptRecord)[:4]]
-    # tiny: rollout.prompts = 4, G = rollout.n = 4 → 16 rows, group-major, indices 0..3
+    # tiny: probe.prompts = 4, G = rollout.n = 4 → 16 rows, group-major, indices 0..3
     assert [(r.prompt_id, r.sample_index) for r in rows] == [(p, k) for p in first4 for k in range(4)]
     assert all(r.n_tokens <= 16 for r in rows)  # rollout.max_new_tokens
     scores = [r.reward.score for r in rows]
@@ -155,18 +168,42 @@ def test_train_fingerprint_ignores_run_length_but_not_hindsight_settings(tmp_pat
     base = ["profile=tiny", f"train.data={data}"]
     fp = train_fingerprint(load_params(ROOT / "params.yaml", overrides=base))
     more_steps = train_fingerprint(load_params(ROOT / "params.yaml", overrides=[*base, "train.steps=9"]))
-    alpha = train_fingerprint(load_params(ROOT / "params.yaml", overrides=[*base, "herl.bonus_alpha=0.1"]))
-    assert fp == more_steps and fp != alpha
+    alpha = train_fingerprint(load_params(ROOT / "params.yaml", overrides=[*base, "hindsight.bonus_alpha=0.1"]))
+    probe = train_fingerprint(load_params(ROOT / "params.yaml", overrides=[*base, "probe.prompts=2"]))
+    assert fp == more_steps == probe and fp != alpha
     data.write_text("{}\n{}\n")  # new data: a checkpoint of the old data must not be resumed
     assert train_fingerprint(load_params(ROOT / "params.yaml", overrides=base)) != fp
+
+
+def test_train_fingerprint_holds_the_validation_settings_only_when_validation_is_on(tmp_path):
+    """A run's val/* curves belong to one validation setup: with train.eval_every > 0 its knobs and the bytes of
+    train.eval_set are part of the fingerprint (another setup starts fresh); with validation off they change
+    nothing."""
+    data, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    data.write_text("{}\n")
+    val.write_text("{}\n")
+    base = ["profile=tiny", f"train.data={data}", f"train.eval_set={val}"]
+
+    def fingerprint(*over: str) -> str:
+        return train_fingerprint(load_params(ROOT / "params.yaml", overrides=[*base, *over]))
+
+    off = fingerprint()
+    assert fingerprint("train.eval_samples=2") == fingerprint("train.eval_prompts=3") == off
+    on = fingerprint("train.eval_every=2")
+    assert on != off and fingerprint("train.eval_every=2", "train.eval_samples=2") != on
+    val.write_text("{}\n{}\n")  # another validation set
+    assert fingerprint("train.eval_every=2") != on and fingerprint() == off
 
 
 def test_stage_names_agree_between_dvc_yaml_cli_and_params():
     import yaml
 
+    from herl_core.config import SECTIONS, Config
+
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert list(dvc["stages"]) == list(STAGES)
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"herl {name}"
-        section = "herl" if name == "hindsight" else name  # the hindsight knobs live in the `herl` section
-        assert {"profile", "profiles", section} <= set(stage["params"]), name
+        assert name in SECTIONS and name in Config.model_fields and name in params  # the section of the same name
+        assert {"profile", name, f"profiles.${{profile}}.{name}"} <= set(stage["params"]), name

@@ -11,8 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 import flows.study as fs
+from flows.study_plan import StudyError, load_study, plan
 from herl_core.config import load_params
-from herl_core.study import StudyError, load_study, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = "arms: [base, grpo, herl]\nseeds: [0, 1]\nexperiment: {exp}\nprofiles:\n  t:\n    params_profile: tiny\n"
@@ -185,7 +185,9 @@ def test_register_adds_the_study_command():
     def other() -> None:  # a second command, so typer keeps subcommand names
         pass
 
-    fs.register(app)
+    from flows.study_cli import register
+
+    register(app)
     result = CliRunner().invoke(app, ["study", "--help"])
     assert result.exit_code == 0
     for option in ("--study", "--profile", "--arms", "--seeds"):

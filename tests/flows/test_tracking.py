@@ -25,6 +25,7 @@ from flows.tracking import (
 )
 from herl_core.config import load_params
 from herl_core.records import HindsightRecord, Verdict
+from herl_core.resume import resume_point, train_fingerprint
 
 SECRET = "sk-herl-TEST-5ecret-value-0042"
 
@@ -230,10 +231,12 @@ def test_registry_failure_keeps_the_run_and_its_model_artifact(project, monkeypa
     }  # fmt: skip
 
 
-def write_checkpoint(root: Path, step: int, run_id: str) -> None:
+def write_checkpoint(root: Path, step: int, run_id: str, fingerprint: str) -> None:
+    """The state file of a checkpoint the trainer wrote under ``fingerprint`` for the run ``run_id``."""
     folder = root / "runs/ckpt" / f"step-{step:06d}"
     folder.mkdir(parents=True)
-    state = {"trainer": {"step": step, "epoch": 0, "position": 0, "extras": {"mlflow_run_id": run_id}}}
+    extras = {"mlflow_run_id": run_id, "train_fingerprint": fingerprint}
+    state = {"trainer": {"step": step, "epoch": 0, "position": 0, "extras": extras}}
     (folder / "trainer_state.json").write_text(json.dumps(state))
 
 
@@ -248,7 +251,7 @@ def test_resumed_train_reattaches_to_the_crashed_run(project, tmp_path_factory):
     client = MlflowClient()
     assert client.get_run(first.run_id).info.status == "FAILED"
     assert client.get_run(first.run_id).data.tags["herl.error"] == "RuntimeError: crash in step 1"
-    write_checkpoint(project, 1, first.run_id)  # step=1 completed steps: steps >= 1 are recomputed
+    write_checkpoint(project, 1, first.run_id, train_fingerprint(cfg))  # 1 step completed: steps >= 1 are redone
     with stage_run(cfg, "train") as second:
         assert second.run_id == first.run_id
         for step in (1, 2):
@@ -261,6 +264,52 @@ def test_resumed_train_reattaches_to_the_crashed_run(project, tmp_path_factory):
     with stage_run(cfg, "train", resume=False) as fresh:
         pass
     assert fresh.run_id != first.run_id
+
+
+def test_a_checkpoint_of_other_settings_opens_a_new_run(project):
+    """The trainer does not continue a checkpoint written under other settings, so the tracker does not re-attach to
+    its run: the new experiment gets its own run (its steps 0, 1, ... never land in the old run's history)."""
+    cfg = load_params(project / "params.yaml")
+    with stage_run(cfg, "train") as first:
+        first.sink.log_metrics({"reward/mean": 0.5}, 0)
+    write_checkpoint(project, 1, first.run_id, train_fingerprint(cfg))
+    changed = load_params(project / "params.yaml", overrides=["hindsight.bonus_alpha=0.1"])
+    assert resume_point(changed).checkpoint is None and resume_point(cfg).run_id == first.run_id
+    with stage_run(changed, "train") as second:
+        second.sink.log_metrics({"reward/mean": 0.25}, 0)
+    client = MlflowClient()
+    assert second.run_id != first.run_id and "herl.resumed_at_step" not in client.get_run(second.run_id).data.tags
+    assert [m.value for m in client.get_metric_history(first.run_id, "reward/mean")] == [0.5]
+    # the same settings with more steps (train.steps is resume-neutral) continue the run
+    longer = load_params(project / "params.yaml", overrides=["train.steps=5"])
+    with stage_run(longer, "train") as third:
+        pass
+    assert third.run_id == first.run_id
+
+
+def test_a_skipped_evaluate_is_found_by_the_settings_it_reads(project, monkeypatch):
+    """When DVC skips evaluate (nothing it reads changed: here only a probe knob did), the pipeline's parent run still
+    gets the metrics of the evaluate run made under those settings (``herl.stage_config_hash``)."""
+    from flows.pipeline import evaluate_metrics
+    from herl_core.config import STAGE_SECTIONS
+
+    cfg = load_params(project / "params.yaml")
+    with stage_run(cfg, "evaluate") as ev:
+        ev.finish({"ifeval/prompt_strict": 0.25})
+    probe_edit = load_params(project / "params.yaml", overrides=["probe.prompts=3"])
+    eval_edit = load_params(project / "params.yaml", overrides=["evaluate.limit=3"])
+    tags = MlflowClient().get_run(ev.run_id).data.tags
+    assert (
+        tags["herl.stage_config_hash"]
+        == cfg.hash(STAGE_SECTIONS["evaluate"])
+        == probe_edit.hash(STAGE_SECTIONS["evaluate"])
+    )
+    assert probe_edit.hash() != cfg.hash() and eval_edit.hash(STAGE_SECTIONS["evaluate"]) != tags[
+        "herl.stage_config_hash"
+    ]  # fmt: skip
+    for edited, found in ((probe_edit, {"ifeval/prompt_strict": 0.25}), (eval_edit, {})):
+        with stage_run(edited, "pipeline") as parent:  # a pipeline whose evaluate child was skipped by DVC
+            assert evaluate_metrics(parent.client, parent.run_id, edited) == found
 
 
 def test_judge_api_key_never_reaches_mlflow(project, monkeypatch, tmp_path_factory):

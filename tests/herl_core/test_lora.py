@@ -28,8 +28,8 @@ LORA_ON = {"enabled": True}
 def tiny_cfg(tmp_path, lora: dict | None = None, **train) -> Config:
     tree = {
         "model": {"name_or_path": "tiny", "lora": lora or {}},
-        "rollout": {"n": 4, "max_new_tokens": 8, "generation_batch_size": 16},
-        "herl": {"rewrite_max_new_tokens": 8},
+        "rollout": {"n": 4, "max_new_tokens": 8, "engine": {"generation_batch_size": 16}},
+        "hindsight": {"rewrite_max_new_tokens": 8},
         "train": {
             "steps": 2, "prompts_per_step": 2, "mini_batch_prompts": 1, "micro_batch_size": 4, "lr": 1e-2,
             "out_dir": str(tmp_path / "policy"), "checkpoint_dir": str(tmp_path / "ckpt"),

@@ -200,10 +200,19 @@ def test_missing_local_folder_is_a_clear_error():
         load_policy(ModelConfig(name_or_path="./no/such/model"))
 
 
+def _model_files(folder: Path) -> None:
+    """What check_model_source wants of a folder besides config.json: safetensors weights and a tokenizer file."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    (folder / "tokenizer_config.json").write_text("{}")
+
+
 def _remote_code_folder(root: Path) -> Path:
     """A folder whose config asks for code shipped with it; importing that code would create a sentinel file."""
     folder = root / "remote"
     folder.mkdir()
+    _model_files(folder)
     sentinel = root / "code_ran"
     config = {
         "model_type": "herl_remote_test",
@@ -244,6 +253,8 @@ def test_trust_remote_code_is_passed_explicitly(monkeypatch, tmp_path, trust):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy_model)
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy_tok)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    _model_files(tmp_path)
     load_policy(ModelConfig(name_or_path=str(tmp_path), trust_remote_code=trust))
     assert [kw["trust_remote_code"] for kw in seen] == [trust, trust]
     assert all(kw["local_files_only"] for kw in seen)

@@ -66,3 +66,24 @@ def test_interrupted_conversion_does_not_count(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "_convert_smollm2", lambda out: calls.append(out))
     folder = ensure_smollm2(tmp_path)
     assert len(calls) == 1 and is_complete(folder) and not partial.exists()
+
+
+def test_the_wheel_s_gguf_through_the_generic_gguf_route_equals_the_default(folder, tmp_path):
+    # a real quantised GGUF (Q4_1 / Q8_0 tensors) named by its path, as a user's model.name_or_path would be
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file
+
+    from herl_core.models import GGUF_FILE, SOURCE_FILE, gguf_dir
+
+    path = gguf_dir() / GGUF_FILE
+    model, tok = load_policy(ModelConfig(name_or_path=str(path), cache_dir=str(tmp_path)))
+    (converted,) = (p for p in (tmp_path / "gguf").iterdir() if not p.name.startswith("."))
+    want = load_file(str(folder / "model.safetensors"))
+    got = load_file(str(converted / "model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>" and model.num_parameters() == 134_515_008
+    source = json.loads((converted / SOURCE_FILE).read_text())
+    assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert converted.name == f"SmolLM2-135M-Instruct.Q4_1-{source['sha256'][:16]}-float32"

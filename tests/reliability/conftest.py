@@ -28,8 +28,9 @@ model:
 rollout:
   n: 4
   max_new_tokens: 8
-  generation_batch_size: 16
-herl:
+  engine:
+    generation_batch_size: 16
+hindsight:
   rewrite_max_new_tokens: 8
 train:
   steps: 3

@@ -1,8 +1,9 @@
-"""Issue 5 item 3: every input is validated at load; errors name the file, the line and the field; nothing is written.
+"""Every input is validated at load; errors name the file, the line and the field; nothing is written.
 
 Inputs: the prompts JSONL (a corpus of malformed files in tests/reliability/malformed/, plus a 50 MB line generated
-in tmp), params.yaml (unknown nested keys, wrong types, invalid YAML → exit code 2), model folders that are not
-models (never unpickled), and the rollout / hindsight JSONL artifacts.
+in tmp), params.yaml (unknown nested keys, wrong types, invalid YAML → exit code 2), model sources that cannot load
+(folders that are not models, never unpickled; broken weights, JSON, shards, tokenizers; GGUF files that are missing,
+not GGUF or damaged: ``MODEL_CASES``, built in tmp from the tiny model), and the rollout / hindsight JSONL artifacts.
 """
 
 from __future__ import annotations
@@ -46,6 +47,18 @@ MALFORMED = {
     "truncated.jsonl": (2, "invalid JSON"),
     "not_an_object.jsonl": (2, "expected a JSON object, got list"),
     "non_utf8.jsonl": (2, "not UTF-8"),
+    # a raw NUL byte: "Say hi" ends at column 30, the NUL is column 31
+    "nul_byte.jsonl": (
+        2,
+        "invalid JSON at column 31: raw control character U+0000 (NUL) inside a string; write it escaped, as \\u0000",
+    ),
+    # training on the held-out benchmark's constraints contaminates its evaluation
+    "ifbench_constraint.jsonl": (
+        2,
+        "field 'rubrics.1': constraint 'count:numbers' is an IFBench instruction id: IFBench is held out for "
+        "evaluation, and training on its constraints contaminates its scores (train.allow_ifbench_constraints: true "
+        "trains on it anyway)",
+    ),
 }
 
 
@@ -102,12 +115,24 @@ def test_herl_train_on_bad_prompts_exits_1_and_writes_nothing(tmp_path, herl):
     assert not list(ws.glob("mlruns*")) and not (ws / "mlartifacts").exists()  # not even a FAILED MLflow run
 
 
-def test_run_train_on_non_utf8_prompts_writes_nothing(tmp_path, herl):
+@pytest.mark.parametrize("name", ["non_utf8.jsonl", "nul_byte.jsonl", "ifbench_constraint.jsonl"])
+def test_run_train_on_bad_prompts_writes_nothing(tmp_path, herl, name):
+    line, what = MALFORMED[name]
     ws = herl.make_workspace(tmp_path / "ws")
-    (ws / "data" / "prompts.jsonl").write_bytes((CORPUS / "non_utf8.jsonl").read_bytes())
-    with pytest.raises(DataError, match=r"prompts.jsonl:2: not UTF-8"):
+    path = ws / "data" / "prompts.jsonl"
+    path.write_bytes((CORPUS / name).read_bytes())
+    with pytest.raises(DataError) as err:
         run_train(_cfg(ws, prompts_per_step=2, mini_batch_prompts=2))
-    assert _outputs(ws) == []
+    assert str(err.value).startswith(f"{path}:{line}: {what}"), str(err.value)
+    assert _outputs(ws) == [] and os.listdir(ws / "data") == ["prompts.jsonl"]
+
+
+def test_ifbench_constraints_load_when_the_user_opts_in(tmp_path, herl):
+    ws = herl.make_workspace(tmp_path / "ws")
+    path = ws / "data" / "prompts.jsonl"
+    path.write_bytes((CORPUS / "ifbench_constraint.jsonl").read_bytes())
+    rows = load_prompts(path, allow_ifbench=True)
+    assert any(r.id.startswith("count:") for row in rows for r in row.rubrics)
 
 
 def _cfg(ws: Path, **train) -> Config:
@@ -257,6 +282,139 @@ def test_train_with_a_pickle_model_folder_writes_nothing(tmp_path, herl, no_torc
     with pytest.raises(ModelSourceError, match="pickle files are never loaded"):
         run_train(cfg)
     assert not Path(Boom.sentinel).exists() and _outputs(ws) == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# model sources that cannot load: one error naming the folder and the file, before anything is written
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny model (2 layers, width 32) saved as a herl checkpoint folder: config.json, model.safetensors (its
+    header ~2 KB), generation_config.json, tokenizer.json, tokenizer_config.json, chat_template.jinja."""
+    from herl_core.config import ModelConfig, TinyModelConfig
+    from herl_core.models import load_policy, save_checkpoint_weights
+
+    tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=32)
+    model, tok = load_policy(ModelConfig(name_or_path="tiny", tiny=tiny))
+    return save_checkpoint_weights(model, tok, tmp_path_factory.mktemp("tiny") / "policy")
+
+
+def _truncate(n: int):
+    def cut(folder: Path) -> None:
+        weights = folder / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[:n])
+
+    return cut
+
+
+def _header_bytes(folder: Path) -> int:
+    """8 + the header length the file's first 8 bytes give (little-endian, the safetensors layout)."""
+    return 8 + int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")
+
+
+def _sharded(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.rename(folder / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                            "model.norm.weight": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _smollm2_gguf_head(n: int):
+    def write(path: Path) -> None:
+        from herl_core.models import GGUF_FILE, gguf_dir
+
+        with open(gguf_dir() / GGUF_FILE, "rb") as fh:
+            path.write_bytes(fh.read(n))
+
+    return write
+
+
+# case → (what to do to a copy of the tiny folder, or "file" / ("gguf", make the file) for the source to name instead;
+# the message, with {folder} / {gguf} / {size} / {cut} / {header} / {v} filled in; model settings besides the source)
+MODEL_CASES = {
+    # the user's case: model.safetensors cut to 1000 bytes, inside its header
+    "weights_cut_to_1000_bytes": (_truncate(1000), "model.name_or_path: {folder}/model.safetensors is truncated: "
+                                                   "1,000 bytes, but its header alone takes {header:,}", {}),
+    "weights_cut_in_the_tensors": (_truncate(-1000), "model.name_or_path: {folder}/model.safetensors is truncated: "
+                                                     "{cut:,} bytes, but its header describes {size:,}", {}),
+    "weights_empty": (_truncate(0), "model.name_or_path: {folder}/model.safetensors is empty or truncated (0 bytes; a "
+                                    "safetensors file starts with 8 bytes giving its header length)", {}),
+    "weights_not_safetensors": (lambda f: (f / "model.safetensors").write_text("version https://git-lfs...\n"),
+                                "model.name_or_path: {folder}/model.safetensors is not a safetensors file (its first "
+                                "8 bytes are not a header length)", {}),
+    "config_trailing_comma": (lambda f: (f / "config.json").write_text('{\n  "model_type": "llama",\n}\n'),
+                              "model.name_or_path: {folder}/config.json: invalid JSON at line 3, column 1: expected a "
+                              "property name in double quotes, found '}}'", {}),
+    "tokenizer_json_cut": (lambda f: (f / "tokenizer.json").write_text('{"version": "1.0", "model": {'),
+                           "model.name_or_path: {folder}/tokenizer.json: invalid JSON at line 1, column 30: expected "
+                           "a property name in double quotes, found the end of the line", {}),
+    "shard_missing": (_sharded, "model.name_or_path: {folder}/model.safetensors.index.json names weight files that "
+                                "are missing: ['model-00002-of-00002.safetensors']", {}),
+    "no_tokenizer": (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+                     "model.name_or_path: {folder} has no tokenizer (none of tokenizer.json, tokenizer.model, "
+                     "vocab.json, tokenizer_config.json)", {}),
+    "no_chat_template_but_chat": (lambda f: (f / "chat_template.jinja").unlink(),
+                                  "model.prompt_format: 'chat', but the tokenizer of {folder} has no chat template. "
+                                  "Set model.prompt_format: plain", {"prompt_format": "chat"}),
+    "a_file_not_a_folder": ("file", "model.name_or_path: {folder}/config.json is a file, not a model folder: give the "
+                                    "folder that holds config.json and the weights, or a .gguf file", {}),
+    "gguf_missing": (("gguf", None), "model.name_or_path: GGUF file {gguf} does not exist", {}),
+    "gguf_not_gguf": (("gguf", lambda p: p.write_text("<html>404</html>")),
+                      "model.name_or_path: {gguf} is not a GGUF file (it starts with b'<htm'; a GGUF file starts with "
+                      "b'GGUF')", {}),
+    "gguf_cut_to_1000_bytes": (("gguf", _smollm2_gguf_head(1000)),
+                               "model.name_or_path: transformers {v} could not convert the GGUF file {gguf} (1,000 "
+                               "bytes): ", {}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_a_broken_model_source_is_one_clear_error_and_nothing_is_written(tmp_path, herl, tiny_folder, case):
+    import shutil
+
+    import transformers
+
+    from herl_core.models import ModelSourceError, check_model_source
+
+    how, message, settings = MODEL_CASES[case]
+    ws = herl.make_workspace(tmp_path / "ws")
+    folder = ws / "policy"
+    shutil.copytree(tiny_folder, folder)
+    size = (folder / "model.safetensors").stat().st_size
+    values = {"folder": folder, "gguf": ws / "model.gguf", "size": size, "cut": size - 1000,
+              "header": _header_bytes(folder), "v": transformers.__version__}  # fmt: skip
+    source = folder
+    if how == "file":
+        source = folder / "config.json"
+    elif isinstance(how, tuple):
+        source = ws / "model.gguf"
+        if how[1] is not None:
+            how[1](source)
+    else:
+        how(folder)
+    expected = message.format(**values)
+    cfg = _cfg(ws, prompts_per_step=2, mini_batch_prompts=2)
+    update = {"name_or_path": str(source), "cache_dir": str(tmp_path / "cache"), **settings}
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=update)})
+    with pytest.raises(ModelSourceError) as err:  # the check a stage runs before it opens anything
+        check_model_source(cfg.model)
+    assert str(err.value).startswith(expected), str(err.value)
+    with pytest.raises(ModelSourceError) as err:  # and the train stage itself
+        run_train(cfg)
+    assert str(err.value).startswith(expected) and len(str(err.value).splitlines()) == 1, str(err.value)
+    assert _outputs(ws) == []
+    cache = tmp_path / "cache" / "gguf"  # no conversion, whole or half
+    assert not cache.exists() or [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] in ([], [".sha256"])
+
+
+def test_the_tiny_folder_itself_passes_the_check(tiny_folder):
+    from herl_core.config import ModelConfig
+    from herl_core.models import check_model_source
+
+    assert check_model_source(ModelConfig(name_or_path=str(tiny_folder))) == tiny_folder
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -66,9 +66,25 @@ def _kill_mid_step(proc: subprocess.Popen, ws: Path, step: int, timeout: float =
     proc.wait(timeout=30)
 
 
+VAL_PROMPTS = [
+    {"id": "v0", "prompt": "Write about snow.", "rubrics": [{"id": "change_case:english_lowercase"}]},
+    {"id": "v1", "prompt": "Name a bird.", "rubrics": [{"id": "punctuation:no_comma"}]},
+]
+VALIDATION = "  eval_every: 2\n  eval_set: data/val.jsonl\n  eval_samples: 2\n"
+"""Validation on: steps 0 and 2 (every 2 steps; 2 is also the last) score the policy on ``VAL_PROMPTS``."""
+
+
+def _workspace_with_validation(herl, root: Path) -> Path:
+    ws = herl.make_workspace(root, params=herl.params.replace("  save_every: 1\n", "  save_every: 1\n" + VALIDATION))
+    herl.write_prompts(ws / "data" / "val.jsonl", VAL_PROMPTS)
+    return ws
+
+
 def test_sigkill_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, herl):
-    full = herl.make_workspace(tmp_path / "full")
-    crash = herl.make_workspace(tmp_path / "crash")
+    """With validation on: step 2 validates before its rollouts, so the kill also drops a validation point, which
+    the resumed run computes again, once."""
+    full = _workspace_with_validation(herl, tmp_path / "full")
+    crash = _workspace_with_validation(herl, tmp_path / "crash")
     full_proc = herl.start(full, "train", "--params", "params.yaml")  # both run at once (one torch thread each)
     crash_proc = herl.start(crash, "train", "--params", "params.yaml")
     _kill_mid_step(crash_proc, crash, step=2)
@@ -94,6 +110,7 @@ def test_sigkill_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, herl
     # not recomputed by a fresh start (run_train starts fresh when herl_core's code or the settings changed)
     assert b[:2] == before, "the second run started from scratch instead of resuming"
     assert [_without_timings(r) for r in b] == [_without_timings(r) for r in a]
+    assert [r["step"] for r in b if "val/reward_mean" in r] == [0, 2]  # each validation point once
     assert a[2]["actor/updates"] == 2  # step 2 really trained (2 prompts, 1 per mini-batch): not a vacuous match
     # the records of every step (samples, rewards, hindsight rewrites, merges) are the same, each once
     for name in REPORTS[1:]:
@@ -105,11 +122,13 @@ def test_sigkill_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, herl
     summary = json.loads((reports / "summary.json").read_text())
     assert summary["steps"] == 3.0
     assert latest_checkpoint(crash / "runs/train/checkpoints").name == "step-000003"
+    assert _temps(crash) == []  # no temp file or folder of the killed process is left
     _assert_one_mlflow_run_with_each_step_once(crash, full)
 
 
 def _assert_one_mlflow_run_with_each_step_once(crash: Path, full: Path) -> None:
-    """The resume re-attached to the killed run: one train run, FINISHED, every step's metrics logged once."""
+    """The resume re-attached to the killed run: one train run, FINISHED, every step's metrics and every validation
+    point logged once."""
     from mlflow import MlflowClient
 
     def runs(ws: Path):
@@ -119,11 +138,12 @@ def _assert_one_mlflow_run_with_each_step_once(crash: Path, full: Path) -> None:
 
     client, (run,) = runs(crash)
     assert run.info.status == "FINISHED" and run.data.tags.get("herl.resumed_at_step") == "2"
-    history = client.get_metric_history(run.info.run_id, "reward/mean")
     full_client, (full_run,) = runs(full)
-    want = full_client.get_metric_history(full_run.info.run_id, "reward/mean")
-    assert sorted((m.step, m.value) for m in history) == sorted((m.step, m.value) for m in want)
-    assert sorted(m.step for m in history) == [0, 1, 2]
+    for key, steps in (("reward/mean", [0, 1, 2]), ("val/reward_mean", [0, 2]), ("val/greedy/reward_mean", [0, 2])):
+        history = client.get_metric_history(run.info.run_id, key)
+        want = full_client.get_metric_history(full_run.info.run_id, key)
+        assert sorted((m.step, m.value) for m in history) == sorted((m.step, m.value) for m in want), key
+        assert sorted(m.step for m in history) == steps, key
 
 
 TINY_NET = textwrap.dedent(
@@ -157,32 +177,44 @@ KILL_DURING_SAVE = TINY_NET + textwrap.dedent(
     import os, signal, sys
     import herl_core.checkpoint as ck
 
-    root = sys.argv[1]
+    root, where = sys.argv[1], sys.argv[2]
     net, opt = trained(0)
     ck.save_checkpoint(root, net, Tok(), opt, ck.TrainerState(step=1))
 
-    def die_midway(tensors, filename, *a, **k):  # weights are on disk, the optimizer half written: kill -9 now
-        with open(filename, "wb") as fh:
+    def die_midway(folder_or_tensors, filename=None, *a, **k):  # half a file on disk, then kill -9
+        path = filename if filename is not None else f"{folder_or_tensors}/model.safetensors"
+        with open(path, "wb") as fh:
             fh.write(b"half")
         os.kill(os.getpid(), signal.SIGKILL)
 
-    ck.save_file = die_midway
+    if where == "optimizer":  # the weights are on disk, the optimizer half written
+        ck.save_file = die_midway
+    else:  # the weights half written, inside the nested temp folder of save_checkpoint_weights
+        TinyNet.save_pretrained = lambda self, folder: die_midway(folder)
     opt.step()
     ck.save_checkpoint(root, net, Tok(), opt, ck.TrainerState(step=2))
     """
 )
 
 
-def test_sigkill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("where", ["optimizer", "weights"])
+def test_sigkill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, where):
     from herl_core.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 
     root = tmp_path / "ckpt"
-    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(root)], capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(root), where], capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    # the half-written step 2 is a dot-folder the checkpoint listing ignores; step 1 is still the latest, whole
-    leftovers = [p.name for p in root.iterdir() if p.name.startswith(".step-000002.")]
-    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")
-    assert (root / leftovers[0] / "optimizer.safetensors").read_bytes() == b"half"  # it really died mid-save
+    # the half-written step 2 is in dot-folders the checkpoint listing ignores; step 1 is still the latest, whole
+    leftovers = sorted(p.name for p in root.iterdir() if p.name != "step-000001")
+    outer = [n for n in leftovers if n.startswith(".step-000002.") and n.endswith(".tmp")]
+    assert len(outer) == 1, leftovers
+    if where == "optimizer":
+        assert leftovers == outer
+        assert (root / outer[0] / "optimizer.safetensors").read_bytes() == b"half"  # it really died mid-save
+    else:  # the weight write has its own temp folder beside the checkpoint's: ..step-000002.<pid>.<r>.tmp.<pid>.<r>.tmp
+        (nested,) = (n for n in leftovers if n.startswith("." + outer[0] + "."))
+        assert leftovers == sorted([outer[0], nested]) and nested.endswith(".tmp")
+        assert (root / nested / "model.safetensors").read_bytes() == b"half"
     assert [p.name for p in list_checkpoints(root)] == ["step-000001"]
     assert json.loads((root / "step-000001/trainer_state.json").read_text())["trainer"]["step"] == 1
 
@@ -195,9 +227,85 @@ def test_sigkill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path):
     assert state.step == 1
     assert torch.equal(net.weight, want.weight) and torch.equal(net.bias, want.bias)
     assert torch.equal(opt.state[net.weight]["exp_avg"], want_opt.state[want.weight]["exp_avg"])
-    # the next successful save removes the dead process's leftover
-    save_checkpoint(root, net, tiny["Tok"](), opt, TrainerState(step=2))
-    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
+    # the next successful save removes the dead process's leftovers, though they were for another step
+    save_checkpoint(root, net, tiny["Tok"](), opt, TrainerState(step=3))
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003"]
+
+
+def test_resume_sweeps_what_a_killed_save_left(tmp_path):
+    """``sweep_leftovers`` (run by ``Trainer.resume``) removes a dead writer's temp folders of any step, nested ones
+    included, and keeps complete checkpoints and the temp folder of a save still running."""
+    from herl_core.checkpoint import sweep_leftovers
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    root = tmp_path / "ckpt"
+    (root / "step-000001").mkdir(parents=True)
+    (root / "step-000001" / "trainer_state.json").write_text("{}")
+    outer = root / f".step-000002.{pid}.abcd1234.tmp"
+    nested = root / f".{outer.name}.{pid}.efgh5678.tmp"
+    old = root / f".step-000001.old-{pid}"
+    for folder in (outer, nested, old):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = root / f".step-000002.{live.pid}.ijkl9012.tmp"  # another process is writing this one right now
+        running.mkdir()
+        assert sorted(sweep_leftovers(root)) == sorted([outer, nested, old])
+        assert sorted(p.name for p in root.iterdir()) == sorted(["step-000001", running.name])
+    finally:
+        live.kill()
+        live.wait()
+    assert sweep_leftovers(root) == [running]  # its writer is gone now
+
+
+KILL_IN_WEIGHT_WRITE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+
+    def save_pretrained(self, folder, *args, **kwargs):  # checkpoint 2's weights: half a file, then kill -9
+        if ".step-000002." in str(folder):
+            with open(os.path.join(folder, "model.safetensors"), "wb") as fh:
+                fh.write(b"half")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, folder, *args, **kwargs)
+
+    PreTrainedModel.save_pretrained = save_pretrained
+    from flows.cli import app
+
+    app()
+    """
+)
+
+
+def _temps(ws: Path) -> list[str]:
+    from herl_core.io import TEMP_NAME
+
+    return sorted(str(p.relative_to(ws)) for p in ws.rglob(".*") if TEMP_NAME.fullmatch(p.name))
+
+
+def test_sigkill_during_a_checkpoint_save_then_resume_leaves_no_temp_folder(tmp_path, herl):
+    ws = herl.make_workspace(tmp_path / "ws")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_IN_WEIGHT_WRITE, "train", "--params", "params.yaml"],
+        cwd=ws, env=herl.env(ws), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    root = ws / "runs/train/checkpoints"
+    left = _temps(ws)
+    assert len(left) == 2 and all(name.startswith("runs/train/checkpoints/.") for name in left), left
+    assert any(name.startswith("runs/train/checkpoints/..step-000002.") for name in left)  # the nested weight temp
+    assert latest_checkpoint(root).name == "step-000001"
+
+    resumed = herl.run(ws, "train", "--params", "params.yaml")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in _rows(ws / "reports/train/steps.jsonl")] == [0, 1, 2]
+    assert latest_checkpoint(root).name == "step-000003"
+    assert _temps(ws) == []  # nothing of the killed save is left anywhere in the workspace
 
 
 def test_repeated_nonfinite_updates_stop_the_stage_without_a_corrupted_checkpoint(tmp_path, herl, monkeypatch):
@@ -206,7 +314,7 @@ def test_repeated_nonfinite_updates_stop_the_stage_without_a_corrupted_checkpoin
     import herl_core.train as train_mod
     from herl_core.config import load_params
     from herl_core.stages import run_train
-    from herl_core.train import NonFiniteError
+    from herl_core.update import NonFiniteError
 
     real = train_mod.get_policy_loss
 

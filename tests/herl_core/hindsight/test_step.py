@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from herl_core.config import HerlConfig, ModelConfig, RolloutConfig
+from herl_core.config import HindsightConfig, ModelConfig, RolloutConfig
 from herl_core.hindsight.merge import pick_slot
 from herl_core.hindsight.step import hindsight_step
 from herl_core.models import encode_prompt, load_tokenizer
@@ -68,7 +68,7 @@ def run(tok, rewrites, herl=None, seed=123):
     reward = ConstraintReward()
     group = make_group(tok, reward)
     engine = ScriptedEngine(tok, rewrites)
-    herl = herl or HerlConfig()
+    herl = herl or HindsightConfig()
     out = hindsight_step([group], engine, reward, tok, herl, RolloutConfig(max_new_tokens=8), (seed,))
     return group, engine, out
 
@@ -120,7 +120,7 @@ def test_no_qualifying_rewrite_falls_back_to_a_copy_of_the_best_original(tok):
 
 
 def test_tie_with_group_best_still_qualifies_and_append_mode_grows_the_group(tok):
-    herl = HerlConfig(merge_mode="append", bonus_enabled=False)
+    herl = HindsightConfig(merge_mode="append", bonus_enabled=False)
     group, _, out = run(
         tok, ["The sun is bright and warm today", "the sun is bright, and warm today"], herl=herl
     )  # both rewrites 0.5 = group best
@@ -135,14 +135,14 @@ def test_passing_group_is_skipped_and_reference_temperature_option(tok):
     perfect = reward.score([RECORD], ["the sun is bright and warm today"])[0]
     group.samples[0] = Sample(group.prompt_ids, [1], "the sun is bright and warm today", perfect, perfect.score)
     engine = ScriptedEngine(tok, [])
-    out = hindsight_step([group], engine, reward, tok, HerlConfig(), RolloutConfig(), (0,))
+    out = hindsight_step([group], engine, reward, tok, HindsightConfig(), RolloutConfig(), (0,))
     assert engine.calls == [] and out.experiences == [] and out.metrics["herl/failed_groups"] == 0
-    _, engine, _ = run(tok, ["a", "b"], herl=HerlConfig(apply_rewrite_temperature=False))
+    _, engine, _ = run(tok, ["a", "b"], herl=HindsightConfig(apply_rewrite_temperature=False))
     assert engine.calls[0][2].temperature == 1.0  # reference: rollout temperature (§3.6)
 
 
 def test_original_prompt_option_trains_the_rewrite_under_x(tok):
-    group, _, _ = run(tok, ["the sun is bright and warm today", "x"], herl=HerlConfig(train_prompt="original"))
+    group, _, _ = run(tok, ["the sun is bright and warm today", "x"], herl=HindsightConfig(train_prompt="original"))
     guided = [s for s in group.samples if s.guided][0]
     assert guided.train_prompt_ids == group.prompt_ids
 

@@ -21,6 +21,7 @@ from herl_core.rewards.constraints import (
     checker_class,
     checker_registry,
     describe,
+    is_ifbench_id,
     sample_constraint,
     validate_rubric,
 )
@@ -193,6 +194,24 @@ def test_matches_lm_eval_evaluation_on_ifeval_rows():
 def test_validate_rubric_errors(rub, message):
     with pytest.raises(ValueError, match=message):
         validate_rubric(rub)
+
+
+def test_ifbench_ids_are_refused_as_training_constraints_unless_allowed():
+    assert is_ifbench_id("count:numbers") and is_ifbench_id("ifbench/count:numbers")
+    assert not is_ifbench_id("punctuation:no_comma") and not is_ifbench_id("ifeval/punctuation:no_comma")
+    assert not is_ifbench_id("ifbench/punctuation:no_comma")  # not an IFBench id: unknown there (checker_class says)
+    assert not is_ifbench_id("nope:missing")
+    for iid in ("count:numbers", "ifbench/count:numbers"):
+        with pytest.raises(ValueError) as err:
+            validate_rubric(rubric(iid, N=2))
+        assert str(err.value) == (
+            f"constraint {iid!r} is an IFBench instruction id: IFBench is held out for evaluation, and training on "
+            "its constraints contaminates its scores (train.allow_ifbench_constraints: true trains on it anyway)"
+        )
+        validate_rubric(rubric(iid, N=2), allow_ifbench=True)  # opted in: checked like any other constraint
+    with pytest.raises(ValueError, match="kwarg 'N' is missing"):
+        validate_rubric(rubric("count:numbers"), allow_ifbench=True)
+    assert sample_constraint(random.Random(0), "count:numbers").id == "count:numbers"  # drawing is not training
 
 
 def test_validate_rejects_out_of_range_nth_paragraph_even_when_the_redraw_coincides():

@@ -101,8 +101,10 @@ def server():
 @pytest.fixture
 def judge(server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
+    # timeout 5 s: a loaded CI machine can take well over 0.3 s to answer a local request; the timeout tests set
+    # their own short timeout against a much longer scripted delay
     cfg = JudgeConfig(
-        base_url=server.url, model="judge-test", api_key_env=KEY_ENV, timeout_s=0.3, max_retries=2, backoff_s=0.01
+        base_url=server.url, model="judge-test", api_key_env=KEY_ENV, timeout_s=5.0, max_retries=2, backoff_s=0.01
     )
     client = JudgeReward(cfg)
     yield client
@@ -212,11 +214,14 @@ def test_garbage_is_retried_then_fails(judge, server):
     assert judge.stats == {"calls": 2, "requests": 5, "retries": 3, "failures": 1}
 
 
-def test_timeout_is_retried(judge, server):
-    server.script = [Reply(content=json.dumps({"results": [1]}), delay=0.8), ok([0])]  # 0.8 s > timeout 0.3 s
-    out = judge.score([rec([1])], ["a"])[0]
-    assert out.score == 0.0 and not out.failed  # the second (fast) answer counts
-    assert len(server.requests) == 2 and judge.stats["retries"] == 1
+def test_timeout_is_retried(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    cfg = JudgeConfig(base_url=server.url, api_key_env=KEY_ENV, timeout_s=1.5, max_retries=2, backoff_s=0.01)
+    server.script = [Reply(content=json.dumps({"results": [1]}), delay=4.0), ok([0])]  # 4 s > timeout 1.5 s
+    with JudgeReward(cfg) as judge:
+        out = judge.score([rec([1])], ["a"])[0]
+        assert out.score == 0.0 and not out.failed  # the second (fast) answer counts
+        assert len(server.requests) == 2 and judge.stats["retries"] == 1
 
 
 def test_500_then_ok(judge, server):
@@ -235,12 +240,12 @@ def test_429_honours_retry_after(judge, server):
 
 def test_retry_after_is_capped(server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
-    cfg = JudgeConfig(base_url=server.url, api_key_env=KEY_ENV, timeout_s=0.3, max_retries=1, backoff_s=0.01)
+    cfg = JudgeConfig(base_url=server.url, api_key_env=KEY_ENV, timeout_s=5.0, max_retries=1, backoff_s=0.01)
     server.script = [Reply(status=429, body="", headers={"Retry-After": "30"}), ok([1])]
     start = time.monotonic()
     with JudgeReward(cfg, retry_after_cap_s=0.1) as capped:
         assert capped.score([rec([1])], ["a"])[0].score == 1.0
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 15  # waited 0.1 s, not the 30 s the server asked for
 
 
 def test_always_500_fails_without_leaking_the_key(judge, server):
@@ -265,7 +270,7 @@ def test_connection_refused_fails_after_retries(monkeypatch):
     probe = JudgeServer()  # take a free port, then close it: nothing listens there
     url = probe.url
     probe.close()
-    cfg = JudgeConfig(base_url=url, api_key_env=KEY_ENV, timeout_s=0.3, max_retries=2, backoff_s=0.01)
+    cfg = JudgeConfig(base_url=url, api_key_env=KEY_ENV, timeout_s=5.0, max_retries=2, backoff_s=0.01)
     with JudgeReward(cfg) as client:
         out = client.score([rec([1])], ["a"])[0]
         assert out.failed and "connection error" in out.error
@@ -276,7 +281,7 @@ def test_concurrent_calls_keep_order(judge, server):
     # The answer depends on the response text, so results can be matched to inputs whatever the arrival order.
     def by_content(payload: dict) -> Reply:
         return Reply(
-            content=json.dumps({"results": [1 if "GOOD" in payload["messages"][1]["content"] else 0]}), delay=0.2
+            content=json.dumps({"results": [1 if "GOOD" in payload["messages"][1]["content"] else 0]}), delay=0.5
         )
 
     server.default = by_content
@@ -285,14 +290,14 @@ def test_concurrent_calls_keep_order(judge, server):
     out = judge.score([rec([1])] * 8, responses)
     elapsed = time.monotonic() - start
     assert [r.score for r in out] == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]
-    assert elapsed < 8 * 0.2  # 16 threads by default: the 0.2 s answers overlap
+    assert elapsed < 8 * 0.5 * 0.75  # 16 threads by default: the 0.5 s answers overlap (one after another: 4 s)
     assert judge.stats["calls"] == 8 and len(server.requests) == 8
 
 
 def test_no_key_means_no_authorization_header(server, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     server.script = [ok([1])]
-    with JudgeReward(JudgeConfig(base_url=server.url, api_key_env=KEY_ENV, timeout_s=0.3)) as client:
+    with JudgeReward(JudgeConfig(base_url=server.url, api_key_env=KEY_ENV, timeout_s=5.0)) as client:
         assert client.score([rec([1])], ["a"])[0].score == 1.0
     assert server.requests[0]["auth"] is None
 

@@ -75,14 +75,14 @@ def test_disabled_and_errors_leave_the_model_as_it_was():
 
 
 @needs_onednn
-def test_engine_with_and_without_packing_agree(policy, prompts):
+def test_engine_with_and_without_packing_agree(policy, prompts, same_draws):
+    """oneDNN's packed kernel and torch.mm sum in other orders: equal up to float rounding (tokens up to the first
+    near-tie draw, log-probs within tolerance), greedy and sampled."""
     model, tok = policy
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
-    on = HFEngine(model, tok).generate(prompts, 2, greedy)
-    off = HFEngine(model, tok, pack_linears=False).generate(prompts, 2, greedy)
-    assert [g.completion_ids for g in on] == [g.completion_ids for g in off]
-    for a, b in zip(on, off, strict=True):
-        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    for sampling in (SamplingParams(temperature=0.0, max_new_tokens=8), SamplingParams(max_new_tokens=8, seed=2)):
+        on = HFEngine(model, tok).generate(prompts, 2, sampling)
+        off = HFEngine(model, tok, pack_linears=False).generate(prompts, 2, sampling)
+        same_draws(on, off)
     assert all("forward" not in vars(m) for m in model.modules())  # restored after generate
 
 

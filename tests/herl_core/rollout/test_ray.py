@@ -1,4 +1,4 @@
-"""herl_core.rollout.ray_pool: rollouts on Ray workers equal the in-process engine's (spec §3.2, issue 7).
+"""herl_core.rollout.ray_pool: rollouts on Ray workers equal the in-process engine's up to float rounding (spec §3.2).
 
 Run: .venv/bin/pytest tests/herl_core/rollout/test_ray.py
 One local Ray cluster per module (no dashboard). It declares 4 logical CPUs, which are Ray's bookkeeping slots, not
@@ -13,17 +13,19 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
 
-from herl_core.config import Config, RolloutConfig  # noqa: E402
+from herl_core.config import Config, EngineConfig  # noqa: E402
 from herl_core.io import read_jsonl  # noqa: E402
 from herl_core.records import PromptRecord, RolloutRecord, Rubric  # noqa: E402
 from herl_core.rollout import make_engine  # noqa: E402
 from herl_core.rollout.base import SamplingParams, stable_key  # noqa: E402
+from herl_core.rollout.groups import call_seed, encode_prompts  # noqa: E402
 from herl_core.rollout.hf import HFEngine  # noqa: E402
 from herl_core.rollout.ray_pool import RayEngine, _import_ray, shard_sizes  # noqa: E402
 from herl_core.stages import run_rollout  # noqa: E402
@@ -45,21 +47,23 @@ def pool(cluster, policy, tmp_path_factory):
     model, tok = policy
     live = copy.deepcopy(model)
     weights = tmp_path_factory.mktemp("weights")
-    engine = make_engine(RolloutConfig(workers=2, worker_cpus=1, weights_dir=str(weights)), live, tok, seed=0)
+    engine = make_engine(EngineConfig(workers=2, worker_cpus=1, weights_dir=str(weights)), live, tok, seed=0)
     assert isinstance(engine, RayEngine)
     yield engine, live, weights
     engine.shutdown()
     assert not any(weights.iterdir())  # shutdown deleted the last version folder
 
 
-def same(got, want) -> None:
-    """Equal prompts, completion ids, finished flags, texts; log-probs within 2e-4: a worker runs 1 thread on a
-    differently padded batch, so float reductions run in another order (4e-5 seen on values near 5)."""
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert (g.prompt_ids, g.completion_ids, g.finished) == (w.prompt_ids, w.completion_ids, w.finished)
-        assert g.text == w.text
-        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=2e-4, rtol=0)
+@pytest.fixture
+def same(same_draws):
+    """Worker output against the in-process engine's: a worker runs 1 thread on a differently padded batch, so float
+    reductions run in another order (log-probs within 2e-4; 4e-5 seen on values near 5), and tokens are equal up to
+    the first near-tie draw (tests/conftest.py)."""
+
+    def check(got, want) -> None:
+        same_draws(got, want, logprob_atol=2e-4)
+
+    return check
 
 
 def test_shard_sizes_are_contiguous_and_near_equal():
@@ -75,7 +79,7 @@ def test_missing_ray_raises_install_hint(monkeypatch):
 
 
 @pytest.mark.parametrize("sampling", [SAMPLE, GREEDY], ids=["sample", "greedy"])
-def test_two_workers_equal_the_in_process_engine(pool, policy, prompts, sampling):
+def test_two_workers_equal_the_in_process_engine(pool, policy, prompts, sampling, same):
     engine, _, _ = pool
     model, tok = policy
     keys = tuple(stable_key(f"p{i}") for i in range(3))
@@ -94,7 +98,7 @@ def test_two_workers_equal_the_in_process_engine(pool, policy, prompts, sampling
         assert any(got[2 * i].completion_ids != got[2 * i + 1].completion_ids for i in range(3))
 
 
-def test_sync_weights_reloads_workers_from_a_new_version_folder(pool, policy, prompts):
+def test_sync_weights_reloads_workers_from_a_new_version_folder(pool, policy, prompts, same):
     engine, live, weights = pool
     _, tok = policy
     original = {k: v.clone() for k, v in live.state_dict().items()}
@@ -119,7 +123,15 @@ def test_sync_weights_reloads_workers_from_a_new_version_folder(pool, policy, pr
         engine.sync_weights()
 
 
-def test_rollout_stage_with_two_workers_equals_in_process(cluster, tmp_path):
+def test_rollout_stage_with_two_workers_equals_in_process(cluster, tmp_path, policy, draw_margin):
+    """The rollout stage's records with 2 workers equal the in-process ones, row by row, wherever the row's draws are
+    clear of a near-tie (the workers generate other batch layouts: float rounding; tests/conftest.py). The model is the
+    std-1 tiny policy saved as a folder: the tiny profile's model spreads its mass over 49k tokens, where every draw is
+    a near-tie."""
+    model, tok = policy
+    folder = tmp_path / "peaked"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
     records = [
         PromptRecord(id=f"p{i}", prompt=text, rubrics=[Rubric(id="punctuation:no_comma")])
         for i, text in enumerate(["Write a note about cats.", "Describe the sea.", "Explain rain."])
@@ -127,15 +139,36 @@ def test_rollout_stage_with_two_workers_equals_in_process(cluster, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(r.model_dump_json() + "\n" for r in records))
 
-    def rollouts(workers: int) -> list[RolloutRecord]:
-        out = tmp_path / f"rollout-{workers}"
-        rollout = {"n": 2, "max_new_tokens": 6, "prompts": 3, "out_dir": str(out), "workers": workers}
-        cfg = Config.model_validate(
-            {"model": {"name_or_path": "tiny"}, "rollout": {**rollout, "worker_cpus": 1}, "train": {"data": str(data)}}
+    def config(workers: int) -> Config:
+        return Config.model_validate(
+            {
+                "model": {"name_or_path": str(folder)},
+                "rollout": {"n": 2, "max_new_tokens": 6, "engine": {"workers": workers, "worker_cpus": 1}},
+                "probe": {"prompts": 3, "rollout_dir": str(tmp_path / f"rollout-{workers}")},
+                "train": {"data": str(data)},
+            }
         )
+
+    def rollouts(workers: int) -> list[RolloutRecord]:
+        cfg = config(workers)
         run_rollout(cfg)
-        return read_jsonl(out / "rollouts.jsonl", RolloutRecord)
+        return read_jsonl(Path(cfg.probe.rollout_dir) / "rollouts.jsonl", RolloutRecord)
 
     local, pooled = rollouts(0), rollouts(2)
     assert len(local) == 6  # 3 prompts × n = 2
-    assert [r.model_dump() for r in pooled] == [r.model_dump() for r in local]
+    # the in-process stage's draws, recomputed with their margins (the same engine and layout: the same numbers)
+    cfg = config(0)
+    sampling = SamplingParams(
+        cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens,
+        call_seed(cfg.train.seed, 0, 0), tuple(stable_key(r.id) for r in records),
+    )  # fmt: skip
+    gens = HFEngine.from_config(cfg.rollout.engine, model, tok).generate(
+        encode_prompts(records, tok, cfg.rollout), 2, sampling
+    )
+    assert [g.text for g in gens] == [r.response for r in local]
+    clear = [min(g.margins) > draw_margin for g in gens]
+    assert sum(clear) >= len(clear) / 2, "too few rows clear of near-ties to compare; change the prompts"
+    assert [(r.prompt_id, r.sample_index) for r in pooled] == [(r.prompt_id, r.sample_index) for r in local]
+    for ok, a, b in zip(clear, pooled, local, strict=True):
+        if ok:
+            assert a.model_dump() == b.model_dump()

@@ -1,206 +1,23 @@
-"""The HeRL-vs-GRPO study (issue 4 items 3-4; the paper's claim and ablation are spec §7.1-7.2).
+"""The HeRL-vs-GRPO study's report: per-run values, aggregation over seeds, the Markdown report and its plots
+(spec §7.1-7.2; docs/study.md). flows/study.py writes it from the finished runs of the plan (flows/study_plan.py).
 
-Arms (spec §7.2 ablation at our scale; "NaiveHE" has no code path, §7.2, so it is not an arm):
-
-* ``base``: the starting model, not trained, evaluated once (greedy decoding does not depend on the seed);
-* ``grpo``: RLVR through the same trainer (``herl.enabled=false``, spec §6 baselines);
-* ``herl``: the defaults (hindsight rewrites + bonus, spec §3.4-3.12);
-* ``herl_no_bonus``: hindsight without the bonus reward (``herl.bonus_enabled=false``, §3.8; the ablation's "+HE").
-
-Equal rollout budget: every trained arm runs with the same resolved ``rollout``/``train`` budget keys
-(``check_equal_budget``); HeRL's rewrites are extra generation by design and are reported (``perf/gen_tokens``).
-Every arm × seed writes only under ``<out_dir>/<arm>-s<seed>/`` (``run_overrides``), never into the pipeline's DVC
-outputs. This module is pure: planning, statistics, report text and plots; ``flows/study.py`` runs the commands.
-
-Statistics: mean ± 95% confidence half-width with Student's t over the n seeds (``mean_ci``); n = 1 → no CI.
+Statistics: mean ± 95% confidence half-width with Student's t over the n seeds (``herl_core.stats.mean_ci``);
+n = 1 → no CI.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
-
-from herl_core.config import Config, StrictModel, _deep_merge, _line_of, parse_overrides
-
-ArmName = Literal["base", "grpo", "herl", "herl_no_bonus"]
-ARMS: dict[str, list[str]] = {
-    "base": [],
-    "grpo": ["herl.enabled=false"],
-    "herl": [],
-    "herl_no_bonus": ["herl.bonus_enabled=false"],
-}
-"""Arm → the ``--set`` overrides that define it (on top of the study's shared overrides)."""
+from flows.study_plan import StudyError, eval_metrics_path
+from herl_core.stats import mean_ci
 
 METRICS = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose")
-BUDGET_KEYS = (
-    "rollout.n",
-    "rollout.max_new_tokens",
-    "rollout.temperature",
-    "train.steps",
-    "train.prompts_per_step",
-    "train.mini_batch_prompts",
-    "train.lr",
-    "train.data",
-    "model.name_or_path",
-    "evaluate.benchmarks",
-    "evaluate.limit",
-    "evaluate.max_new_tokens",
-    "evaluate.self_improve_rounds",
-)
-"""Resolved config keys that must agree across trained arms (same prompts, G, lengths, steps, eval set)."""
-
-
-class StudyError(ValueError):
-    """A study file that does not validate, or a run folder that belongs to another configuration."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# config (study.yaml)
-
-
-class StudyConfig(StrictModel):
-    """One study: which params profile, arms, seeds and shared overrides; where runs and the report go."""
-
-    params: Annotated[str, Field(description="herl params file every command loads.")] = "params.yaml"
-    params_profile: Annotated[str, Field(description="Profile of the params file passed as --profile.")] = "cpu"
-    arms: Annotated[list[ArmName], Field(min_length=1, description="Arms to run (ARMS).")] = list(ARMS)  # type: ignore[assignment]
-    seeds: Annotated[list[int], Field(min_length=1, description="train.seed values; one run per trained arm each.")] = [
-        0,
-        1,
-        2,
-    ]
-    overrides: Annotated[
-        list[str], Field(description="--set section.key=value applied to every command of every arm (the budget).")
-    ] = []
-    out_dir: Annotated[str, Field(description="Root of the run folders <arm>-s<seed>/ and the prepared data.")] = (
-        "runs/study"
-    )
-    report: Annotated[str, Field(description="Markdown report; .json next to it, plots in the folder of its stem.")] = (
-        "reports/study.md"
-    )
-    experiment: Annotated[str, Field(description="MLflow experiment of the study runs (tracking.experiment).")] = (
-        "herl-study"
-    )
-
-    @field_validator("seeds", "arms")
-    @classmethod
-    def _unique(cls, value: list) -> list:
-        if len(set(value)) != len(value):
-            raise ValueError(f"entries must be unique, got {value}")
-        return value
-
-    @field_validator("overrides")
-    @classmethod
-    def _parsable(cls, value: list[str]) -> list[str]:
-        parse_overrides(value)  # raises ConfigError (a ValueError) naming the bad item
-        return value
-
-
-def load_study(path: str | Path = "study.yaml", profile: str | None = None) -> StudyConfig:
-    """Load ``study.yaml``: base keys ← ``profiles[profile]`` (else the file's ``profile``); errors name file:line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        raw, root = yaml.safe_load(text) or {}, yaml.compose(text)
-    except FileNotFoundError as exc:
-        raise StudyError(f"{path}: file not found") from exc
-    except yaml.YAMLError as exc:
-        raise StudyError(f"{path}: invalid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise StudyError(f"{path}: top level must be a mapping")
-    profiles = raw.pop("profiles", {}) or {}
-    chosen = profile if profile is not None else raw.pop("profile", None)
-    raw.pop("profile", None)
-    origin: tuple[str, ...] = ()
-    if chosen is not None:
-        if chosen not in profiles:
-            raise StudyError(f"{path}: unknown study profile {chosen!r}; known: {sorted(profiles)}")
-        raw, origin = _deep_merge(raw, profiles[chosen] or {}), ("profiles", chosen)
-    try:
-        return StudyConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            line = _line_of(root, origin + loc[:1]) or _line_of(root, loc[:1])
-            lines.append(f"{path}:{line or '?'}: {'.'.join(map(str, loc))}: {err['msg']} (got {err.get('input')!r})")
-        raise StudyError("invalid study config:\n  " + "\n  ".join(lines)) from exc
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# planning: one run folder and one command list per arm × seed
-
-
-def run_name(arm: str, seed: int | None) -> str:
-    """``base`` (seed-independent) or ``<arm>-s<seed>``."""
-    return arm if arm == "base" else f"{arm}-s{seed}"
-
-
-def data_dir(study: StudyConfig) -> Path:
-    """The study's own prepared data (``herl prepare`` output), so the pipeline's data/prepared is never touched."""
-    return Path(study.out_dir) / "data"
-
-
-def shared_overrides(study: StudyConfig) -> list[str]:
-    """``--set`` common to every command: the budget, the study's data folder, its experiment, no model logging."""
-    data = data_dir(study)
-    sets = [*study.overrides, f"prepare.out_dir={data}", f"train.data={data / 'train.jsonl'}"]
-    return [*sets, f"tracking.experiment={study.experiment}", "tracking.log_model=false"]
-
-
-def run_overrides(study: StudyConfig, arm: str, seed: int | None) -> list[str]:
-    """Every ``--set`` of one arm × seed: shared ones, the arm's definition, all outputs under its run folder.
-
-    ``base`` gets a ``train.out_dir`` that is never written, so evaluate falls back to ``model.name_or_path``
-    (the untrained model) instead of a pipeline policy.
-    """
-    run = Path(study.out_dir) / run_name(arm, seed)
-    sets = [*shared_overrides(study), *ARMS[arm], f"train.out_dir={run / 'policy'}"]
-    sets += [f"evaluate.out_dir={run / 'evaluate'}"]
-    if arm == "base":
-        return sets
-    sets += [f"train.seed={seed}", f"train.checkpoint_dir={run / 'checkpoints'}", f"train.report_dir={run / 'train'}"]
-    return [*sets, f"evaluate.policy={run / 'policy'}"]
-
-
-def herl_command(study: StudyConfig, stage: str, sets: Sequence[str]) -> list[str]:
-    """``herl <stage> --params P --profile p --set ...`` as an argv list (``herl`` = ``python -m flows.cli``)."""
-    argv = ["herl", stage, "--params", study.params, "--profile", study.params_profile]
-    for item in sets:
-        argv += ["--set", item]
-    return argv
-
-
-def plan(study: StudyConfig) -> list[dict[str, Any]]:
-    """The runs in order: base once, then each trained arm per seed (seed-major, so early seeds finish first)."""
-    runs = [{"arm": "base", "seed": None}] if "base" in study.arms else []
-    runs += [{"arm": a, "seed": s} for s in study.seeds for a in study.arms if a != "base"]
-    for run in runs:
-        sets = run_overrides(study, run["arm"], run["seed"])
-        stages = ["evaluate"] if run["arm"] == "base" else ["train", "evaluate"]
-        run["name"] = run_name(run["arm"], run["seed"])
-        run["dir"] = str(Path(study.out_dir) / run["name"])
-        run["overrides"] = sets
-        run["commands"] = [herl_command(study, stage, sets) for stage in stages]
-    return runs
-
-
-def prepare_command(study: StudyConfig) -> list[str]:
-    """``herl prepare`` into the study's own data folder (done when its report.json, written last, exists)."""
-    return herl_command(study, "prepare", shared_overrides(study))
-
-
-def eval_metrics_path(run: Mapping[str, Any]) -> Path:
-    """The file whose existence marks a finished arm × seed (the evaluate stage writes it last)."""
-    return Path(run["dir"]) / "evaluate" / "metrics.json"
+"""The IFEval/IFBench metrics reported per benchmark."""
 
 
 def collect_run(run: Mapping[str, Any], benchmarks: Sequence[str]) -> dict[str, Any]:
@@ -226,83 +43,6 @@ def collect_run(run: Mapping[str, Any], benchmarks: Sequence[str]) -> dict[str, 
         "rounds": rounds,
         "history": history,
     }
-
-
-def check_equal_budget(configs: Mapping[str, Config]) -> None:
-    """Raise ``StudyError`` when trained arms differ in any BUDGET_KEYS value (names the key and the values)."""
-
-    def get(cfg: Config, dotted: str) -> Any:
-        section, key = dotted.split(".")
-        return getattr(getattr(cfg, section), key)
-
-    for key in BUDGET_KEYS:
-        values = {name: get(cfg, key) for name, cfg in configs.items()}
-        if len({repr(v) for v in values.values()}) > 1:
-            raise StudyError(f"unequal budget: {key} differs across arms: {values}")
-
-
-def shell_line(argv: Sequence[str]) -> str:
-    """The argv as one copy-pasteable shell line."""
-    return shlex.join(argv)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# statistics
-
-
-def _t_cdf(x: float, df: int) -> float:
-    """Exact Student t CDF for integer ν (Abramowitz & Stegun 26.7.3-4), θ = atan(x/√ν), c = cos θ:
-
-    ν odd:  2F − 1 = (2/π)[θ + sin θ (c + (2/3)c³ + (2·4)/(3·5)c⁵ + … + (2·4…(ν−3))/(3·5…(ν−2)) c^(ν−2))]
-    ν even: 2F − 1 = sin θ [1 + (1/2)c² + (1·3)/(2·4)c⁴ + … + (1·3…(ν−3))/(2·4…(ν−2)) c^(ν−2)]
-    """
-    theta = math.atan(x / math.sqrt(df))
-    c, s = math.cos(theta), math.sin(theta)
-    if df % 2:
-        term, total = c, c if df > 1 else 0.0
-        for k in range(3, df - 1, 2):  # term_k = term_{k-2} · (k−1)/k · c²
-            term *= (k - 1) / k * c * c
-            total += term
-        return 0.5 + (theta + s * total) / math.pi
-    term, total = 1.0, 1.0
-    for k in range(2, df - 1, 2):  # term_k = term_{k-2} · (k−1)/k · c²
-        term *= (k - 1) / k * c * c
-        total += term
-    return 0.5 + s * total / 2
-
-
-@functools.lru_cache(maxsize=256)
-def t_quantile(p: float, df: int) -> float:
-    """Student t quantile t(p, df) for 0.5 ≤ p < 1: the x with F(x) = p, by bisection on the exact CDF.
-
-    e.g. t(0.975, 1) = tan(0.475π) = 12.7062, t(0.975, 2) = 4.3027, t(0.975, ∞) → 1.96.
-    """
-    if not 0.5 <= p < 1 or df < 1:
-        raise ValueError(f"t_quantile needs 0.5 <= p < 1 and df >= 1, got p={p}, df={df}")
-    lo, hi = 0.0, 1.0
-    while _t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """Mean, sample sd (n−1) and the Student-t half-width h = t((1+level)/2, n−1) · s / √n; n = 1 → sd, h = None.
-
-    [0.2, 0.4, 0.6]: mean 0.4, s = 0.2, h = 4.3027 · 0.2 / √3 = 0.49683.
-    """
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    n = len(vals)
-    if n == 0:
-        return {"n": 0, "mean": None, "sd": None, "half": None, "values": []}
-    mean = sum(vals) / n
-    if n == 1:
-        return {"n": 1, "mean": mean, "sd": None, "half": None, "values": vals}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = t_quantile((1 + level) / 2, n - 1) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "sd": sd, "half": half, "values": vals}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,82 +1,21 @@
-"""herl_core.study: Student-t CI arithmetic, aggregation over seeds, planning, budget check, report and plots."""
+"""flows/study_report.py: per-run values, aggregation over seeds (hand-computed CIs), the Markdown report, plots."""
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import pytest
 
-from herl_core.config import load_params
-from herl_core.study import (
-    ARMS,
-    StudyConfig,
-    StudyError,
+from flows.study_plan import StudyError
+from flows.study_report import (
     aggregate,
-    check_equal_budget,
     curve,
     eval_values,
     fmt_ci,
-    load_study,
-    mean_ci,
-    plan,
     plot_curves,
     plot_eval,
     render_markdown,
     round_values,
-    t_quantile,
     train_values,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-# ---------------------------------------------------------------------------------------------------- statistics
-
-
-@pytest.mark.parametrize(
-    ("p", "df", "expected"),
-    [
-        (0.975, 1, 12.7062),  # = tan(π·0.475), closed form for df = 1
-        (0.975, 2, 4.3027),  # = (2p−1)/√(2p(1−p)) = 0.95/√0.04875 = 4.30265, closed form for df = 2
-        (0.975, 4, 2.7764),  # printed t tables
-        (0.975, 29, 2.0452),
-        (0.95, 9, 1.8331),
-        (0.5, 3, 0.0),  # the median
-    ],
-)
-def test_t_quantile_matches_tables(p, df, expected):
-    assert t_quantile(p, df) == pytest.approx(expected, abs=5e-4)
-
-
-def test_t_quantile_closed_forms_exactly():
-    assert t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-7)
-    assert t_quantile(0.9, 2) == pytest.approx(0.8 / math.sqrt(2 * 0.9 * 0.1), rel=1e-7)
-
-
-def test_t_quantile_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="df >= 1"):
-        t_quantile(0.975, 0)
-    with pytest.raises(ValueError, match="0.5 <= p < 1"):
-        t_quantile(0.2, 3)
-
-
-def test_mean_ci_three_values_by_hand():
-    # mean = 0.4; s² = (0.04 + 0 + 0.04) / 2 = 0.04 → s = 0.2; h = 4.3027 · 0.2 / √3 = 0.49683
-    ci = mean_ci([0.2, 0.4, 0.6])
-    assert ci["n"] == 3
-    assert ci["mean"] == pytest.approx(0.4)
-    assert ci["sd"] == pytest.approx(0.2)
-    assert ci["half"] == pytest.approx(0.49683, abs=1e-5)
-
-
-def test_mean_ci_one_seed_has_no_ci_and_skips_missing():
-    assert mean_ci([0.7]) == {"n": 1, "mean": 0.7, "sd": None, "half": None, "values": [0.7]}
-    # None and NaN are not seeds: [0.1, 0.3] → mean 0.2, s = 0.141421, h = 12.7062 · 0.141421 / √2 = 1.27062
-    ci = mean_ci([0.1, None, float("nan"), 0.3])
-    assert (ci["n"], ci["mean"]) == (2, pytest.approx(0.2))
-    assert ci["half"] == pytest.approx(1.27062, abs=1e-4)
-    assert mean_ci([])["mean"] is None
 
 
 def test_fmt_ci():
@@ -220,75 +159,3 @@ def test_plots_are_png(tmp_path):
     for made in (plot_curves(summary, tmp_path / "c.png"), plot_eval(summary, tmp_path / "e.png")):
         assert made is not None and made.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_curves(aggregate(RESULTS[:1]), tmp_path / "none.png") is None  # base only: no curves
-
-
-# ---------------------------------------------------------------------------------------------------- planning
-
-
-def test_plan_puts_every_output_under_the_run_folder():
-    study = StudyConfig(params_profile="tiny", seeds=[0, 1], overrides=["train.steps=2"], out_dir="runs/s")
-    runs = plan(study)
-    # base once, then 3 trained arms × 2 seeds, seed-major
-    assert [r["name"] for r in runs] == [
-        "base",
-        "grpo-s0",
-        "herl-s0",
-        "herl_no_bonus-s0",
-        "grpo-s1",
-        "herl-s1",
-        "herl_no_bonus-s1",
-    ]
-    herl = runs[2]
-    sets = dict(item.split("=", 1) for item in herl["overrides"])
-    for key in ("train.out_dir", "train.checkpoint_dir", "train.report_dir", "evaluate.out_dir", "evaluate.policy"):
-        assert sets[key].startswith("runs/s/herl-s0/"), key
-    assert sets["train.seed"] == "0" and sets["train.steps"] == "2" and sets["tracking.log_model"] == "false"
-    assert sets["train.data"] == "runs/s/data/train.jsonl"
-    assert [c[:2] for c in herl["commands"]] == [["herl", "train"], ["herl", "evaluate"]]
-    assert "herl.bonus_enabled=false" in runs[3]["overrides"] and "herl.enabled=false" in runs[1]["overrides"]
-    base = dict(item.split("=", 1) for item in runs[0]["overrides"])
-    assert "train.seed" not in base and "evaluate.policy" not in base  # falls back to model.name_or_path
-    assert base["train.out_dir"] == "runs/s/base/policy"
-    assert [c[1] for c in runs[0]["commands"]] == ["evaluate"]
-
-
-def test_equal_budget_check():
-    study = StudyConfig(params_profile="tiny", seeds=[0])
-    configs = {r["name"]: load_params(ROOT / "params.yaml", "tiny", r["overrides"]) for r in plan(study)}
-    check_equal_budget(configs)  # arms differ only in herl.* and seeds: passes
-    configs["herl-s0"] = load_params(ROOT / "params.yaml", "tiny", [*plan(study)[2]["overrides"], "rollout.n=6"])
-    with pytest.raises(StudyError, match=r"rollout\.n differs"):
-        check_equal_budget(configs)
-
-
-# ---------------------------------------------------------------------------------------------------- study.yaml
-
-
-@pytest.mark.parametrize("profile", ["tiny", "cpu", "gpu"])
-def test_repo_study_yaml_profiles_validate_with_params(profile):
-    study = load_study(ROOT / "study.yaml", profile)
-    assert set(study.arms) <= set(ARMS)
-    for run in plan(study)[:2]:
-        load_params(ROOT / study.params, study.params_profile, run["overrides"])  # raises on a bad override
-
-
-def test_load_study_errors_name_file_and_line(tmp_path):
-    path = tmp_path / "study.yaml"
-    path.write_text("seeds: [0]\nprofiles:\n  a:\n    seedz: [1]\n", encoding="utf-8")
-    with pytest.raises(StudyError, match=r"study\.yaml:4: seedz: Extra inputs"):
-        load_study(path, "a")
-    with pytest.raises(StudyError, match="unknown study profile 'b'"):
-        load_study(path, "b")
-    path.write_text("seeds: [0, 0]\n", encoding="utf-8")
-    with pytest.raises(StudyError, match=r"study\.yaml:1: seeds: .*unique"):
-        load_study(path)
-    path.write_text("arms: [base, dpo]\n", encoding="utf-8")
-    with pytest.raises(StudyError, match=r"arms\.1"):
-        load_study(path)
-
-
-def test_t_quantile_equals_scipy_where_available():
-    stats = pytest.importorskip("scipy.stats")
-    for df in (1, 2, 3, 5, 8, 30, 120):
-        for p in (0.9, 0.975, 0.995):
-            assert t_quantile(p, df) == pytest.approx(float(stats.t.ppf(p, df)), rel=1e-9)

@@ -1,0 +1,77 @@
+"""flows/study_plan.py: study.yaml, the run folders and commands of every arm × seed, the equal-budget check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.study_plan import ARMS, StudyConfig, StudyError, check_equal_budget, load_study, plan
+from herl_core.config import load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+
+
+def test_plan_puts_every_output_under_the_run_folder():
+    study = StudyConfig(params_profile="tiny", seeds=[0, 1], overrides=["train.steps=2"], out_dir="runs/s")
+    runs = plan(study)
+    # base once, then 3 trained arms × 2 seeds, seed-major
+    assert [r["name"] for r in runs] == [
+        "base",
+        "grpo-s0",
+        "herl-s0",
+        "herl_no_bonus-s0",
+        "grpo-s1",
+        "herl-s1",
+        "herl_no_bonus-s1",
+    ]
+    herl = runs[2]
+    sets = dict(item.split("=", 1) for item in herl["overrides"])
+    for key in ("train.out_dir", "train.checkpoint_dir", "train.report_dir", "evaluate.out_dir", "evaluate.policy"):
+        assert sets[key].startswith("runs/s/herl-s0/"), key
+    assert sets["train.seed"] == "0" and sets["train.steps"] == "2" and sets["tracking.log_model"] == "false"
+    assert sets["train.data"] == "runs/s/data/train.jsonl"
+    assert [c[:2] for c in herl["commands"]] == [["herl", "train"], ["herl", "evaluate"]]
+    assert "hindsight.bonus_enabled=false" in runs[3]["overrides"] and "hindsight.enabled=false" in runs[1]["overrides"]
+    base = dict(item.split("=", 1) for item in runs[0]["overrides"])
+    assert "train.seed" not in base and "evaluate.policy" not in base  # falls back to model.name_or_path
+    assert base["train.out_dir"] == "runs/s/base/policy"
+    assert [c[1] for c in runs[0]["commands"]] == ["evaluate"]
+
+
+def test_equal_budget_check():
+    study = StudyConfig(params_profile="tiny", seeds=[0])
+    configs = {r["name"]: load_params(ROOT / "params.yaml", "tiny", r["overrides"]) for r in plan(study)}
+    check_equal_budget(configs)  # arms differ only in hindsight.* and seeds: passes
+    configs["herl-s0"] = load_params(ROOT / "params.yaml", "tiny", [*plan(study)[2]["overrides"], "rollout.n=6"])
+    with pytest.raises(StudyError, match=r"rollout\.n differs"):
+        check_equal_budget(configs)
+
+
+# ---------------------------------------------------------------------------------------------------- study.yaml
+
+
+@pytest.mark.parametrize("profile", ["tiny", "cpu", "gpu"])
+def test_repo_study_yaml_profiles_validate_with_params(profile):
+    study = load_study(ROOT / "study.yaml", profile)
+    assert set(study.arms) <= set(ARMS)
+    for run in plan(study)[:2]:
+        load_params(ROOT / study.params, study.params_profile, run["overrides"])  # raises on a bad override
+
+
+def test_load_study_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("seeds: [0]\nprofiles:\n  a:\n    seedz: [1]\n", encoding="utf-8")
+    with pytest.raises(StudyError, match=r"study\.yaml:4: seedz: Extra inputs"):
+        load_study(path, "a")
+    with pytest.raises(StudyError, match="unknown study profile 'b'"):
+        load_study(path, "b")
+    path.write_text("seeds: [0, 0]\n", encoding="utf-8")
+    with pytest.raises(StudyError, match=r"study\.yaml:1: seeds: .*unique"):
+        load_study(path)
+    path.write_text("arms: [base, dpo]\n", encoding="utf-8")
+    with pytest.raises(StudyError, match=r"arms\.1"):
+        load_study(path)
