@@ -506,7 +506,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("nothing to run: --no-herl and --no-lmeval")
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = Report(args.name, out_dir=Path(args.out_dir) if args.out_dir else None, argv=argv)
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    report = Report(args.name, out_dir=out_dir, argv=argv, module="benchmarks.lmeval_match")
     from herl_core.config import ModelConfig
     from herl_core.evaluate import encode_eval_prompt
     from herl_core.models import load_policy

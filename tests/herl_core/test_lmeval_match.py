@@ -31,7 +31,10 @@ What is guaranteed, on every CPU:
 
 from __future__ import annotations
 
+import json
+import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,19 @@ def test_truncation_rate_reported(runs):
     n_cut = sum(herl.truncated)
     assert herl.metrics["n_truncated"] == n_cut and herl.metrics["truncated_frac"] == n_cut / N
     assert herl.metrics["response_tokens_mean"] == sum(map(len, herl.completion_ids)) / N
+
+
+def test_results_record_the_command_that_made_them(tmp_path):
+    # the results file is named by --name; its command must still name the script that ran, with every option
+    argv = ["--model", "tiny", "--limit", "2", "--max-new-tokens", "4", "--caps", "2", "--no-lmeval"]
+    argv += ["--name", "short_run", "--out-dir", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:
+        lm.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((tmp_path / "short_run.json").read_text())
+    words = shlex.split(res["command"])
+    assert words[0].startswith("python") and words[1:3] == ["-m", "benchmarks.lmeval_match"]
+    assert words[3:] == [a.replace(tempfile.gettempdir() + "/", "$TMP/") for a in argv]  # as results are written
+    assert res["limit"] == 2 and res["herl"]["metrics"]["n_prompts"] == 2 and "lmeval" not in res
