@@ -21,7 +21,7 @@ Prompts (``encode_eval_prompt``) are built the way lm-eval's HF backend builds t
 the chat template rendered to text with a generation prompt (a system message only when one is configured, else the
 template's own default), then tokenised with ``add_special_tokens=False`` when the text already starts with the BOS
 token and with the tokenizer's defaults otherwise. Greedy decoding stops at the EOS token(s); lm-eval's ``ifeval``
-task has ``until: []``, i.e. it stops at EOS only. docs/evaluation.md §4 records the comparison with lm-eval.
+task has ``until: []``, i.e. it stops at EOS only. docs/evaluation.md §5 records the comparison with lm-eval.
 
 Test-time experience-guided self-improvement (the abstract's claim; no code or protocol in the authors' repo, §7.3,
 so this is herl's reading): round 0 is plain generation. In round r = 1..R every prompt whose best answer fails an
