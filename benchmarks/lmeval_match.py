@@ -32,6 +32,8 @@ subclass whose ``_model_generate`` keeps the ids it returns). The comparison (``
 does not depend on the cap), so the answer at cap c is the first c tokens of the answer at ``--max-new-tokens``:
 they are cut there, decoded and scored; an answer is truncated at c when no EOS is among its first c tokens.
 ``--cap-check c:DIR`` checks that against a run made at cap c (equal ids, or near-tie divergences).
+``herl_repetition``: which answers cut at the cap are loops (``repeated_ngram_frac``: the share of 8-token sequences
+in an answer's second half that already occurred earlier in it; a loop at ≥ 0.9).
 
 Long runs can be split: ``--no-lmeval --keep H`` and ``--no-herl --keep L`` save each side's answers;
 ``--herl-from H --lmeval-from L`` compares them later on the first ``--limit`` prompts (no generation).
@@ -380,6 +382,41 @@ def compare(records: Sequence[Any], herl: Side, lmeval: Side, model: Any, gap_to
     }
 
 
+LOOP_NGRAM = 8
+
+
+def repeated_ngram_frac(ids: Sequence[int], n: int = LOOP_NGRAM) -> float | None:
+    """Share of the ``n``-grams that start in the second half of ``ids`` and already occurred earlier in ``ids``
+    (1.0: the second half only repeats itself, a loop; None: too short to have such an n-gram)."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    half = len(ids) // 2
+    if len(grams) <= half:
+        return None
+    seen: set[tuple[int, ...]] = set()
+    repeated = 0
+    for i, g in enumerate(grams):
+        repeated += i >= half and g in seen
+        seen.add(g)
+    return repeated / (len(grams) - half)
+
+
+def repetition(records: Sequence[Any], herl: Side, loop_at: float = 0.9) -> dict[str, Any]:
+    """How many of herl's answers cut at the cap are loops: ``repeated_ngram_frac`` of each cut answer (by id) and the
+    count at or above ``loop_at``."""
+    fracs = {
+        rec.id: repeated_ngram_frac(ids)
+        for rec, ids, cut in zip(records, herl.completion_ids, herl.truncated, strict=True)
+        if cut
+    }
+    return {
+        "ngram": LOOP_NGRAM,
+        "loop_at": loop_at,
+        "n_truncated": len(fracs),
+        "n_loops": sum(f is not None and f >= loop_at for f in fracs.values()),
+        "repeated_ngram_frac": fracs,
+    }
+
+
 def cap_metrics(records: Sequence[Any], herl: Side, tokenizer: Any, caps: Sequence[int]) -> dict[str, dict]:
     """Metrics of herl's answers cut at each cap (module doc: greedy answers are prefix-consistent)."""
     from herl_core.evaluate import Answer, score_responses
@@ -546,6 +583,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["herl"] = {"metrics": herl.metrics, "wall_s": round(herl.wall_s, 1)}
             results["herl"] |= {k: herl.extra[k] for k in ("loaded_from", "run_n", "run_wall_s") if k in herl.extra}
             results["herl_at_caps"] = cap_metrics(records, herl, tok, args.caps)
+            results["herl_repetition"] = repetition(records, herl)
             for spec in args.cap_check:
                 cap, where = spec.split(":", 1)
                 direct = load_side(Path(where), "herl", records)

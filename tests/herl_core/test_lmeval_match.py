@@ -154,3 +154,28 @@ def test_results_record_the_command_that_made_them(tmp_path):
     assert words[0].startswith("python") and words[1:3] == ["-m", "benchmarks.lmeval_match"]
     assert words[3:] == [a.replace(tempfile.gettempdir() + "/", "$TMP/") for a in argv]  # as results are written
     assert res["limit"] == 2 and res["herl"]["metrics"]["n_prompts"] == 2 and "lmeval" not in res
+
+
+def test_repeated_ngram_frac_by_hand():
+    assert lm.repeated_ngram_frac([1, 2, 3, 4] * 10) == 1.0  # period 4: every 8-gram of the second half recurs
+    assert lm.repeated_ngram_frac(list(range(40))) == 0.0  # no token repeats
+    # 32 tokens: 8-grams start at 0..24, the second half's at 16..24 (9); only the last, 0..7, occurred before
+    assert lm.repeated_ngram_frac(list(range(24)) + list(range(8))) == 1 / 9
+    assert lm.repeated_ngram_frac(list(range(14))) is None  # its 8-grams start at 0..6, its second half at 7
+
+
+def test_repetition_counts_loops_among_cut_answers():
+    from types import SimpleNamespace
+
+    records = [SimpleNamespace(id=f"p{i}") for i in range(3)]
+    side = lm.Side(
+        prompt_ids=[[1]] * 3,
+        completion_ids=[[5, 6] * 20, list(range(40)), [7, 8] * 20],
+        texts=["", "", ""],
+        truncated=[True, True, False],  # the third loops but ended with EOS: not counted
+        metrics={},
+        wall_s=0.0,
+    )
+    rep = lm.repetition(records, side)
+    assert rep["repeated_ngram_frac"] == {"p0": 1.0, "p1": 0.0}
+    assert rep["n_truncated"] == 2 and rep["n_loops"] == 1
