@@ -141,16 +141,25 @@ def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
 
 
 class Report:
-    """Collects a benchmark's context at start; ``write`` adds the results and the end load and saves the JSON."""
+    """Collects a benchmark's context at start; ``write`` adds the results and the end load and saves the JSON.
+
+    ``name``: the results file (``<out_dir>/<name>.json``); ``module``: the script that ran (default
+    ``benchmarks.<name>``; a script whose results name is an option, such as ``--name``, passes its own), so that
+    ``command`` is the command line that reproduces the file."""
 
     def __init__(
-        self, name: str, quiet: dict[str, Any] | None = None, out_dir: Path | None = None, argv: list[str] | None = None
+        self,
+        name: str,
+        quiet: dict[str, Any] | None = None,
+        out_dir: Path | None = None,
+        argv: list[str] | None = None,
+        module: str | None = None,
     ):
         self.name = name
         self.out_dir = out_dir or RESULTS
         self.started = datetime.now(UTC).isoformat(timespec="seconds")
         self.command = shlex.join(
-            [Path(sys.executable).name, "-m", f"benchmarks.{name}", *(sys.argv[1:] if argv is None else argv)]
+            [Path(sys.executable).name, "-m", module or f"benchmarks.{name}", *(sys.argv[1:] if argv is None else argv)]
         )
         self.context = {"quiet": quiet or {}, "load1_start": load1(), **git_commit()}
 

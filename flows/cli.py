@@ -214,7 +214,42 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
 
     cfg = load_config(params, profile, set_)
     banner("evaluate", cfg)
-    run_tracked("evaluate", params, cfg, lambda t: run_evaluate(cfg, sink=t.sink), [cfg.evaluate.out_dir])
+    metrics = run_tracked("evaluate", params, cfg, lambda t: run_evaluate(cfg, sink=t.sink), [cfg.evaluate.out_dir])
+    for line in eval_summary(metrics, cfg.evaluate.benchmarks):
+        console.print(line)
+
+
+TRUNCATION_WARN = 0.05
+"""Above this share of answers cut at evaluate.max_new_tokens the summary warns: the cap, not only the policy, shapes
+the scores."""
+
+
+def eval_summary(metrics: dict, benchmarks: list[str]) -> list[str]:
+    """Console lines: per benchmark the four official metrics with the truncation rate beside them, and a warning
+    when more than ``TRUNCATION_WARN`` of the answers were cut at the token cap."""
+
+    def pct(v) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    cap = metrics.get("max_new_tokens")
+    lines = []
+    for b in benchmarks:
+        m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{b}/")}
+        if not m:
+            continue
+        lines.append(
+            f"{b:<8} prompt_strict {pct(m.get('prompt_strict'))}  inst_strict {pct(m.get('inst_strict'))}  "
+            f"prompt_loose {pct(m.get('prompt_loose'))}  inst_loose {pct(m.get('inst_loose'))}  "
+            f"truncated {pct(m.get('truncated_frac'))}% ({m.get('n_truncated')}/{m.get('n_prompts')} at "
+            f"{cap} tokens)"
+        )
+        if (m.get("truncated_frac") or 0) > TRUNCATION_WARN:
+            lines.append(
+                f"[yellow]warning:[/yellow] {pct(m['truncated_frac'])}% of {b} answers hit evaluate.max_new_tokens="
+                f"{cap} without EOS; cut answers are scored as they stand, so compare these scores only with runs "
+                "at the same cap (lm-eval's IFEval uses 1280)"
+            )
+    return lines
 
 
 @app.command("config")

@@ -491,7 +491,23 @@ class EvaluateConfig(StrictModel):
         "ifbench",
     ]
     limit: Annotated[int | None, Field(ge=1, description="Prompts per benchmark (None = all: 541 / 300).")] = None
-    max_new_tokens: Annotated[int, Field(ge=1, description="Max tokens per answer.")] = 512
+    max_new_tokens: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="Max tokens per answer (1280 = lm-eval's and lighteval's IFEval budget; a cut answer is "
+            "scored as it stands, and the share cut is reported as truncated_frac).",
+        ),
+    ] = 1280
+    first_pass_tokens: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Greedy answers are generated in passes of doubling length from this many tokens up to "
+            "max_new_tokens; only answers without EOS continue, re-batched (a batch stops decoding finished answers). "
+            "0 = one pass.",
+        ),
+    ] = 256
     temperature: Annotated[float, Field(ge=0, description="0 = greedy (§3.14 validation is greedy).")] = 0.0
     batch_size: Annotated[int, Field(ge=1, description="Prompts per generate call.")] = 16
     self_improve_rounds: Annotated[

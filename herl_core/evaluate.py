@@ -12,6 +12,17 @@ are counted as ``n_unscorable`` and left out of the instruction-level denominato
 prompt with any unscorable instruction is left out of the prompt-level metrics (its verdict "all followed" is
 unknown) and counted in ``n_prompts_unscorable``. With no unscorable instruction the numbers equal lm_eval's.
 
+Truncation (``truncated_frac``): the share of answers that reached ``evaluate.max_new_tokens`` without an EOS token.
+A cut answer is scored as it stands, as every harness does, so a cap that truncates often lowers the scores for a
+reason that is not instruction following (e.g. "at least 300 words", a closing "P.S."). lm-eval's and lighteval's
+IFEval tasks allow 1280 new tokens; herl's default is the same, and the rate is reported beside every score.
+
+Prompts (``encode_eval_prompt``) are built the way lm-eval's HF backend builds them with ``--apply_chat_template``:
+the chat template rendered to text with a generation prompt (a system message only when one is configured, else the
+template's own default), then tokenised with ``add_special_tokens=False`` when the text already starts with the BOS
+token and with the tokenizer's defaults otherwise. Greedy decoding stops at the EOS token(s); lm-eval's ``ifeval``
+task has ``until: []``, i.e. it stops at EOS only. docs/evaluation.md §5 records the comparison with lm-eval.
+
 Test-time experience-guided self-improvement (the abstract's claim; no code or protocol in the authors' repo, §7.3,
 so this is herl's reading): round 0 is plain generation. In round r = 1..R every prompt whose best answer fails an
 instruction (strict) gets a hindsight prompt (§3.5) built from the strict checker verdicts of that answer; the
@@ -23,6 +34,7 @@ at test time: the strict checker verdicts (``feedback`` in the result). Strict m
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +44,21 @@ from herl_core.io import write_json_atomic, write_jsonl_atomic
 from herl_core.records import PromptRecord, Verdict
 
 FEEDBACK = "strict checker verdicts"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One generated answer: its text, whether it was cut at the token cap without EOS, and its length in tokens.
+    ``None`` = unknown (an answer given as a bare string)."""
+
+    text: str
+    truncated: bool | None = None
+    n_tokens: int | None = None
+
+
+def as_answer(answer: str | Answer) -> Answer:
+    """A bare string is an ``Answer`` whose truncation and length are unknown."""
+    return answer if isinstance(answer, Answer) else Answer(text=answer)
 
 
 class EvalResult(BaseModel):
@@ -64,14 +91,17 @@ def _instruction_verdicts(record: PromptRecord, response: str) -> list[dict[str,
     return rows
 
 
-def sample_row(record: PromptRecord, response: str, instructions: list[dict[str, Any]]) -> dict[str, Any]:
+def sample_row(record: PromptRecord, response: str | Answer, instructions: list[dict[str, Any]]) -> dict[str, Any]:
     """One samples.jsonl row; prompt verdicts are ``None`` when any instruction is unscorable."""
+    answer = as_answer(response)
     scored = all(i["strict"] is not None for i in instructions)
     return {
         "id": record.id,
         "source": record.source,
         "prompt": record.prompt,
-        "response": response,
+        "response": answer.text,
+        "truncated": answer.truncated,
+        "response_tokens": answer.n_tokens,
         "instructions": instructions,
         "prompt_strict": all(i["strict"] for i in instructions) if scored else None,
         "prompt_loose": all(i["loose"] for i in instructions) if scored else None,
@@ -79,10 +109,13 @@ def sample_row(record: PromptRecord, response: str, instructions: list[dict[str,
 
 
 def aggregate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Official metrics over sample rows (module doc): prompt/inst × strict/loose, with counts."""
+    """Official metrics over sample rows (module doc): prompt/inst × strict/loose, with counts, and the truncation
+    rate ``truncated_frac`` = #{answers cut at the cap without EOS} / #{answers whose truncation is known}."""
     insts = [i for s in samples for i in s["instructions"]]
     scored = [i for i in insts if i["strict"] is not None]
     prompts = [s for s in samples if s["prompt_strict"] is not None]
+    known = [s for s in samples if s.get("truncated") is not None]
+    lengths = [s["response_tokens"] for s in samples if s.get("response_tokens") is not None]
     return {
         "prompt_strict": _ratio(sum(s["prompt_strict"] for s in prompts), len(prompts)),
         "inst_strict": _ratio(sum(i["strict"] for i in scored), len(scored)),
@@ -94,6 +127,9 @@ def aggregate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "n_instructions": len(insts),
         "n_instructions_scored": len(scored),
         "n_unscorable": len(insts) - len(scored),
+        "truncated_frac": _ratio(sum(s["truncated"] for s in known), len(known)),
+        "n_truncated": sum(s["truncated"] for s in known),
+        "response_tokens_mean": _ratio(sum(lengths), len(lengths)),
     }
 
 
@@ -119,17 +155,96 @@ def per_type(samples: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return dict(sorted(out.items()))
 
 
-def score_responses(records: Sequence[PromptRecord], responses: Sequence[str]) -> EvalResult:
+def score_responses(records: Sequence[PromptRecord], responses: Sequence[str | Answer]) -> EvalResult:
     """Score ``responses[i]`` against ``records[i].rubrics`` with the official strict and loose checks."""
     if len(records) != len(responses):
         raise ValueError(f"{len(records)} records but {len(responses)} responses")
     from herl_core.nltk_setup import ensure_punkt
 
     ensure_punkt()
+    answers = [as_answer(r) for r in responses]
     samples = [
-        sample_row(rec, resp, _instruction_verdicts(rec, resp)) for rec, resp in zip(records, responses, strict=True)
+        sample_row(rec, ans, _instruction_verdicts(rec, ans.text)) for rec, ans in zip(records, answers, strict=True)
     ]
     return EvalResult(metrics=aggregate(samples), per_type=per_type(samples), samples=samples)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# prompts and generation (the stage's policy)
+
+
+def encode_eval_prompt(tokenizer: Any, text: str, system_prompt: str | None = None, chat: bool = True) -> list[int]:
+    """Prompt ids as lm-eval's HF backend builds them under ``--apply_chat_template`` (module doc).
+
+    chat=True: ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`` with a system message
+    only when ``system_prompt`` is given, then ``tokenizer(text, add_special_tokens=False)`` when the text starts with
+    the BOS token, else ``tokenizer(text)`` (lm-eval's ``tok_batch_encode``). For a template that writes its own BOS
+    (SmolLM2's starts with ``<|im_start|>``, its BOS) this equals ``herl_core.models.encode_prompt``, the training
+    format. chat=False: the raw text without special tokens (the hindsight prompt), as ``encode_prompt``.
+    """
+    if not chat:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    messages.append({"role": "user", "content": text})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    special = {"add_special_tokens": False} if bos and rendered.startswith(bos) else {}
+    return list(tokenizer(rendered, **special)["input_ids"])
+
+
+def pass_limits(max_new_tokens: int, first_pass_tokens: int) -> list[int]:
+    """Cumulative token limits of the generation passes: ``first_pass_tokens``, doubling, then ``max_new_tokens``
+    (e.g. 256 → [256, 512, 1024, 1280]); one pass when ``first_pass_tokens`` is 0 or reaches the cap."""
+    if first_pass_tokens <= 0 or first_pass_tokens >= max_new_tokens:
+        return [max_new_tokens]
+    limits, limit = [], first_pass_tokens
+    while limit < max_new_tokens:
+        limits.append(limit)
+        limit *= 2
+    return [*limits, max_new_tokens]
+
+
+def generate_answers(
+    engine: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    system_prompt: str | None = None,
+    chat: bool = True,
+    first_pass_tokens: int = 0,
+) -> list[Answer]:
+    """One answer per text from a rollout engine: ``truncated`` = cut at ``max_new_tokens`` without EOS.
+
+    Greedy answers are generated in passes (``pass_limits``): after each pass only the answers without EOS go on,
+    re-batched, from their prompt plus what they have so far, so a batch no longer decodes finished answers until
+    its longest one ends (at a 1280-token cap on a CPU most of the work otherwise). Greedy decoding from a prefix is
+    the same computation as decoding through it, up to float rounding of the prefill: tokens can differ only at a
+    near-tie, as between any two batchings. Text = ``tokenizer.decode(all completion ids, skip_special_tokens=True)``
+    (the HF engine's own decoding). Sampled answers (temperature > 0) take one pass: a second would reuse the random
+    stream of the first.
+    """
+    from herl_core.rollout.base import SamplingParams
+
+    prompts = [encode_eval_prompt(tokenizer, t, system_prompt, chat=chat) for t in texts]
+    limits = pass_limits(max_new_tokens, first_pass_tokens) if temperature == 0 else [max_new_tokens]
+    completions: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    pending, done = list(range(len(prompts))), 0
+    for limit in limits:
+        if not pending:
+            break
+        sampling = SamplingParams(temperature=temperature, max_new_tokens=limit - done, seed=seed)
+        gens = engine.generate([prompts[i] + completions[i] for i in pending], 1, sampling)
+        for i, g in zip(pending, gens, strict=True):
+            completions[i] += list(g.completion_ids)
+            finished[i] = g.finished
+        pending, done = [i for i in pending if not finished[i]], limit
+    return [
+        Answer(text=tokenizer.decode(ids, skip_special_tokens=True), truncated=not fin, n_tokens=len(ids))
+        for ids, fin in zip(completions, finished, strict=True)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -159,8 +274,11 @@ def _verdicts(record: PromptRecord, sample: dict[str, Any]) -> list[Verdict]:
     ]
 
 
+Generate = Callable[[list[str]], Sequence[str | Answer]]
+
+
 def _revise(
-    records: Sequence[PromptRecord], best: list[dict[str, Any]], revise: Callable[[list[str]], list[str]]
+    records: Sequence[PromptRecord], best: list[dict[str, Any]], revise: Generate
 ) -> tuple[list[int], list[dict[str, Any]]]:
     """Indices of failing prompts and the scored revisions of their current best answers."""
     from herl_core.hindsight.prompt import build_hindsight_prompt
@@ -178,14 +296,15 @@ def _revise(
 
 def evaluate_policy(
     records: Sequence[PromptRecord],
-    generate: Callable[[list[str]], list[str]],
+    generate: Generate,
     rounds: int = 0,
-    revise: Callable[[list[str]], list[str]] | None = None,
+    revise: Generate | None = None,
 ) -> EvalResult:
     """Generate, score, then ``rounds`` rounds of hindsight self-improvement (module doc).
 
-    ``generate`` maps user instructions to answers (the stage plugs in the policy, greedy, chat template);
-    ``revise`` maps hindsight prompts to revisions (default: ``generate``). The result's samples are the kept
+    ``generate`` maps user instructions to answers (the stage plugs in ``generate_answers``: the policy, greedy,
+    chat template); ``revise`` maps hindsight prompts to revisions (default: ``generate``). Answers are ``Answer``s
+    or bare strings (truncation unknown). The result's samples are the kept
     answers (``round`` = the round that produced each); ``rounds[r]`` holds the metrics after round r.
     """
     if rounds < 0:

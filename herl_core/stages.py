@@ -304,25 +304,27 @@ def eval_policy(cfg: Config) -> tuple[ModelConfig, str, bool]:
 
 
 def run_evaluate(cfg: Config, sink: MetricsSink | None = None) -> dict:
-    """The ``evaluate`` stage: greedy (``evaluate.temperature``) chat-template answers of the policy on each of
-    ``evaluate.benchmarks`` (``prepare.out_dir``/<benchmark>.jsonl, first ``evaluate.limit``), official IF metrics,
-    ``evaluate.self_improve_rounds`` of test-time hindsight revision. Returns the flat metrics.json."""
-    from herl_core.evaluate import evaluate_policy, write_eval
-    from herl_core.models import encode_prompt, load_policy
+    """The ``evaluate`` stage: greedy (``evaluate.temperature``) chat-template answers of the policy, at most
+    ``evaluate.max_new_tokens`` each, on each of ``evaluate.benchmarks`` (``prepare.out_dir``/<benchmark>.jsonl, first
+    ``evaluate.limit``), official IF metrics and the truncation rate, ``evaluate.self_improve_rounds`` of test-time
+    hindsight revision. Prompts are built as lm-eval builds them (``herl_core.evaluate.encode_eval_prompt``).
+    Returns the flat metrics.json."""
+    from herl_core.evaluate import evaluate_policy, generate_answers, write_eval
+    from herl_core.models import load_policy
     from herl_core.rollout import make_engine
-    from herl_core.rollout.base import SamplingParams
 
     e = cfg.evaluate
     model_cfg, policy, fallback = eval_policy(cfg)
     model, tok = load_policy(model_cfg)
     engine = make_engine(cfg.rollout.engine.model_copy(update={"generation_batch_size": e.batch_size}), model, tok)
-    sampling = SamplingParams(temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=cfg.train.seed)
 
-    def answer(texts: list[str], chat: bool) -> list[str]:
-        ids = [encode_prompt(tok, t, cfg.rollout.system_prompt, chat=chat) for t in texts]
-        return [g.text for g in engine.generate(ids, 1, sampling)]
+    def answer(texts: list[str], chat: bool) -> list:
+        return generate_answers(
+            engine, tok, texts, e.max_new_tokens, temperature=e.temperature, seed=cfg.train.seed,
+            system_prompt=cfg.rollout.system_prompt, chat=chat, first_pass_tokens=e.first_pass_tokens,
+        )  # fmt: skip
 
-    metrics: dict = {"policy": policy, "policy_fallback": fallback}
+    metrics: dict = {"policy": policy, "policy_fallback": fallback, "max_new_tokens": e.max_new_tokens}
     for bench in e.benchmarks:
         records = load_prompts(Path(cfg.prepare.out_dir) / f"{bench}.jsonl", validate_constraints=False)[: e.limit]
         result = evaluate_policy(

@@ -22,6 +22,11 @@ Departures from the authors' code:
 3. ``nltk.download`` is replaced by a no-op for the whole process when IFBench is loaded: ifbench calls it at
    import and inside ~10 checkers, and it always asks the network first (hangs or fails offline). spaCy is
    stubbed only around the ifbench import and restored afterwards (its models are not installed).
+4. A checker built from kwargs it replaces with a random draw (IFEval's ``keywords:letter_frequency`` with the
+   letters "#" and "!", rows 1122 and 1129: it checks a random letter instead) draws from ``random`` seeded by the
+   rubric (id, kwargs, prompt), so its verdict is the same in every run; the reference draws from the process's
+   global stream (lm-eval: seeded once per run, so its draw depends on everything scored before). Training rubrics
+   never need this (``validate_rubric`` refuses them).
 """
 
 from __future__ import annotations
@@ -175,6 +180,8 @@ def _built(instruction_id: str, frozen: str, prompt: str | None) -> tuple[Any, s
     checker = checker_class(instruction_id)(_bare_id(instruction_id))
     state = random.getstate()  # a checker given bad kwargs draws from the global stream: leave it as it was
     try:
+        # ... and draws the same value in every run: seeded by the rubric (departure 4)
+        random.seed(json.dumps([instruction_id, frozen, prompt]))
         description = checker.build_description(**json.loads(frozen))
         if prompt is not None:
             description = checker.build_description(prompt=prompt)

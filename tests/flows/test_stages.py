@@ -234,6 +234,11 @@ def test_evaluate_scores_the_trained_policy(ws):
     assert len(samples) == 4  # profiles.tiny.evaluate.limit
     scored = [s for s in samples if s["prompt_strict"] is not None]
     assert metrics["ifeval/prompt_strict"] == pytest.approx(sum(s["prompt_strict"] for s in scored) / len(scored))
+    # the truncation rate sits beside the scores: answers cut at the 16-token cap without EOS
+    assert metrics["max_new_tokens"] == 16 and all(s["response_tokens"] <= 16 for s in samples)
+    cut = [s["truncated"] for s in samples]
+    assert metrics["ifeval/n_truncated"] == sum(cut) and metrics["ifeval/truncated_frac"] == sum(cut) / 4
+    assert all(s["response_tokens"] == 16 for s in samples if s["truncated"])
     assert json.loads((root / "reports/evaluate/metrics.json").read_text()) == metrics
     assert "ifbench/prompt_strict" not in metrics  # tiny evaluates IFEval only
 

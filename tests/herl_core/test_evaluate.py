@@ -146,6 +146,152 @@ def test_equal_to_lm_eval_ifeval_scoring():
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# truncation, prompts, generation
+
+
+def test_truncation_rate_hand_counted():
+    # 3 answers: cut (5 tokens), finished (3 tokens), a bare string (unknown) → 1 cut of 2 known; mean length 4
+    recs = [_record(f"r{i}", ["punctuation:no_comma"]) for i in range(3)]
+    res = ev.score_responses(recs, [ev.Answer("a b", True, 5), ev.Answer("c", False, 3), "d"])
+    assert (res.metrics["truncated_frac"], res.metrics["n_truncated"]) == (0.5, 1)
+    assert res.metrics["response_tokens_mean"] == 4.0
+    assert [(s["truncated"], s["response_tokens"]) for s in res.samples] == [(True, 5), (False, 3), (None, None)]
+    # a cut answer is scored as it stands: all three pass no_comma
+    assert res.metrics["inst_strict"] == 1.0
+
+
+def test_truncation_unknown_for_bare_strings():
+    m = ev.score_responses([_record("r", ["punctuation:no_comma"])], ["x"]).metrics
+    assert m["truncated_frac"] is None and m["n_truncated"] == 0 and m["response_tokens_mean"] is None
+
+
+def test_self_improvement_keeps_the_kept_answers_truncation():
+    # a's first answer is cut and fails; its revision passes and finished: the kept answer's flag counts
+    recs = [_record("a", ["punctuation:no_comma"], prompt="Say A."), _record("b", ["punctuation:no_comma"])]
+
+    def generate(prompts):
+        if prompts == ["Say A.", "Say something."]:
+            return [ev.Answer("x, y", True, 8), ev.Answer("fine", False, 2)]
+        return [ev.Answer("fixed", False, 3) for _ in prompts]
+
+    res = ev.evaluate_policy(recs, generate, rounds=1)
+    assert [r["truncated_frac"] for r in res.rounds] == [0.5, 0.0]
+    assert [s["round"] for s in res.samples] == [1, 0]
+
+
+class _Gen:
+    def __init__(self, prompt, ids, finished):
+        self.prompt_ids, self.completion_ids, self.finished = prompt, ids, finished
+
+
+class _Engine:
+    """A deterministic greedy "model" over whole sequences: the first token is the length at which it writes EOS (0);
+    before that the next token is len(seq) % 50 + 1. Continuing from a prefix gives the same tokens (as greedy does)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, n, sampling):
+        self.calls.append(([list(p) for p in prompts], n, sampling))
+        out = []
+        for p in prompts:
+            seq = list(p)
+            while len(seq) - len(p) < sampling.max_new_tokens and (len(seq) == len(p) or seq[-1] != 0):
+                seq.append(0 if len(seq) + 1 >= p[0] else len(seq) % 50 + 1)
+            out.append(_Gen(list(p), seq[len(p) :], seq[-1] == 0))
+        return out
+
+
+class _Tok:
+    """A tokenizer stand-in: one id per character; the template writes ``bos`` first when ``own_bos``."""
+
+    bos_token = "<s>"
+
+    def __init__(self, own_bos: bool):
+        self.own_bos, self.seen = own_bos, []
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert tokenize is False and add_generation_prompt is True
+        body = "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
+        return ("<s>" if self.own_bos else "") + body
+
+    def __call__(self, text, **kwargs):
+        self.seen.append(kwargs)
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([1] if kwargs.get("add_special_tokens", True) else []) + ids}
+
+    def decode(self, ids, skip_special_tokens):
+        assert skip_special_tokens
+        return "".join(chr(i + 96) for i in ids if i != 0)
+
+
+def test_encode_eval_prompt_follows_lm_evals_bos_rule():
+    # the template writes BOS: no special tokens added; it does not: the tokenizer's defaults (here: BOS prepended)
+    own, plain = _Tok(own_bos=True), _Tok(own_bos=False)
+    a = ev.encode_eval_prompt(own, "hi")
+    b = ev.encode_eval_prompt(plain, "hi")
+    assert own.seen == [{"add_special_tokens": False}] and plain.seen == [{}]
+    assert a == [ord(c) for c in "<s>[user]hi[assistant]"] and b == [1] + [ord(c) for c in "[user]hi[assistant]"]
+    assert ev.encode_eval_prompt(plain, "hi", system_prompt="S") == [1] + [
+        ord(c) for c in "[system]S[user]hi[assistant]"
+    ]
+    assert ev.encode_eval_prompt(plain, "raw", chat=False) == [ord(c) for c in "raw"]
+
+
+def test_eval_prompts_equal_the_training_format_for_smollm2():
+    # SmolLM2's template starts with <|im_start|>, its BOS: lm-eval's rule adds nothing, so every IFEval/IFBench
+    # prompt encodes exactly as herl_core.models.encode_prompt (training) encodes it
+    from herl_core.config import ModelConfig
+    from herl_core.models import encode_prompt, load_tokenizer
+    from herl_core.prepare import load_ifbench, load_ifeval
+
+    tok = load_tokenizer(ModelConfig(name_or_path="tiny"))  # the SmolLM2 tokenizer
+    texts = [r.prompt for r in load_ifeval() + load_ifbench()]
+    assert len(texts) == 841
+    assert all(ev.encode_eval_prompt(tok, t) == encode_prompt(tok, t) for t in texts)
+    assert ev.encode_eval_prompt(tok, texts[0])[0] == tok.bos_token_id == 1
+
+
+def test_pass_limits():
+    assert ev.pass_limits(1280, 256) == [256, 512, 1024, 1280]
+    assert ev.pass_limits(1280, 640) == [640, 1280]
+    assert ev.pass_limits(128, 256) == ev.pass_limits(128, 128) == ev.pass_limits(128, 0) == [128]
+
+
+def test_generate_answers_marks_cut_answers():
+    from herl_core.rollout.base import SamplingParams
+
+    # prompt texts are raw (chat=False): the first character's code is where the fake model writes EOS.
+    # "\x05a" (2 ids): EOS at length 5 → 3 tokens [3, 4, 0]; "\x0aab" (3 ids): 7 tokens; "\x30" (1 id): cut at 7
+    engine, tok = _Engine(), _Tok(own_bos=True)
+    got = ev.generate_answers(engine, tok, ["\x05a", "\x0aab", "\x30"], max_new_tokens=7, seed=3, chat=False)
+    assert [(a.n_tokens, a.truncated) for a in got] == [(3, False), (7, False), (7, True)]
+    assert got[0].text == "cd" and got[2].text == "bcdefgh"  # ids 2..8 → b..h; EOS not decoded
+    ((prompts, n, sampling),) = engine.calls
+    assert n == 1 and sampling == SamplingParams(temperature=0.0, max_new_tokens=7, seed=3)
+    assert prompts[0] == [5, ord("a")]
+    assert ev.generate_answers(engine, tok, [], max_new_tokens=7) == [] and len(engine.calls) == 1
+
+
+def test_passes_give_the_one_pass_answers_and_stop_finished_ones():
+    # targets: EOS after 3, 6, 13, 30 new tokens (first id = total length; prompts of 2 ids); one never ends by 40
+    texts = ["\x05a", "\x08a", "\x0fa", "\x20a", "\x60a"]
+    one, passes = _Engine(), _Engine()
+    ref = ev.generate_answers(one, _Tok(True), texts, max_new_tokens=40, chat=False)
+    got = ev.generate_answers(passes, _Tok(True), texts, max_new_tokens=40, chat=False, first_pass_tokens=5)
+    assert got == ref
+    assert [(a.n_tokens, a.truncated) for a in got] == [(3, False), (6, False), (13, False), (30, False), (40, True)]
+    # passes to 5, 10, 20, 40 tokens: each continues only the answers without EOS, from prompt + answer so far
+    assert [len(p) for p, _, _ in passes.calls] == [5, 4, 3, 2]
+    assert [s.max_new_tokens for _, _, s in passes.calls] == [5, 5, 10, 20]
+    assert passes.calls[1][0][0] == [8, ord("a"), 3, 4, 5, 6, 7]  # prompt + the first 5 tokens
+    # sampled answers take one pass (a second would reuse the random stream)
+    sampled = _Engine()
+    ev.generate_answers(sampled, _Tok(True), texts, max_new_tokens=40, chat=False, temperature=1.0, first_pass_tokens=5)
+    assert len(sampled.calls) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # test-time self-improvement
 
 GAMMA = {"keywords": ["gamma"]}
