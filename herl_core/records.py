@@ -211,3 +211,21 @@ class ControlTypeRow(Record):
     resample_break: float | None = Field(description="Met constraints the best resample fails.")
     resample_break_lo: float | None
     resample_break_hi: float | None
+
+
+class ValidationOutcome(Record):
+    """What one validation prompt scored at one validation point (``<train.report_dir>``/val_outcomes.jsonl): the
+    per-prompt data behind ``val/*`` that a paired comparison of two runs resamples (herl_core/validate.py)."""
+
+    step: int = Field(ge=0, description="Validation point: the policy before that step's update (train.steps: final).")
+    part: str = Field(description="Metric prefix of the answers: 'val/' (sampled) or 'val/greedy/'.")
+    prompt_id: str
+    answers: int = Field(ge=0, description="Answers sampled for the prompt.")
+    scored: int = Field(ge=0, description="Answers whose reward call succeeded.")
+    all_met: int = Field(ge=0, description="Answers meeting every rubric (R = 1).")
+    reward_sum: float = Field(description="Sum of the scored answers' rewards R.")
+    truncated: int = Field(ge=0, description="Answers cut by the token limit.")
+    tokens: int = Field(ge=0, description="Answer tokens generated.")
+    types: dict[str, list[int]] = Field(
+        default_factory=dict, description="Constraint type → [passed, scorable] checks over the prompt's answers."
+    )

@@ -8,7 +8,8 @@ DVC metric) and never leaves a half-written output. Outputs (docs/pipeline.md):
 * rollout   → ``probe.rollout_dir``/rollouts.jsonl (RolloutRecord), summary.json          (spec §3.2-3.3)
 * hindsight → ``probe.hindsight_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json  (spec §3.4-3.9),
               and with ``probe.control`` control.jsonl, control.json, control_types.csv  (docs/probe.md)
-* train     → ``train.out_dir`` (policy), ``train.report_dir``/*.jsonl, summary.json     (spec §3.15)
+* train     → ``train.out_dir`` (policy), ``train.report_dir``/*.jsonl, summary.json     (spec §3.15); with
+              validation on, val_outcomes.jsonl (per prompt and point) and validation_final.json (trained policy)
 * evaluate  → ``evaluate.out_dir``/<benchmark>/{metrics,per_type}.json, samples.jsonl, metrics.json  (spec §3.14)
 
 The rollout and hindsight stages run the functions of one training step once (the readiness probe,
@@ -33,6 +34,8 @@ from herl_core.records import PromptRecord, RolloutRecord
 from herl_core.sink import JsonlSink, MetricsSink, MultiSink, NullSink
 
 STAGES = ("prepare", "rollout", "hindsight", "train", "evaluate")
+VALIDATION_FINAL = "validation_final.json"
+"""``train.report_dir``/validation_final.json: ``val/*`` of the trained policy (herl_core/validate.py)."""
 
 
 def load_prompts(
@@ -124,12 +127,17 @@ def run_train(
     history = _read_history(Path(cfg.train.report_dir) / "steps.jsonl")
     history += trainer.train(on_step=on_step)
     trainer.save(cfg.train.checkpoint_dir, keep=cfg.train.keep_checkpoints)
-    summary = {**summarise(history), "config_hash": cfg.hash()}
+    final = trainer.final_validation()  # val/* of the trained policy (validation on), at step train.steps
+    if final and sink is not None and dp.is_main:
+        sink.log_metrics(final, trainer.state.step)
+    summary = {**summarise(history), **{f"final/{k}": v for k, v in final.items()}, "config_hash": cfg.hash()}
     weights = trainer.full_weights()  # FSDP: gathered onto rank 0 (every rank takes part); None otherwise
     with dp.main_first() as main:
         if main:
             with atomic_dir(cfg.train.out_dir) as tmp:
                 save_checkpoint_weights(trainer.model, trainer.tokenizer, tmp, state_dict=weights)
+            if final:
+                write_json_atomic(Path(cfg.train.report_dir) / VALIDATION_FINAL, {"step": trainer.state.step, **final})
             write_json_atomic(Path(cfg.train.report_dir) / "summary.json", summary)
     return summary
 

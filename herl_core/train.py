@@ -224,8 +224,21 @@ class Trainer:
         samples, their RNG streams and ``rollout/min_draw_margin`` are untouched."""
         if not validation_due(step, self.cfg.train):
             return {}
+        return self._validate(step)
+
+    def final_validation(self) -> dict[str, float]:
+        """``val/*`` of the trained policy (after the last update), at step ``train.steps``, with the seeds of every
+        other validation point; {} when validation is off."""
+        return self._validate(self.state.step) if self.cfg.train.eval_every else {}
+
+    def _validate(self, step: int) -> dict[str, float]:
+        rows: list = []
         with self.dp.gathered():
-            return validate(self.val_prompts, self.engine.engine, self.val_reward, self.tokenizer, self.cfg, self.dp)
+            metrics = validate(
+                self.val_prompts, self.engine.engine, self.val_reward, self.tokenizer, self.cfg, self.dp, step, rows
+            )
+        self.sink.log_records("val_outcomes", rows, step)
+        return metrics
 
     # ---------------------------------------------------------------------------------------------------- state
     def save(self, root: str, keep: int = 1, extras: dict | None = None) -> str:

@@ -24,6 +24,14 @@ Metrics (prefix ``val/`` for the sampled answers, ``val/greedy/`` for the greedy
     type/<id>       = #{passed checks of constraint type id} / #{scorable checks of that type}
     val/min_draw_margin = the smallest draw margin of the validation answers, all ranks (as rollout/min_draw_margin)
     perf/val_s      = wall seconds of the validation point
+    perf/val_tokens = answer tokens the validation point generated
+
+Per prompt (``prompt_outcomes``, ``ValidationOutcome`` rows in ``val_outcomes.jsonl``): answers, all-met count, reward
+sum, truncations, tokens, and passed/scorable checks per constraint type: the data a paired comparison of two runs
+resamples (herl_core/stats.py ``paired_bootstrap``).
+
+After the last update (``final_validation``; the train stage writes ``validation_final.json``): the same validation
+of the trained policy, at step ``train.steps``, with the same seeds as every other point.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import numpy as np
 
 from herl_core.config import Config, RolloutConfig, TrainConfig
 from herl_core.probe import all_passed, type_pass_rates
-from herl_core.records import PromptRecord, Verdict
+from herl_core.records import PromptRecord, ValidationOutcome, Verdict
 from herl_core.rewards.base import RewardFn
 from herl_core.rollout.base import DrawMeter, RolloutEngine
 from herl_core.rollout.groups import VALIDATION_PHASE, call_seed, sample_groups
@@ -76,6 +84,31 @@ def validation_metrics(groups: Sequence[Group], prefix: str) -> dict[str, float]
     return {prefix + k: v for k, v in metrics.items()}
 
 
+def prompt_outcomes(groups: Sequence[Group], prefix: str, step: int) -> list[ValidationOutcome]:
+    """One ``ValidationOutcome`` per group (prompt) of a validation point (module doc)."""
+    rows = []
+    for group, verdicts in ((g, constraint_verdicts(g)) for g in groups):
+        scores = [s.score for s in group.samples if s.score is not None]
+        types: dict[str, list[int]] = {}
+        for name, row in type_pass_rates(verdicts).items():
+            types[name] = [int(row["passed"]), int(row["n"])]
+        rows.append(
+            ValidationOutcome(
+                step=step,
+                part=prefix,
+                prompt_id=group.record.id,
+                answers=len(group.samples),
+                scored=len(scores),
+                all_met=sum(x >= 1.0 for x in scores),
+                reward_sum=float(sum(scores)),
+                truncated=sum(not s.finished for s in group.samples),
+                tokens=sum(len(s.completion_ids) for s in group.samples),
+                types=types,
+            )
+        )
+    return rows
+
+
 def validation_rollouts(cfg: Config) -> dict[str, RolloutConfig]:
     """The sampling of each part of a validation point, by metric prefix: k answers at the validation temperature
     and one greedy answer (``rollout.n`` and ``temperature`` replaced; chat template and limits kept)."""
@@ -99,16 +132,23 @@ def validate(
     tokenizer,
     cfg: Config,
     dp: DataParallel,
+    step: int = 0,
+    outcomes: list[ValidationOutcome] | None = None,
 ) -> dict[str, float]:
     """Score the current policy on ``records`` (module doc); under data parallelism each rank answers a share of the
-    prompts (``dp.map``) and every rank returns the metrics of all of them."""
+    prompts (``dp.map``) and every rank returns the metrics of all of them. ``outcomes``: a list the per-prompt rows
+    of validation point ``step`` are appended to."""
     start = time.perf_counter()
     seed, meter = call_seed(cfg.train.seed, 0, VALIDATION_PHASE), DrawMeter(engine)
     metrics: dict[str, float] = {}
+    tokens = 0
     for prefix, rollout in validation_rollouts(cfg).items():
         groups = dp.map(lambda part, r=rollout: sample_groups(part, meter, reward, tokenizer, r, seed), records)
         metrics |= validation_metrics(groups, prefix)
+        tokens += sum(len(s.completion_ids) for g in groups for s in g.samples)
+        if outcomes is not None:
+            outcomes += prompt_outcomes(groups, prefix, step)
     margin = dp.min(meter.take())
     if math.isfinite(margin):  # an engine that reports margins (the HF engine)
         metrics["val/min_draw_margin"] = margin
-    return {**metrics, "perf/val_s": time.perf_counter() - start}
+    return {**metrics, "perf/val_s": time.perf_counter() - start, "perf/val_tokens": float(tokens)}

@@ -33,28 +33,59 @@ def test_plan_puts_every_output_under_the_run_folder():
     for key in ("train.out_dir", "train.checkpoint_dir", "train.report_dir", "evaluate.out_dir", "evaluate.policy"):
         assert sets[key].startswith("runs/s/herl-s0/"), key
     assert sets["train.seed"] == "0" and sets["train.steps"] == "2" and sets["tracking.log_model"] == "false"
-    assert sets["train.data"] == "runs/s/data/train.jsonl"
-    assert [c[:2] for c in herl["commands"]] == [["herl", "train"], ["herl", "evaluate"]]
+    assert sets["train.data"] == "runs/s/data/train.jsonl" and sets["train.eval_set"] == "runs/s/data/val.jsonl"
+    assert herl["results"] == "results/study/default/herl-s0"
+    assert [c[:2] for c in herl["commands"]["train"]] == [["herl", "train"]]
+    assert [c[:2] for c in herl["commands"]["broad"]] == [["herl", "evaluate"]]
     assert "hindsight.bonus_enabled=false" in runs[3]["overrides"] and "hindsight.enabled=false" in runs[1]["overrides"]
     base = dict(item.split("=", 1) for item in runs[0]["overrides"])
     assert "train.seed" not in base and "evaluate.policy" not in base  # falls back to model.name_or_path
     assert base["train.out_dir"] == "runs/s/base/policy"
-    assert [c[1] for c in runs[0]["commands"]] == ["evaluate"]
+    assert runs[0]["commands"]["train"] == [] and [c[1] for c in runs[0]["commands"]["broad"]] == ["evaluate"]
+
+
+def test_variants_and_the_equal_token_arm():
+    study = StudyConfig(
+        params_profile="tiny",
+        arms=["grpo", "grpo_equal_tokens"],
+        seeds=[0],
+        variants={"full": ["train.lr=1e-5"], "lora": ["model.lora.enabled=true"]},
+        equal_tokens={"rollout_n": 7, "source": "measured"},
+    )
+    runs = plan(study)
+    assert [r["name"] for r in runs] == [
+        "grpo-full-s0", "grpo_equal_tokens-full-s0", "grpo-lora-s0", "grpo_equal_tokens-lora-s0"
+    ]  # fmt: skip
+    assert "train.lr=1e-5" in runs[0]["overrides"] and "model.lora.enabled=true" in runs[2]["overrides"]
+    assert runs[1]["overrides"][-8:-6] == ["hindsight.enabled=false", "rollout.n=7"]
+    configs = {r["name"]: load_params(ROOT / "params.yaml", "tiny", r["overrides"]) for r in runs}
+    check_equal_budget(configs, runs)  # variants differ in lr/LoRA, equal_tokens in G: both allowed
+    assert configs["grpo_equal_tokens-full-s0"].rollout.n == 7
+    with pytest.raises(StudyError, match=r"rollout\.n differs"):
+        check_equal_budget({k: v for k, v in configs.items() if "full" in k})  # without the plan: no exemption
+    with pytest.raises(ValueError, match="grpo_equal_tokens needs equal_tokens"):
+        StudyConfig(arms=["grpo_equal_tokens"])
+    with pytest.raises(ValueError, match="variant name 'a b'"):
+        StudyConfig(variants={"a b": []})
 
 
 def test_equal_budget_check():
     study = StudyConfig(params_profile="tiny", seeds=[0])
-    configs = {r["name"]: load_params(ROOT / "params.yaml", "tiny", r["overrides"]) for r in plan(study)}
-    check_equal_budget(configs)  # arms differ only in hindsight.* and seeds: passes
-    configs["herl-s0"] = load_params(ROOT / "params.yaml", "tiny", [*plan(study)[2]["overrides"], "rollout.n=6"])
+    runs = plan(study)
+    configs = {r["name"]: load_params(ROOT / "params.yaml", "tiny", r["overrides"]) for r in runs}
+    check_equal_budget(configs, runs)  # arms differ only in hindsight.* and seeds: passes
+    configs["herl-s0"] = load_params(ROOT / "params.yaml", "tiny", [*runs[2]["overrides"], "rollout.n=6"])
     with pytest.raises(StudyError, match=r"rollout\.n differs"):
-        check_equal_budget(configs)
+        check_equal_budget(configs, runs)
+    configs["herl-s0"] = load_params(ROOT / "params.yaml", "tiny", [*runs[2]["overrides"], "train.eval_prompts=3"])
+    with pytest.raises(StudyError, match=r"train\.eval_prompts differs"):
+        check_equal_budget(configs, runs)
 
 
 # ---------------------------------------------------------------------------------------------------- study.yaml
 
 
-@pytest.mark.parametrize("profile", ["tiny", "cpu", "gpu"])
+@pytest.mark.parametrize("profile", ["tiny", "cpu", "pilot", "ratio", "gpu"])
 def test_repo_study_yaml_profiles_validate_with_params(profile):
     study = load_study(ROOT / "study.yaml", profile)
     assert set(study.arms) <= set(ARMS)

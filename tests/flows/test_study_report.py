@@ -1,161 +1,206 @@
-"""flows/study_report.py: per-run values, aggregation over seeds (hand-computed CIs), the Markdown report, plots."""
+"""flows/study_report.py: the report from committed results alone: primary metric, paired differences, base from
+step 0, curves, budget, broad test, power, status — every number by hand."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from flows.study_plan import StudyError
-from flows.study_report import (
-    aggregate,
-    curve,
-    eval_values,
-    fmt_ci,
-    plot_curves,
-    plot_eval,
-    render_markdown,
-    round_values,
-    train_values,
-)
+from flows.study_plan import StudyConfig, plan
+from flows.study_report import build_report, fmt_ci, plot_all, render_markdown, verdict
+
+PROMPTS = ["p0", "p1", "p2", "p3"]
+
+
+def _outcomes(step: int, all_met: list[int], k: int = 4) -> list[dict]:
+    return [
+        {"step": step, "part": "val/", "prompt_id": p, "answers": k, "scored": k, "all_met": m, "reward_sum": 0.0,
+         "truncated": 0, "tokens": 10, "types": {}}
+        for p, m in zip(PROMPTS, all_met, strict=True)
+    ]  # fmt: skip
+
+
+def write_run(
+    results: Path, run: dict, step0: list[int], final: list[int], tokens: list[float], broad: dict | None = None
+) -> None:
+    """A finished run's results folder as flows/study.py writes it: 2 training steps, validation at step 0 and after
+    the last update (step 2), k = 4 answers per prompt."""
+    folder = results / run["name"]
+    (folder / "train").mkdir(parents=True)
+    history = [
+        {"step": s, "reward/mean": 0.1 * (s + 1), "perf/gen_tokens": t, "perf/step_s": 2.0}
+        for s, t in enumerate(tokens)
+    ]
+    history[0] |= {"val/all_met_frac": sum(step0) / 16, "perf/val_s": 1.0, "perf/val_tokens": 40.0}
+    (folder / "train" / "steps.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    final_metrics = {"step": 2, "val/all_met_frac": sum(final) / 16, "val/type/lower": sum(final) / 32,
+                     "perf/val_s": 1.0, "perf/val_tokens": 40.0}  # fmt: skip
+    (folder / "train" / "validation_final.json").write_text(json.dumps(final_metrics))
+    rows = _outcomes(0, step0) + _outcomes(2, final)
+    (folder / "train" / "val_outcomes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    phases = {"train": {"config_hash": "h", "commit": "abc1234def", "commands": ["herl train x"], "wall_s": 30.0,
+                        "started": "2026-12-01T10:00:00+00:00", "finished": "2026-12-01T10:00:30+00:00",
+                        "host": {"cpu": "EPYC", "cores": 2, "load_avg_1_5_15": [3.0, 3.0, 3.0]}}}  # fmt: skip
+    if broad is not None:
+        (folder / "evaluate" / "ifeval").mkdir(parents=True)
+        (folder / "evaluate" / "metrics.json").write_text(json.dumps({"ifeval/prompt_strict": broad["rounds"][-1]}))
+        rounds = [{"prompt_strict": x, "inst_strict": x} for x in broad["rounds"]]
+        bench = {"rounds": rounds, "truncated_frac": broad.get("truncated", 0.0)}
+        (folder / "evaluate" / "ifeval" / "metrics.json").write_text(json.dumps(bench))
+        phases["broad"] = {**phases["train"], "commands": ["herl evaluate x"]}
+    record = {k: run[k] for k in ("name", "arm", "variant", "seed")} | {"phases": phases}
+    (folder / "study_run.json").write_text(json.dumps(record))
+
+
+def write_base(results: Path, rounds: list[float]) -> None:
+    folder = results / "base"
+    (folder / "evaluate" / "ifeval").mkdir(parents=True)
+    (folder / "evaluate" / "metrics.json").write_text(json.dumps({"ifeval/prompt_strict": rounds[-1]}))
+    bench = {"rounds": [{"prompt_strict": x, "inst_strict": x} for x in rounds]}
+    (folder / "evaluate" / "ifeval" / "metrics.json").write_text(json.dumps(bench))
+    record = {"name": "base", "arm": "base", "variant": None, "seed": None,
+              "phases": {"broad": {"commit": "abc", "commands": ["herl evaluate b"], "wall_s": 5.0}}}  # fmt: skip
+    (folder / "study_run.json").write_text(json.dumps(record))
+
+
+STEP0 = {0: [0, 0, 1, 0], 1: [0, 1, 0, 0]}  # the untrained policy's all-met counts (of 4) per prompt, per seed
+FINAL = {
+    ("grpo", 0): [1, 0, 2, 0],  # shares .25 0 .5 0 → .1875
+    ("grpo", 1): [0, 1, 1, 0],  # 0 .25 .25 0 → .125
+    ("herl", 0): [2, 0, 2, 1],  # .5 0 .5 .25 → .3125
+    ("herl", 1): [1, 1, 2, 0],  # .25 .25 .5 0 → .25
+}
+
+
+@pytest.fixture
+def study_results(tmp_path):
+    study = StudyConfig(arms=["base", "grpo", "herl"], seeds=[0, 1, 2], results_dir="results/s",
+                        preregistered={"primary": "held-out all-met", "mde_points": "20"})  # fmt: skip
+    runs = plan(study)
+    results = tmp_path / "results/s"
+    write_base(results, [0.25, 0.5])
+    for run in runs:
+        key = (run["arm"], run["seed"])
+        if key in FINAL:  # seed 2 has not run
+            tokens = [100.0, 100.0] if run["arm"] == "grpo" else [150.0, 250.0]
+            write_run(results, run, STEP0[run["seed"]], FINAL[key], tokens, broad={"rounds": [0.2, 0.4]})
+    return study, runs, tmp_path
+
+
+def test_primary_metric_base_and_paired_difference_by_hand(study_results):
+    study, runs, root = study_results
+    s = build_report(study, runs, root, "t", "study.yaml")
+    grpo = s["arms"]["grpo"]["metrics"]["val/all_met_frac"]
+    # [0.1875, 0.125]: mean 0.15625, sd 0.0441942, half 12.7062 · 0.0441942 / √2 = 12.7062 · 0.03125 = 0.397069
+    assert grpo["mean"] == pytest.approx(0.15625) and grpo["half"] == pytest.approx(0.397069, abs=1e-5)
+    # base = step 0 of the trained runs: 1/16 in both seeds → 0.0625, no spread
+    base = s["arms"]["base"]["metrics"]["val/all_met_frac"]
+    assert base["mean"] == pytest.approx(0.0625) and base["half"] == pytest.approx(0.0)
+    assert s["step0_check"]["max_spread"] == 0.0  # grpo and herl of a seed saw the same step 0
+    # herl − grpo per prompt: s0 [.25, 0, 0, .25], s1 [.25, 0, .25, 0] → mean 1/8
+    (headline,) = [p for p in s["paired"] if (p["a"], p["b"]) == ("herl", "grpo")]
+    assert headline["estimate"] == pytest.approx(0.125) and (headline["seeds"], headline["prompts"]) == (2, 4)
+    assert headline["lo"] <= 0.125 <= headline["hi"] and headline["lo"] >= 0.0  # no cell is negative
+    # grpo − base: s0 [.25, 0, .25, 0], s1 [0, 0, .25, 0] → 0.75 / 8 = 0.09375
+    (vs_base,) = [p for p in s["paired"] if (p["a"], p["b"]) == ("grpo", "base")]
+    assert vs_base["estimate"] == pytest.approx(0.09375)
+
+
+def test_the_primary_contrast_comes_first(tmp_path):
+    """HeRL − GRPO at equal tokens leads the paired differences, whatever the order of the arms in study.yaml."""
+    study = StudyConfig(arms=["grpo", "grpo_equal_tokens", "herl"], seeds=[0], results_dir="results/s",
+                        equal_tokens={"rollout_n": 8, "source": "test"})  # fmt: skip
+    runs = plan(study)
+    final = {"grpo": FINAL[("grpo", 0)], "grpo_equal_tokens": [1, 1, 1, 0], "herl": FINAL[("herl", 0)]}
+    for run in runs:
+        write_run(tmp_path / "results/s", run, STEP0[0], final[run["arm"]], [100.0, 100.0])
+    s = build_report(study, runs, tmp_path, "t", "study.yaml")
+    trained = [(p["a"], p["b"]) for p in s["paired"] if p["b"] != "base"]
+    assert trained == [("herl", "grpo_equal_tokens"), ("herl", "grpo"), ("grpo_equal_tokens", "grpo")]
+    # herl [.5, 0, .5, .25] − grpo_equal_tokens [.25, .25, .25, 0] = [.25, −.25, .25, .25] → mean 0.125
+    assert s["paired"][0]["estimate"] == pytest.approx(0.125)
+
+
+def test_budget_curves_broad_and_status(study_results):
+    study, runs, root = study_results
+    s = build_report(study, runs, root, "t", "study.yaml")
+    # tokens per run: grpo 200, herl 400 → herl is 2.00 × grpo; validation 40 + 40 tokens per run
+    assert s["arms"]["herl"]["tokens_vs"]["grpo"] == pytest.approx(2.0)
+    assert s["arms"]["grpo"]["budget"]["val_tokens"]["mean"] == 80.0
+    assert s["arms"]["grpo"]["budget"]["wall_s"]["mean"] == 30.0
+    # the curve ends with the final validation (step 2 = train.steps)
+    c = s["arms"]["herl"]["curves"]["val/all_met_frac"]
+    assert c["step"] == [0, 2] and c["mean"] == [pytest.approx(0.0625), pytest.approx(0.28125)]
+    # broad test: round 0 and 1 of base (one run) and of grpo (two seeds, equal values → no spread)
+    assert s["broad"]["base"][1]["ifeval/prompt_strict"]["mean"] == 0.5
+    assert s["broad"]["grpo"][0]["ifeval/prompt_strict"]["mean"] == 0.2
+    # seed 2 never ran: 4 of 6 train runs, 5 of 7 broad runs, the command that continues
+    assert s["status"]["line"] == "train: 4 of 6 runs done; broad: 5 of 7 runs done"
+    assert s["status"]["remaining"]["train"] == ["grpo-s2", "herl-s2"]
+    assert s["status"]["continue"] == "herl study --study study.yaml --profile t"
+
+
+def test_markdown_report(study_results):
+    study, runs, root = study_results
+    summary = build_report(study, runs, root, "t", "study.yaml")
+    text = render_markdown(summary)
+    assert "Status: train: 4 of 6 runs done; broad: 5 of 7 runs done." in text
+    assert "Continue with `herl study --study study.yaml --profile t`" in text
+    assert "- **primary**: held-out all-met" in text
+    assert "| grpo | 2 | 15.6 ± 39.7 | 18.8, 12.5 |" in text
+    assert "| base | 2 | 6.2 ± 0.0 | 6.2, 6.2 |" in text
+    assert "| herl − grpo | +12.5 |" in text
+    assert "below the pre-registered MDE of 20.0 points" in text or "herl is better" in text
+    assert "- `grpo-s0` train: commit `abc1234def`" in text and "  - `herl train x`" in text
+    assert "| herl | 400 ± 0 | 2.00 / 1.00 |" in text
+    assert render_markdown(summary) == text  # deterministic
+
+
+def test_verdict_sentences():
+    base = {"a": "herl", "b": "grpo", "seeds": 3, "prompts": 128}
+    assert "herl is better" in verdict({**base, "estimate": 0.05, "lo": 0.01, "hi": 0.09})
+    assert "grpo is better" in verdict({**base, "estimate": -0.05, "lo": -0.09, "hi": -0.01})
+    text = verdict({**base, "estimate": 0.01, "lo": -0.03, "hi": 0.05}, mde=0.08)
+    assert text == (
+        "herl − grpo = +1.0 points, 95 % interval [-3.0, +5.0] (3 seeds × 128 prompts): no detectable difference, "
+        "the interval covers 0; differences below the pre-registered MDE of 8.0 points were not resolvable."
+    )
+
+
+def test_power_of_a_pilot_by_hand(tmp_path):
+    """Pilot: two variants of grpo, one seed. prompt_var = variance over prompts of the per-prompt difference
+    between the two trained policies; MDE for 128 prompts × 3 seeds with the assumed seed sd."""
+    study = StudyConfig(arms=["grpo"], seeds=[0], variants={"a": ["train.lr=1e-5"], "b": ["train.lr=2e-5"]},
+                        results_dir="results/p", phases=["train"],
+                        power={"prompts": 128, "seeds": 3, "seed_sd": 0.03})  # fmt: skip
+    runs = plan(study)
+    results = tmp_path / "results/p"
+    write_run(results, runs[0], STEP0[0], [1, 0, 2, 0], [100.0, 100.0])  # .25 0 .5 0
+    write_run(results, runs[1], STEP0[0], [2, 0, 2, 1], [100.0, 100.0])  # .5 0 .5 .25
+    s = build_report(study, runs, tmp_path, "p", "study.yaml")
+    power = s["power"]
+    # d = b − a... the pair (a, b): [.25−.5, 0, 0, −.25] = [−.25, 0, 0, −.25]: mean −.125, s² = 4·.015625/3 = 1/48
+    (pair,) = [p for p in power["pairs"] if p["b"] != "base"]
+    assert pair["var"] == pytest.approx(1 / 48)
+    assert power["prompt_var"] == pytest.approx(1 / 48) and power["seed_var"] == pytest.approx(0.0009)
+    # se = √(0.0009/3 + (1/48)/128) = √(0.0003 + 0.00016276) = 0.0215119; MDE = 2.801585 · se = 0.0602674
+    assert power["mde"]["se"] == pytest.approx(0.0215119, abs=1e-6)
+    assert power["mde"]["mde"] == pytest.approx(0.0602674, abs=1e-6)
+    assert "**MDE = 6.0 points**" in render_markdown(s)
+    assert s["status"]["line"] == "train: 2 of 2 runs done" and s["status"]["continue"] is None
 
 
 def test_fmt_ci():
     assert fmt_ci({"mean": 0.4, "half": 0.49683}) == "40.0 ± 49.7"
-    assert fmt_ci({"mean": 0.4123, "half": None}) == "41.2 (CI n/a)"
+    assert fmt_ci({"mean": 0.4123, "half": None}) == "41.2 (n = 1)"
     assert fmt_ci(None) == "–"
     assert fmt_ci({"mean": 1234.4, "half": 10.26}, 1.0, 0) == "1234 ± 10"
 
 
-# ---------------------------------------------------------------------------------------------------- aggregation
-
-
-def _history(rewards, zero_std, tokens, success=None):
-    rows = []
-    for step, (r, z, t) in enumerate(zip(rewards, zero_std, tokens, strict=True)):
-        row = {"step": step, "reward/mean": r, "reward/frac_zero_std": z, "perf/gen_tokens": t, "perf/step_s": 2.0}
-        if success is not None:
-            row |= {"herl/rewrite_success_rate": success[step], "herl/bonus_mean": 0.01}
-        rows.append(row)
-    return rows
-
-
-def _eval(ps, inst):
-    return {"policy": "x", "ifeval/prompt_strict": ps, "ifeval/inst_strict": inst, "ifeval/n_prompts": 4}
-
-
-RESULTS = [
-    {"arm": "base", "seed": None, "eval": _eval(0.25, 0.5), "rounds": {}, "history": []},
-    {"arm": "grpo", "seed": 0, "eval": _eval(0.30, 0.5), "history": _history([0.1, 0.3], [0.5, 0.25], [100, 100])},
-    {"arm": "grpo", "seed": 1, "eval": _eval(0.40, 0.6), "history": _history([0.2, 0.4], [0.5, 0.75], [100, 100])},
-    {
-        "arm": "herl",
-        "seed": 0,
-        "eval": _eval(0.50, 0.7),
-        "history": _history([0.2, 0.6], [0.25, 0.25], [150, 250], success=[0.5, 1.0]),
-    },
-]
-
-
-def test_eval_and_train_values_per_run():
-    assert eval_values(_eval(0.3, 0.5)) == {"ifeval/prompt_strict": 0.3, "ifeval/inst_strict": 0.5}
-    with pytest.raises(StudyError, match="no '<benchmark>/<metric>'"):
-        eval_values({"policy": "x"})
-    got = train_values(RESULTS[3]["history"])
-    # final reward 0.6, mean (0.2+0.6)/2 = 0.4, zero_std mean 0.25, success mean 0.75, tokens 150+250 = 400
-    assert got["reward_final"] == 0.6
-    assert got["reward_mean"] == pytest.approx(0.4)
-    assert got["frac_zero_std_mean"] == pytest.approx(0.25)
-    assert got["rewrite_success_rate_mean"] == pytest.approx(0.75)
-    assert got["gen_tokens"] == 400
-    assert train_values(RESULTS[1]["history"])["rewrite_success_rate_mean"] is None  # GRPO logs no herl/*
-
-
-def test_aggregate_over_seeds_by_hand():
-    summary = aggregate(RESULTS)
-    grpo = summary["eval"]["grpo"]["ifeval/prompt_strict"]
-    # [0.30, 0.40]: mean 0.35, s = 0.0707107, h = 12.7062 · 0.0707107 / √2 = 0.635310
-    assert grpo["mean"] == pytest.approx(0.35)
-    assert grpo["half"] == pytest.approx(0.635310, abs=1e-5)
-    assert summary["eval"]["base"]["ifeval/prompt_strict"]["half"] is None  # n = 1
-    assert summary["seeds"] == {"base": [None], "grpo": [0, 1], "herl": [0]}
-    assert "base" not in summary["train"]
-    # grpo final rewards [0.3, 0.4] → 0.35; frac_zero_std means [0.375, 0.625] → 0.5
-    assert summary["train"]["grpo"]["reward_final"]["mean"] == pytest.approx(0.35)
-    assert summary["train"]["grpo"]["frac_zero_std_mean"]["mean"] == pytest.approx(0.5)
-    # herl 400 tokens vs grpo 200 per run → 2.0× the generation
-    assert summary["gen_tokens_vs_grpo"] == {"grpo": pytest.approx(1.0), "herl": pytest.approx(2.0)}
-
-
-def test_curve_mean_and_band_per_step():
-    c = curve([RESULTS[1]["history"], RESULTS[2]["history"]], "reward/mean")
-    # step 0: [0.1, 0.2] → 0.15 ± 12.7062 · 0.0707107 / √2 = 0.635310; step 1: [0.3, 0.4] → 0.35
-    assert c["step"] == [0, 1]
-    assert c["mean"] == [pytest.approx(0.15), pytest.approx(0.35)]
-    assert c["high"][0] - c["mean"][0] == pytest.approx(0.635310, abs=1e-5)
-    single = curve([RESULTS[3]["history"]], "herl/rewrite_success_rate")
-    assert single["low"] == single["mean"] == single["high"] == [0.5, 1.0]
-
-
-def test_round_values_per_round_and_benchmark():
-    rounds = {"ifeval": [{"prompt_strict": 0.2}, {"prompt_strict": 0.3}], "ifbench": [{"prompt_strict": 0.1}]}
-    got = round_values(rounds)
-    assert len(got) == 2
-    assert got[1]["ifeval/prompt_strict"] == 0.3
-    assert got[1]["ifbench/prompt_strict"] is None  # ifbench ran one round only
-    assert round_values({}) == []
-
-
-# ---------------------------------------------------------------------------------------------------- report
-
-
-def _meta():
-    return {
-        "study_profile": "tiny",
-        "date": "2025-01-01T00:00:00+00:00",
-        "command": "herl study --profile tiny",
-        "params": "params.yaml",
-        "params_profile": "tiny",
-        "seeds": [0, 1],
-        "budget": {"rollout.n": 4},
-        "plots": {"eval_bars": "study/eval_bars.png"},
-        "runs": [{"name": "grpo-s0", "commands": ["herl train --set train.seed=0"], "reused": True}],
-    }
-
-
-def test_render_markdown_rows():
-    with_rounds = [dict(r) for r in RESULTS]
-    with_rounds[0]["rounds"] = {"ifeval": [{"prompt_strict": 0.25}, {"prompt_strict": 0.5}]}
-    text = render_markdown({"meta": _meta(), **aggregate(with_rounds)})
-    assert "| arm | n | ifeval/prompt_strict | ifeval/inst_strict |" in text
-    assert "| base | 1 | 25.0 (CI n/a) | 50.0 (CI n/a) |" in text
-    # grpo prompt_strict 35.0 ± 63.5; inst_strict [0.5, 0.6] → 55.0 ± 63.5
-    assert "| grpo | 2 | 35.0 ± 63.5 | 55.0 ± 63.5 |" in text
-    assert "| base | 1 | 50.0 (CI n/a) |" in text  # round 1 of the self-improvement table
-    assert "| herl | 0.600 (CI n/a) | 0.400 (CI n/a) | 0.250 (CI n/a) | 0.750 (CI n/a) |" in text
-    assert "| 2.00 |" in text  # herl's generation vs grpo
-    assert "`herl study --profile tiny`" in text and "2025-01-01" in text
-    assert "![eval_bars](study/eval_bars.png)" in text
-    assert "- `grpo-s0` (reused)" in text
-
-
-def test_headline_is_round_zero_not_the_revised_answers():
-    """metrics.json holds the final round's numbers; the headline table must show the policy alone (round 0)."""
-    run = dict(RESULTS[0])
-    run["eval"] = _eval(0.5, 0.75)  # after 1 revision round (what metrics.json holds)
-    run["rounds"] = {
-        "ifeval": [{"prompt_strict": 0.25, "inst_strict": 0.5}, {"prompt_strict": 0.5, "inst_strict": 0.75}]
-    }
-    table = aggregate([run])["eval"]["base"]
-    assert table["ifeval/prompt_strict"]["mean"] == 0.25 and table["ifeval/inst_strict"]["mean"] == 0.5
-    assert aggregate([run])["rounds"]["base"][1]["ifeval/prompt_strict"]["mean"] == 0.5  # round 1 kept beside it
-
-
-def test_render_markdown_without_rounds_says_so():
-    text = render_markdown({"meta": _meta(), **aggregate(RESULTS)})
-    assert "Not run (evaluate.self_improve_rounds = 0)." in text
-
-
-def test_plots_are_png(tmp_path):
-    summary = aggregate(RESULTS)
-    for made in (plot_curves(summary, tmp_path / "c.png"), plot_eval(summary, tmp_path / "e.png")):
-        assert made is not None and made.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert plot_curves(aggregate(RESULTS[:1]), tmp_path / "none.png") is None  # base only: no curves
+def test_plots_are_png(study_results, tmp_path):
+    study, runs, root = study_results
+    made = plot_all(build_report(study, runs, root, "t", "study.yaml"), tmp_path / "plots")
+    for path in made.values():
+        assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

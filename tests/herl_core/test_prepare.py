@@ -14,6 +14,7 @@ from herl_core import prepare as prep
 from herl_core.config import PrepareConfig
 from herl_core.io import DataError, read_jsonl
 from herl_core.records import PromptRecord, Rubric
+from herl_core.rewards.constraints import SAMPLEABLE_IFEVAL_IDS
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +212,33 @@ def test_the_default_val_split_shares_no_alpaca_instruction_with_training():
     norm_train = [prep.normalise(t) for t in train]
     for text in map(prep.normalise, val):
         assert not any(text == t or text in t or t in text for t in norm_train), text
+
+
+def test_constraint_types_restrict_train_and_val_but_not_the_benchmarks(tmp_path):
+    """prepare.constraint_types: training and validation prompts draw only the listed ids (several per prompt when
+    they do not conflict); IFEval/IFBench stay whole; the report records the types."""
+    types = ["change_case:english_lowercase", "startend:quotation", "punctuation:no_comma"]
+    cfg = PrepareConfig(seed=2, train_source="synthetic", max_constraints=2, constraint_types=types,
+                        out_dir=str(tmp_path))  # fmt: skip
+    report = prep.run_prepare(cfg)
+    for split in ("train", "val"):
+        assert set(report["splits"][split]["per_type"]) <= set(types)
+        assert report["splits"][split]["constraints_per_prompt"].keys() <= {"1", "2"}
+    assert set(report["splits"]["train"]["per_type"]) == set(types)  # 32 prompts: every type is drawn
+    assert report["splits"]["ifeval"]["prompts"] == 541 and report["splits"]["ifeval"]["constraints"] == 834
+    assert report["constraint_types"] == sorted(types, key=SAMPLEABLE_IFEVAL_IDS.index)
+    # listing every sampleable id draws exactly the default set (the filter keeps the registry's order)
+    kept, _ = prep.split_validation(prep.synthetic_instructions(), 64, 2)
+    assert prep.build_train_set(kept, 2, 1, 3) == prep.build_train_set(kept, 2, 1, 3, types=SAMPLEABLE_IFEVAL_IDS)
+    assert "constraint_types" not in prep.run_prepare(cfg.model_copy(update={"constraint_types": None}))
+
+
+def test_constraint_types_are_validated():
+    with pytest.raises(ValueError, match=r"cannot be drawn.*combination:repeat_prompt"):
+        PrepareConfig(constraint_types=["combination:repeat_prompt"])
+    with pytest.raises(ValueError, match="unique"):
+        PrepareConfig(constraint_types=["punctuation:no_comma", "punctuation:no_comma"])
+    # two types that conflict cannot fill a 2-constraint prompt
+    with pytest.raises(ValueError, match="conflict-free"):
+        prep.build_train_set(["Write a poem."], 0, 2, 2, types=["change_case:english_capital",
+                                                                 "change_case:english_lowercase"])  # fmt: skip

@@ -124,3 +124,71 @@ def test_cluster_mean_ci_needs_two_clusters_and_equal_lengths():
     assert cluster_mean_ci([], [])["mean"] is None
     with pytest.raises(ValueError, match="same length"):
         cluster_mean_ci([1.0], ["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------------------- paired bootstrap
+
+
+def test_paired_bootstrap_two_prompts_by_enumeration():
+    from herl_core.stats import paired_bootstrap
+
+    # one seed, d = [0, 1]: a replicate draws 2 prompts → D* ∈ {0, 0.5, 1} with probabilities 1/4, 1/2, 1/4;
+    # mean 0.5, variance (0.25·0.25 + 0 + 0.25·0.25) = 1/8 → se = 0.353553; P(D* > 0) = 3/4
+    got = paired_bootstrap([[0.0, 1.0]], reps=100_000, seed=1)
+    assert got["estimate"] == 0.5
+    assert got["se"] == pytest.approx(math.sqrt(1 / 8), abs=0.004)
+    assert got["frac_positive"] == pytest.approx(0.75, abs=0.005)
+    assert (got["lo"], got["hi"]) == (0.0, 1.0)  # 2.5 % and 97.5 % percentiles of {0: ¼, ½: ½, 1: ¼}
+    assert (got["seeds"], got["prompts"]) == (1, 2)
+
+
+def test_paired_bootstrap_prompt_resampling_matches_the_plug_in_variance():
+    from herl_core.stats import paired_bootstrap
+
+    # one seed, prompts-only resampling: Var(D*) = (1/N) · (1/N) Σ (d_i − d̄)²
+    d = [0.0, 0.25, 0.5, 1.0, 0.0, 0.75, 0.25, 0.25]  # d̄ = 3/8 = 0.375
+    plug_in = sum((x - 0.375) ** 2 for x in d) / 8  # = (0.140625+0.015625+0.015625+0.390625+0.140625+0.140625
+    #                                                    +0.015625+0.015625)/8 = 0.875/8 = 0.109375
+    assert plug_in == pytest.approx(0.109375)
+    got = paired_bootstrap([d], reps=100_000, seed=2)
+    assert got["estimate"] == pytest.approx(0.375)
+    assert got["se"] == pytest.approx(math.sqrt(0.109375 / 8), rel=0.02)  # 0.116927
+
+
+def test_paired_bootstrap_resamples_seeds_and_prompts():
+    from herl_core.stats import paired_bootstrap
+
+    # d[s][i] = a_s (seed effect only, prompts identical): D* = mean of 2 drawn seed effects among a = [0, 1] →
+    # the same {0, ½, 1} distribution as above, se = √(1/8); prompts add nothing
+    got = paired_bootstrap([[0.0] * 5, [1.0] * 5], reps=100_000, seed=3)
+    assert got["estimate"] == 0.5
+    assert got["se"] == pytest.approx(math.sqrt(1 / 8), abs=0.004)
+    # a constant difference has a degenerate interval at that constant
+    flat = paired_bootstrap([[0.2, 0.2], [0.2, 0.2], [0.2, 0.2]], reps=500)
+    assert flat["lo"] == pytest.approx(0.2) and flat["hi"] == pytest.approx(0.2) and flat["se"] == pytest.approx(0)
+
+
+def test_paired_bootstrap_is_seeded_and_rejects_bad_tables():
+    from herl_core.stats import paired_bootstrap
+
+    table = [[0.1, -0.2, 0.4], [0.0, 0.3, 0.2]]
+    assert paired_bootstrap(table, reps=300, seed=5) == paired_bootstrap(table, reps=300, seed=5)
+    with pytest.raises(ValueError, match="seeds × prompts"):
+        paired_bootstrap([[0.1, 0.2], [0.3]])
+    with pytest.raises(ValueError, match="non-finite"):
+        paired_bootstrap([[0.1, float("nan")]])
+
+
+def test_min_detectable_difference_by_hand():
+    from herl_core.stats import min_detectable_difference
+
+    # z(0.975) = 1.959964, z(0.8) = 0.841621 → factor 2.801585
+    # se = √(0.0003/3 + 0.04/100) = √0.0005 = 0.0223607 → MDE = 0.0626453
+    got = min_detectable_difference(0.04, 100, 0.0003, 3)
+    assert got["factor"] == pytest.approx(2.801585, abs=1e-6)
+    assert got["se"] == pytest.approx(0.0223607, abs=1e-7)
+    assert got["mde"] == pytest.approx(0.0626453, abs=1e-6)
+    # no seed variance, 4× the prompts → half the MDE of prompts alone: 2.801585 · √(0.04/400) = 0.0280158
+    assert min_detectable_difference(0.04, 400, 0.0, 3)["mde"] == pytest.approx(0.0280158, abs=1e-6)
+    with pytest.raises(ValueError, match="variances >= 0"):
+        min_detectable_difference(-1.0, 10, 0.0, 3)

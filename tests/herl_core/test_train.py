@@ -227,6 +227,46 @@ def test_validation_logs_val_metrics_and_changes_no_training_number(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+class RecordingSink:
+    """Keeps what the trainer logs: (name, records, step) and (metrics, step)."""
+
+    def __init__(self) -> None:
+        self.records: list = []
+        self.metrics: list = []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((metrics, step))
+
+    def log_records(self, name, records, step):
+        self.records.append((name, list(records), step))
+
+
+def test_final_validation_scores_the_trained_policy_with_the_same_seeds(tmp_path):
+    """final_validation: the policy after the last update, at step train.steps, sampled with the seeds of every
+    validation point; per-prompt rows go to the sink as val_outcomes with that step."""
+    cfg = tiny_cfg(tmp_path, train={"steps": 2, "eval_every": 5, "eval_samples": 2})
+    model, tok = load_policy(cfg.model)
+    # before any update the final validation IS step 0's validation: same policy, same seeds, same numbers
+    fresh = Trainer(cfg, PROMPTS, model=model, tokenizer=tok, val_prompts=VAL_PROMPTS)
+
+    def untimed(m: dict) -> dict:
+        return {k: v for k, v in m.items() if not k.startswith("perf/")}
+
+    assert untimed(fresh.final_validation()) == untimed(fresh.validation(0))
+    model, tok = load_policy(cfg.model)
+    sink = RecordingSink()
+    t = Trainer(cfg, PROMPTS, model=model, tokenizer=tok, val_prompts=VAL_PROMPTS, sink=sink)
+    history = t.train()
+    final = t.final_validation()
+    assert [s for s, h in enumerate(history) if "val/all_met_frac" in h] == [0, 1]  # step 0 and the last step
+    assert final.keys() == history[0].keys() & final.keys() and "val/all_met_frac" in final
+    assert final["perf/val_tokens"] > 0
+    steps = [r.step for name, rows, _ in sink.records if name == "val_outcomes" for r in rows]
+    assert steps == [0] * 4 + [1] * 4 + [2] * 4  # 2 prompts × (sampled, greedy) per point; final = step 2
+    off = trainer(tiny_cfg(tmp_path / "off", train={"steps": 1}))
+    assert off.final_validation() == {}  # validation off: nothing
+
+
 def test_validation_needs_its_prompts(tmp_path):
     with pytest.raises(ValueError, match="train.eval_every = 2 needs validation prompts"):
         trainer(tiny_cfg(tmp_path, train={"eval_every": 2}))

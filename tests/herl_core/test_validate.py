@@ -15,7 +15,7 @@ from herl_core.records import PromptRecord, RewardResult, Rubric, Verdict
 from herl_core.rewards import make_reward
 from herl_core.rollout import make_engine
 from herl_core.samples import Group, Sample
-from herl_core.validate import validate, validation_due, validation_metrics
+from herl_core.validate import prompt_outcomes, validate, validation_due, validation_metrics
 
 LOWER, COMMA = "change_case:english_lowercase", "punctuation:no_comma"
 
@@ -59,6 +59,13 @@ def test_validation_metrics_by_hand():
     assert not any("style" in k for k in m)
     # one answer per prompt (greedy): no pass@k
     assert "val/greedy/pass_at_k" not in validation_metrics([Group(p0, [1], groups[0].samples[:1])], "val/greedy/")
+    # per prompt (what a paired comparison resamples): p0 2 answers, 1 meets all, rewards 1 + 0.5, 1 cut, 13 tokens;
+    # p1: 1 of 2 answers scored (reward 0.5), lowercase failed once, the failed reward call has no verdicts
+    a, b = prompt_outcomes(groups, "val/", step=4)
+    assert (a.prompt_id, a.step, a.part, a.answers, a.scored, a.all_met) == ("a", 4, "val/", 2, 2, 1)
+    assert (a.reward_sum, a.truncated, a.tokens, a.types) == (1.5, 1, 13, {LOWER: [2, 2], COMMA: [1, 2]})
+    assert (b.answers, b.scored, b.all_met, b.reward_sum, b.truncated, b.tokens) == (2, 1, 0, 0.5, 0, 7)
+    assert b.types == {LOWER: [0, 1]}
 
 
 VAL = [
@@ -78,12 +85,22 @@ def test_a_validation_point_on_the_tiny_model_is_reproducible_and_leaves_the_glo
     model, tok = load_policy(cfg.model)
     engine, reward = make_engine(cfg.rollout.engine, model, tok, seed=0), make_reward(cfg.reward)
     rng = torch.get_rng_state()
-    first = validate(VAL, engine, reward, tok, cfg, DataParallel.single())
+    rows: list = []
+    first = validate(VAL, engine, reward, tok, cfg, DataParallel.single(), step=5, outcomes=rows)
     assert torch.equal(torch.get_rng_state(), rng)  # the training streams are untouched
     second = validate(VAL, engine, reward, tok, cfg, DataParallel.single())
     timing = {"perf/val_s"}
     assert {k: v for k, v in first.items() if k not in timing} == {k: v for k, v in second.items() if k not in timing}
     assert first["perf/val_s"] > 0 and first["val/min_draw_margin"] > 0  # the HF engine reports its margins
+    # per-prompt rows add up to the metrics: 3 prompts × (3 sampled + 1 greedy), tokens = answers × mean length
+    assert [(r.part, r.prompt_id, r.step, r.answers) for r in rows] == [
+        *(("val/", f"v{i}", 5, 3) for i in range(3)),
+        *(("val/greedy/", f"v{i}", 5, 1) for i in range(3)),
+    ]
+    sampled = [r for r in rows if r.part == "val/"]
+    assert sum(r.all_met for r in sampled) / 9 == pytest.approx(first["val/all_met_frac"])
+    assert sum(r.tokens for r in sampled) / 9 == pytest.approx(first["val/response_len"])
+    assert first["perf/val_tokens"] == sum(r.tokens for r in rows)
     assert first["val/failed_calls"] == 0.0 and first["val/greedy/failed_calls"] == 0.0
     # eval_max_new_tokens caps every answer
     assert 0 < first["val/response_len"] <= 6 and 0 < first["val/greedy/response_len"] <= 6

@@ -27,7 +27,7 @@ from herl_core.checkpoint import latest_checkpoint, list_checkpoints
 
 pytestmark = pytest.mark.integration
 
-REPORTS = ("steps", "rollouts", "experiences", "merges")
+REPORTS = ("steps", "rollouts", "experiences", "merges", "val_outcomes")
 
 
 def _rows(path: Path) -> list[dict]:
@@ -139,7 +139,12 @@ def _assert_one_mlflow_run_with_each_step_once(crash: Path, full: Path) -> None:
     client, (run,) = runs(crash)
     assert run.info.status == "FINISHED" and run.data.tags.get("herl.resumed_at_step") == "2"
     full_client, (full_run,) = runs(full)
-    for key, steps in (("reward/mean", [0, 1, 2]), ("val/reward_mean", [0, 2]), ("val/greedy/reward_mean", [0, 2])):
+    # validation points 0 and 2, and the trained policy's final validation at step 3 (train.steps)
+    for key, steps in (
+        ("reward/mean", [0, 1, 2]),
+        ("val/reward_mean", [0, 2, 3]),
+        ("val/greedy/reward_mean", [0, 2, 3]),
+    ):
         history = client.get_metric_history(run.info.run_id, key)
         want = full_client.get_metric_history(full_run.info.run_id, key)
         assert sorted((m.step, m.value) for m in history) == sorted((m.step, m.value) for m in want), key
