@@ -180,10 +180,14 @@ def encode_eval_prompt(tokenizer: Any, text: str, system_prompt: str | None = No
     only when ``system_prompt`` is given, then ``tokenizer(text, add_special_tokens=False)`` when the text starts with
     the BOS token, else ``tokenizer(text)`` (lm-eval's ``tok_batch_encode``). For a template that writes its own BOS
     (SmolLM2's starts with ``<|im_start|>``, its BOS) this equals ``herl_core.models.encode_prompt``, the training
-    format. chat=False: the raw text without special tokens (the hindsight prompt), as ``encode_prompt``.
+    format. chat=False: the raw text without special tokens (the hindsight prompt), as ``encode_prompt``. A tokenizer
+    in the plain prompt format (``model.prompt_format``: a model without a chat template) gets ``encode_prompt``'s
+    plain prompt, the format it was trained in; lm-eval has no equivalent there.
     """
-    if not chat:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    from herl_core.models import PROMPT_FORMAT_ATTR, encode_prompt
+
+    if not chat or getattr(tokenizer, PROMPT_FORMAT_ATTR, "chat") == "plain":
+        return encode_prompt(tokenizer, text, system_prompt, chat=chat)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages.append({"role": "user", "content": text})
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
