@@ -221,3 +221,23 @@ def test_fsdp_two_ranks_match_one_process_across_a_resume(one_process):
     # sharded for real: rank 0 stored about half of the parameters' elements (dim-0 shards; uneven rows round up)
     assert all(0.45 < s["dist/param_share"] < 0.6 for s in steps_of(root / "fsdp" / "reports"))
     assert_same_run(root, "fsdp")
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_compute_keeps_fp32_sharded_masters_that_move_at_lr_1e6(one_process):
+    """model.dtype=bfloat16 under FSDP (FSDP2's MixedPrecisionPolicy: bf16 all-gathers for compute, fp32 shards and
+    gradient reduction): at lr 1e-6 every tensor of the checkpoint's fp32 masters moved away from the std-1 initial
+    weights (in bf16, a weight near 1 moves in steps of 7.8e-3 and would keep its value), and the policy is written in
+    bf16. The samples are not compared with one process: bf16 rounding differs between the ranks' batch layouts."""
+    from safetensors.torch import load_file
+
+    root = one_process
+    launch(root, "fsdp_bf16", ["train.parallel=fsdp", "model.dtype=bfloat16", "train.lr=1e-6", "train.eval_every=0"])
+    steps = steps_of(root / "fsdp_bf16" / "reports")
+    assert [s["step"] for s in steps] == [0, 1] and any(s["actor/grad_norm"] > 0 for s in steps)
+    initial = load_file(str(root / "peaked" / "model.safetensors"))
+    masters = load_file(str(root / "fsdp_bf16" / "ckpt" / "step-000002" / "model.safetensors"))
+    assert {v.dtype for v in masters.values()} == {torch.float32}
+    assert [k for k in masters if torch.equal(masters[k], initial[k])] == []
+    policy = policy_weights(root / "fsdp_bf16" / "policy")
+    assert {v.dtype for v in policy.values()} == {torch.bfloat16}
