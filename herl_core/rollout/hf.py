@@ -18,6 +18,12 @@ The engine shares the training model, so ``sync_weights`` is a no-op. One ``gene
 3. trims every completion after its first EOS (EOS kept, ``finished=True``); a completion cut by
    ``max_new_tokens`` has ``finished=False``; the original order is restored.
 
+Precision: with fp32 master weights and a narrower compute dtype (``model.dtype``; herl_core/precision.py) the
+engine gets the trainer's ``Precision`` and decodes under the same ``torch.autocast`` as the training forward, so the
+sampled tokens' log-probs come from the compute dtype the update uses; the packed fp32 linears are off then. The
+margins below are computed the same way in every dtype, from the scores sampled from; bf16 scores differ between
+batch layouts by about 1e-1 in log-prob units, against about 1e-5 in fp32 (docs/models.md, "Precision").
+
 Why not ``model.generate`` (performance): its per-step work around the model is built for every decoding
 strategy. At batch 64 and a 49k vocabulary, its copies of the logits, its processors' vocabulary-wide ``where`` /
 ``fill`` and the argmax over a one-hot score (how a custom sampler had to hand it the token) cost about a tenth of a
