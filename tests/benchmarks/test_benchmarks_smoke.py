@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/ (issue 6): each script runs end to end on the tiny model with minimal sizes and writes
+"""Smoke tests of benchmarks/: each script runs end to end on the tiny model with minimal sizes and writes
 its JSON. No timing is asserted; only shapes, token counts and recorded context.
 
 Run: .venv/bin/pytest tests/benchmarks -q
