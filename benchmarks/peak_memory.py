@@ -1,4 +1,4 @@
-"""Peak memory (issue 6): peak RSS of a SmolLM2 training run of one step (``cpu`` profile), measured from outside.
+"""Peak memory: peak RSS of a SmolLM2 training run of one step (``cpu`` profile), measured from outside.
 
     .venv/bin/python -m benchmarks.peak_memory [--profile cpu] [--steps 1] [--set KEY=VALUE ...]
 

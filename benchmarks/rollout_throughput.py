@@ -1,4 +1,4 @@
-"""Rollout throughput (issue 6): herl's ``HFEngine`` vs a plain ``model.generate`` loop, and the matmul ceiling.
+"""Rollout throughput: herl's ``HFEngine`` vs a plain ``model.generate`` loop, and the matmul ceiling.
 
     .venv/bin/python -m benchmarks.rollout_throughput [--models smollm2 tiny] [--batch-sizes 8 32 64] [--new-tokens 32]
 

@@ -1,4 +1,4 @@
-"""Step time (issue 6): one GRPO step and one HeRL step of herl vs TRL's ``GRPOTrainer``, same batch, in one run.
+"""Step time: one GRPO step and one HeRL step of herl vs TRL's ``GRPOTrainer``, same batch, in one run.
 
     .venv/bin/python -m benchmarks.step_time [--model smollm2] [--prompts 4] [--G 4] [--max-new-tokens 64]
                                              [--rewrite-max-new-tokens 96] [--reps 3] [--no-trl]
@@ -17,7 +17,7 @@ Remaining differences (see docs/performance.md): TRL's loss is its default ``dap
 length of each side is reported because step time scales with it. TRL detokenises and re-applies the chat template
 itself; herl encodes prompts once.
 
-``--backend vllm`` (issue 6 item 3; a CUDA GPU and vLLM in the environment, docs/scaling.md L1): herl generates with
+``--backend vllm`` (a CUDA GPU and vLLM in the environment, docs/scaling.md L1): herl generates with
 ``rollout.engine.backend=vllm`` on the GPU and TRL with ``use_vllm=True, vllm_mode="colocate"`` (vLLM in the training
 process, as herl's engine), both with herl's ``rollout.engine.vllm.gpu_memory_utilization``; training on the GPU on both
 sides. Refused before any model loads when CUDA or vLLM is missing.

@@ -150,11 +150,16 @@ def rollout(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
 def hindsight(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
     """Hindsight prompts, rewrites, re-scores and bonus on the rollouts (readiness probe, part 2) →
     probe.hindsight_dir."""
-    from herl_core.stages import run_hindsight
+    from herl_core.stages import hindsight_inputs, run_hindsight
 
     cfg = load_config(params, profile, set_)
     banner("hindsight", cfg)
-    run_tracked("hindsight", params, cfg, lambda t: run_hindsight(cfg, sink=t.sink), [cfg.probe.hindsight_dir])
+    summary = run_tracked(
+        "hindsight", params, cfg, lambda t: run_hindsight(cfg, sink=t.sink), [cfg.probe.hindsight_dir],
+        precheck=lambda: hindsight_inputs(cfg),
+    )  # fmt: skip
+    if "control" in summary:
+        console.print(f"[bold]control:[/bold] {summary['control']['verdict']}")
 
 
 @app.command()

@@ -1,12 +1,13 @@
-"""Scheduled (cron) deployments of the ``pipeline`` flow (issue 3 "scheduled deployment", issue 7 item 3).
+"""Scheduled (cron) deployments of the ``pipeline`` flow (docs/tracking.md).
 
-Both ways need a running Prefect server, because an ephemeral one cannot schedule (stack_notes §2 "serve")::
+Both ways need a running Prefect server, because an ephemeral one (started and stopped by
+each command) cannot schedule::
 
     prefect server start --host 127.0.0.1            # UI and API on http://127.0.0.1:4200 (local only)
     export PREFECT_API_URL=http://127.0.0.1:4200/api
 
-* **Served** (``serve_pipeline``, ``herl deploy``): ``Flow.serve``, the static-infrastructure way
-  (peers_and_conventions §2.1). The serving process is the worker; it blocks; Ctrl-C / SIGTERM pauses the schedule.
+* **Served** (``serve_pipeline``, ``herl deploy``): ``Flow.serve``, Prefect's static-infrastructure
+  way. The serving process is the worker; it blocks; Ctrl-C / SIGTERM pauses the schedule.
 * **Work pool** (``deploy_to_pool``, ``herl deploy --work-pool NAME``): the deployment is registered on a Prefect
   *process* work pool (created if missing) and returns; ``prefect worker start --pool NAME`` runs the flow runs, each
   in a fresh process. The code is loaded from this installation's folder (``Flow.from_source`` on a local folder,

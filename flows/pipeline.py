@@ -3,7 +3,7 @@
 * One flow per stage (``prepare``, ``rollout``, ``hindsight``, ``train``, ``evaluate``; names as in dvc.yaml), each
   running ONE task: ``dvc repro --single-item <stage>``. One execution path: every stage Prefect runs goes through
   DVC, so ``dvc.lock`` stays true and unchanged stages are skipped by DVC (the task has ``cache_policy=NO_CACHE``:
-  no second cache on top of DVC's, peers_and_conventions §2.5).
+  no second cache on top of DVC's: two caches would disagree about what is stale).
 * The task retries (2×, back-off) only transient failures (DVC lock contention, I/O, connection/judge errors);
   config and data errors fail at once.
 * ``pipeline`` takes an exclusive workspace lock (``.herl/pipeline.lock``, ``flows.proc.exclusive_lock``), opens

@@ -11,8 +11,9 @@ What a run gets (docs/tracking.md):
 * params: the validated, resolved config flattened (``section.key``) + ``config.json`` artifact;
 * lineage tags on every run: git commit and dirty flag, config hash, profile, stage, Prefect flow-run id, the
   stage's dvc.lock md5s of deps and outs, DVC experiment name/baseline;
-* per-step metrics (``log_batch`` with steps), records as ``records/<name>.jsonl`` and ONE ``experiences`` table per
-  run (mlflow/mlflow#11874: every ``log_table`` appends to a 5000-char tag);
+* per-step metrics (``log_batch`` with steps), records as ``records/<name>.jsonl``, ONE ``experiences`` table per
+  run (mlflow/mlflow#11874: every ``log_table`` appends to a 5000-char tag) and, for the hindsight stage's control,
+  ONE ``control_types`` table (the per-constraint-type table of docs/probe.md);
 * at ``finish``: summary metrics + ``summary.json``; for ``train`` a reward-curve PNG and the model folder as an
   artifact with a registered version and alias.
 
@@ -53,6 +54,7 @@ RUN_ENV = "HERL_MLFLOW_RUN_ID"
 FLOW_RUN_ENV = "HERL_PREFECT_FLOW_RUN_ID"
 SPOOL_DIR = ".herl/mlflow"
 TABLE_FILE = "experiences.json"
+CONTROL_TABLE_FILE = "control_types.json"
 CELL_CHARS = 1500
 CURVE_KEYS = ("reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate")
 
@@ -73,7 +75,8 @@ def tracking_uri(cfg: Config, root: str | Path = ".") -> str:
 def artifact_location(cfg: Config, uri: str, root: str | Path = ".") -> str | None:
     """Absolute file URI of ``tracking.artifact_root`` for local backends; None (the server decides) otherwise.
 
-    Without it MLflow puts artifacts in ``./mlruns`` relative to the CWD (stack_notes §3).
+    Without it MLflow puts artifacts in ``./mlruns`` relative to the CWD, so runs started from two
+    folders would scatter it.
     """
     if not (uri.startswith("sqlite:") or uri.startswith("file:")):
         return None
@@ -244,6 +247,18 @@ def experiences_table(rows: list[dict]) -> dict[str, list]:
     return table
 
 
+def records_table(rows: list[dict]) -> dict[str, list]:
+    """Columns of a table of flat records (the keys of the first row, in order)."""
+    return {c: [_cell(row.get(c)) for row in rows] for c in (rows[0] if rows else {})}
+
+
+TABLES = {
+    "experiences": (TABLE_FILE, experiences_table, "herl.table_rows"),
+    "control_types": (CONTROL_TABLE_FILE, records_table, "herl.table_rows.control_types"),
+}
+"""Spooled record streams that also become an MLflow table: name → (table artifact, columns, tag counting its rows)."""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # one stage run
 
@@ -288,17 +303,21 @@ class StageTracker:
         self.finished = True
 
     def log_records(self, table: bool) -> None:
-        """Spooled records → ``records/<name>.jsonl``; with ``table``, new experience rows → the one MLflow table."""
+        """Spooled records → ``records/<name>.jsonl``; with ``table``, new rows of each stream in TABLES → its MLflow
+        table."""
         for path in sorted(self.spool_dir.glob("*.jsonl")):
             self.client.log_artifact(self.run_id, str(path), "records")
-        path = self.spool_dir / "experiences.jsonl"
-        if not (table and path.is_file()):
+        if not table:
             return
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        done = int(self.client.get_run(self.run_id).data.tags.get("herl.table_rows", 0))
-        if rows[done:]:  # log_table appends to an existing table: send only rows it does not hold yet
-            self.client.log_table(self.run_id, experiences_table(rows[done:]), TABLE_FILE)
-            self.client.set_tag(self.run_id, "herl.table_rows", str(len(rows)))
+        for name, (artifact, columns, tag) in TABLES.items():
+            path = self.spool_dir / f"{name}.jsonl"
+            if not path.is_file():
+                continue
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            done = int(self.client.get_run(self.run_id).data.tags.get(tag, 0))
+            if rows[done:]:  # log_table appends to an existing table: send only rows it does not hold yet
+                self.client.log_table(self.run_id, columns(rows[done:]), artifact)
+                self.client.set_tag(self.run_id, tag, str(len(rows)))
 
     # ------------------------------------------------------------------------------------------------ parts
     def _log_output(self, path: Path) -> None:

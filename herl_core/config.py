@@ -1,7 +1,7 @@
-"""The one config tree of herl, loaded from ``params.yaml`` (spec: ../shared/reference/herl_algorithm.md §5).
+"""The one config tree of herl, loaded from ``params.yaml`` (spec: docs/spec.md §5).
 
 Every knob of spec §5 is a field here with the reference default and a description that names the spec section.
-Rules (style_anchors habit 6-7):
+Rules:
 
 * every model is ``extra="forbid"`` and ``frozen=True``: a misspelt key anywhere, nested or not, is an error;
 * ``params.yaml`` holds base sections plus ``profiles.<name>`` overrides; ``profile`` picks one. The resolved
@@ -551,6 +551,21 @@ class ProbeConfig(StrictModel):
     )
     rollout_dir: Annotated[str, Field(description="rollout stage output folder.")] = "data/rollout"
     hindsight_dir: Annotated[str, Field(description="hindsight stage output folder.")] = "data/hindsight"
+    control: Annotated[
+        bool,
+        Field(
+            description=(
+                "The hindsight stage also draws, per draft, as many fresh samples from the original prompt as it has "
+                "rewrites, under the rewrite's token cap, and reports whether guidance beats resampling "
+                "(control.json, control_types.csv; docs/probe.md). Costs about as much generation again as the "
+                "rewrites."
+            )
+        ),
+    ] = True
+    control_temperature: Annotated[
+        float | None,
+        Field(ge=0, description="Temperature of the control's resamples; None = rollout.temperature (the policy's)."),
+    ] = None
 
 
 class TrackingConfig(StrictModel):

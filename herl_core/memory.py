@@ -1,4 +1,4 @@
-"""Handing freed heap memory back to the OS (performance, issue 6: peak RSS of a training run).
+"""Handing freed heap memory back to the OS (peak RSS of a training run: docs/performance.md).
 
 PyTorch's CPU allocator has no cache: a freed tensor goes back to ``malloc``. glibc returns a large block to the OS
 at once only while it is above the mmap threshold, and that threshold grows (up to 32 MB) with every large block

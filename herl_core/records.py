@@ -139,3 +139,75 @@ class MergeRecord(Record):
     slot: int | None
     group_best: float
     guided_score: float | None = None
+
+
+class ControlOutput(Record):
+    """One generation of the readiness probe's control (herl_core.control): a hindsight rewrite or a fresh sample
+    from the original prompt, with the tokens it cost."""
+
+    text: str
+    n_tokens: int = Field(ge=0, description="New tokens generated (EOS included when it stopped).")
+    finished: bool = Field(description="Stopped at EOS; False = cut at the token cap.")
+    reward: RewardResult | None = Field(
+        description="Scored against the prompt's original rubrics; None = empty output (dropped unscored, §3.6)."
+    )
+
+
+class ControlRecord(Record):
+    """One draft of a failed group with both arms of the control: its hindsight rewrites and as many fresh samples
+    from the original prompt, under the same token cap (data/hindsight/control.jsonl; docs/probe.md)."""
+
+    step: int | None = None
+    prompt_id: str
+    draft_index: int = Field(ge=0, description="Index of the draft within its group.")
+    draft: str
+    draft_dense: float
+    draft_verdicts: list[Verdict]
+    rewrites: list[ControlOutput] = Field(description="The hindsight rewrites of this draft, in draw order.")
+    resamples: list[ControlOutput] = Field(description="Fresh samples from the original prompt, in draw order.")
+
+
+class ControlTypeRow(Record):
+    """One row of the control's table (control_types.csv): a constraint type, or ``all`` (docs/probe.md).
+
+    Rates are fractions in [0, 1] with Wilson 95 % bounds (``_lo``, ``_hi``); gains are mean dense-score differences
+    with cluster-robust Student-t bounds over prompts. A type's row covers the drafts that failed that type (fix
+    rates and the beat/gain columns) and the drafts that met it (break rates); ``all`` covers every compared draft.
+    """
+
+    type: str
+    unaided_pass: float | None = Field(description="Rollout samples meeting the type / scored rollout verdicts.")
+    unaided_pass_lo: float | None
+    unaided_pass_hi: float | None
+    unaided_n: int
+    drafts: int = Field(description="Compared drafts in this row.")
+    prompts: int = Field(description="Distinct prompts of those drafts (the clusters).")
+    rewrite_beats: float | None = Field(description="P(best rewrite dense > draft dense).")
+    rewrite_beats_lo: float | None
+    rewrite_beats_hi: float | None
+    resample_beats: float | None = Field(description="P(best resample dense > draft dense).")
+    resample_beats_lo: float | None
+    resample_beats_hi: float | None
+    difference: float | None = Field(description="rewrite_beats − resample_beats, paired per draft.")
+    difference_lo: float | None
+    difference_hi: float | None
+    rewrite_gain: float | None = Field(description="Mean of best rewrite dense − draft dense.")
+    rewrite_gain_lo: float | None
+    rewrite_gain_hi: float | None
+    resample_gain: float | None = Field(description="Mean of best resample dense − draft dense.")
+    resample_gain_lo: float | None
+    resample_gain_hi: float | None
+    unmet: int = Field(description="Scorable constraints the drafts failed (fix-rate denominator).")
+    rewrite_fix: float | None = Field(description="Unmet constraints the best rewrite meets.")
+    rewrite_fix_lo: float | None
+    rewrite_fix_hi: float | None
+    resample_fix: float | None = Field(description="Unmet constraints the best resample meets.")
+    resample_fix_lo: float | None
+    resample_fix_hi: float | None
+    met: int = Field(description="Scorable constraints the drafts met (break-rate denominator).")
+    rewrite_break: float | None = Field(description="Met constraints the best rewrite fails.")
+    rewrite_break_lo: float | None
+    rewrite_break_hi: float | None
+    resample_break: float | None = Field(description="Met constraints the best resample fails.")
+    resample_break_lo: float | None
+    resample_break_hi: float | None

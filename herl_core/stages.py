@@ -6,7 +6,8 @@ DVC metric) and never leaves a half-written output. Outputs (docs/pipeline.md):
 
 * prepare   → ``prepare.out_dir``/{train,val,ifeval,ifbench}.jsonl, report.json
 * rollout   → ``probe.rollout_dir``/rollouts.jsonl (RolloutRecord), summary.json          (spec §3.2-3.3)
-* hindsight → ``probe.hindsight_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json  (spec §3.4-3.9)
+* hindsight → ``probe.hindsight_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json  (spec §3.4-3.9),
+              and with ``probe.control`` control.jsonl, control.json, control_types.csv  (docs/probe.md)
 * train     → ``train.out_dir`` (policy), ``train.report_dir``/*.jsonl, summary.json     (spec §3.15)
 * evaluate  → ``evaluate.out_dir``/<benchmark>/{metrics,per_type}.json, samples.jsonl, metrics.json  (spec §3.14)
 
@@ -23,10 +24,11 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from herl_core.config import Config, LoraConfig, ModelConfig
-from herl_core.io import DataError, read_jsonl, write_json_atomic, write_jsonl_atomic
+from herl_core.io import DataError, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from herl_core.records import PromptRecord, RolloutRecord
 from herl_core.sink import JsonlSink, MetricsSink, MultiSink, NullSink
 
@@ -192,9 +194,14 @@ def run_rollout(cfg: Config, sink: MetricsSink | None = None) -> dict:
 def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
     """The ``hindsight`` stage (the readiness probe): the hindsight step of spec §3.4-3.9 once, on the groups of the
     first ``probe.prompts`` prompts of ``probe.rollout_dir``/rollouts.jsonl, by the policy that wrote them
-    (``probe.policy``); writes ``probe.hindsight_dir``/experiences.jsonl, merges.jsonl and summary.json."""
+    (``probe.policy``); writes ``probe.hindsight_dir``/experiences.jsonl, merges.jsonl and summary.json.
 
-    from herl_core.hindsight.step import hindsight_step
+    With ``probe.control`` (herl_core.control, docs/probe.md) it also draws fresh samples from the original prompts
+    at the rewrites' token budget and writes control.jsonl (per draft), control.json (table, budget, verdict) and
+    control_types.csv (the table); the summary gains ``control`` (the verdict and the overall row). Everything is
+    computed before the first file is written."""
+
+    from herl_core.hindsight.step import hindsight_step, rewrite_sampling
     from herl_core.models import load_policy
     from herl_core.probe import hindsight_summary
     from herl_core.rewards import make_reward
@@ -202,25 +209,85 @@ def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
     from herl_core.rollout.groups import call_seed, groups_from_rollouts
 
     source = Path(cfg.probe.rollout_dir) / "rollouts.jsonl"
-    rows = read_jsonl(source, RolloutRecord)
-    prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
+    rows, prompts = hindsight_inputs(cfg)
     model, tok = load_policy(policy_config(cfg, cfg.probe.policy))
     groups = groups_from_rollouts(prompts, rows, tok, cfg.rollout, source=str(source))[: cfg.probe.prompts]
+    before = [replace(g, samples=[s.copy() for s in g.samples]) for g in groups]  # the merge edits groups in place
     engine = make_engine(cfg.rollout.engine, model, tok, seed=cfg.train.seed)
+    reward = make_reward(cfg.reward)
     seed = cfg.train.seed
     out = hindsight_step(
-        groups, engine, make_reward(cfg.reward), tok, cfg.hindsight, cfg.rollout, (seed, 0),
-        seed=call_seed(seed, 0, 1),
+        groups, engine, reward, tok, cfg.hindsight, cfg.rollout, (seed, 0), seed=call_seed(seed, 0, 1),
     )  # fmt: skip
+    summary = hindsight_summary(out.experiences, out.metrics, groups=len(groups))
+    control = None
+    if cfg.probe.control:
+        from herl_core.control import CONTROL_PHASE, control_records, control_summary
+
+        records = control_records(
+            before, out.jobs, engine, reward, tok, cfg.hindsight, cfg.rollout,
+            temperature=cfg.probe.control_temperature, seed=call_seed(seed, 0, CONTROL_PHASE),
+        )  # fmt: skip
+        probed = {g.record.id for g in groups}
+        report, table = control_summary(
+            records,
+            [r for r in rows if r.prompt_id in probed],
+            samples=cfg.hindsight.rewrite_samples,
+            max_new_tokens=rewrite_sampling(cfg.hindsight, cfg.rollout, None).max_new_tokens,
+            model=cfg.probe.policy or cfg.model.name_or_path,
+        )
+        control = (records, report, table)
+        summary["control"] = {k: report[k] for k in ("verdict", "drafts", "compared", "unscorable")}
+        summary["control"] |= {k: v for k, v in report["overall"].items() if k != "type"}
     sink = sink or NullSink()
     sink.log_records("experiences", out.experiences, 0)
     sink.log_records("merges", out.merges, 0)
     folder = Path(cfg.probe.hindsight_dir)
     write_jsonl_atomic(folder / "experiences.jsonl", out.experiences)
     write_jsonl_atomic(folder / "merges.jsonl", out.merges)
-    summary = hindsight_summary(out.experiences, out.metrics, groups=len(groups))
+    if control is not None:
+        records, report, table = control
+        sink.log_records("control", records, 0)
+        sink.log_records("control_types", table, 0)
+        write_jsonl_atomic(folder / "control.jsonl", records)
+        write_json_atomic(folder / "control.json", report)
+        write_text_atomic(folder / "control_types.csv", table_csv(table))
+    else:
+        for name in CONTROL_FILES:  # no stale control from an earlier run beside this run's outputs
+            (folder / name).unlink(missing_ok=True)
     write_json_atomic(folder / "summary.json", summary)
     return summary
+
+
+CONTROL_FILES = ("control.jsonl", "control.json", "control_types.csv")
+
+
+def hindsight_inputs(cfg: Config) -> tuple[list[RolloutRecord], list[PromptRecord]]:
+    """The hindsight stage's inputs, validated: the rollout rows (schema, prompt ids known, sample indices
+    consecutive) and the training prompts. Raises ``DataError`` naming the file, line and field."""
+    from herl_core.rollout.groups import check_rollout_rows
+
+    source = Path(cfg.probe.rollout_dir) / "rollouts.jsonl"
+    if not source.is_file():
+        raise DataError(f"{source}: file not found (write it with `herl rollout`)")
+    rows = read_jsonl(source, RolloutRecord, unique_field=None)
+    prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
+    check_rollout_rows(prompts, rows, str(source))
+    return rows, prompts
+
+
+def table_csv(rows: list) -> str:
+    """Records as CSV text: a header of their field names, one line per record (None = empty cell)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    fields = list(type(rows[0]).model_fields) if rows else []
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r.model_dump())
+    return buf.getvalue()
 
 
 def eval_policy(cfg: Config) -> tuple[ModelConfig, str, bool]:

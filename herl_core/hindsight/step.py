@@ -14,7 +14,7 @@ Departures from the authors' code (all configurable, see herl_core.config):
 2. the merge slot comes from a seeded RNG, so runs are reproducible (§3.9 uses an unseeded one); each group has its own
    stream, ``default_rng([*merge_seed, stable_key(prompt id)])``, and each rewrite job its own sampling key
    (prompt id, draft index), so a group's hindsight outcome does not depend on the other groups of the batch (a
-   data-parallel rank running its share reproduces the single-process run, issue 7);
+   data-parallel rank running its share reproduces the single-process run);
 3. rewrites whose reward failed (judge failure) are never chosen and give no bonus;
 4. ``merge_mode="append"`` adds the guided sample as an extra member instead of replacing one (§9-A6).
 """
@@ -38,6 +38,17 @@ from herl_core.rollout.base import RolloutEngine, SamplingParams, stable_key
 from herl_core.samples import Group, Sample
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """One generation of a rewrite job as it was drawn, empty ones included: its text, the new tokens it cost and
+    whether it stopped at EOS. ``sample``: its index in ``RewriteJob.rewrites``, None when it was empty (dropped)."""
+
+    text: str
+    n_tokens: int
+    finished: bool
+    sample: int | None
+
+
 @dataclass
 class RewriteJob:
     """One draft to revise (§3.4 step 4)."""
@@ -47,6 +58,7 @@ class RewriteJob:
     hindsight_prompt: str
     prompt_ids: list[int]
     rewrites: list[Sample] = field(default_factory=list)
+    drawn: list[Drawn] = field(default_factory=list)
 
 
 @dataclass
@@ -106,6 +118,10 @@ def generate_rewrites(
     gens = engine.generate([j.prompt_ids for j in jobs], hindsight.rewrite_samples, replace(sampling, keys=keys))
     texts = [tokenizer.decode(g.completion_ids, skip_special_tokens=True).strip() for g in gens]
     keep = [i for i, t in enumerate(texts) if t]  # empty rewrites are dropped (§3.6)
+    for i, g in enumerate(gens):  # rewrites[k] below is the k-th non-empty generation of its job
+        job = jobs[i // hindsight.rewrite_samples]
+        index = sum(d.sample is not None for d in job.drawn) if texts[i] else None
+        job.drawn.append(Drawn(texts[i], len(g.completion_ids), g.finished, index))
     records = [groups[jobs[i // hindsight.rewrite_samples].group].record for i in keep]
     results = reward.score(records, [texts[i] for i in keep])
     eos = [tokenizer.eos_token_id] if hindsight.append_eos and tokenizer.eos_token_id is not None else []

@@ -20,8 +20,8 @@ Departures from the authors' code:
 2. Any other exception inside ``check_following`` fails that one rubric (seen on degenerate responses, e.g.
    ZeroDivisionError in ``ratio:overlap`` for "x"); the reference zeroes the whole reward on any exception.
 3. ``nltk.download`` is replaced by a no-op for the whole process when IFBench is loaded: ifbench calls it at
-   import and inside ~10 checkers, and it always asks the network first (combined_stack pitfall 6). spaCy is
-   stubbed only around the ifbench import and restored afterwards (pitfall 7).
+   import and inside ~10 checkers, and it always asks the network first (hangs or fails offline). spaCy is
+   stubbed only around the ifbench import and restored afterwards (its models are not installed).
 """
 
 from __future__ import annotations
@@ -366,7 +366,7 @@ class ConstraintReward:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# drawing training constraints (offline_models_and_data §1.6)
+# drawing training constraints
 
 
 def _draw(instruction_id: str, prompt: str | None) -> Rubric | None:

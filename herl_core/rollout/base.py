@@ -1,4 +1,4 @@
-"""The rollout engine interface (spec §3.2, §3.6; peers_and_conventions §3.3 integration point 1).
+"""The rollout engine interface (spec §3.2, §3.6): where a new engine plugs in.
 
 ``generate(prompts, n, sampling)`` takes already-tokenised prompts and returns, for every prompt, ``n`` generations
 (prompt-major: prompt 0's n samples first) holding the prompt ids, the completion ids and the per-token log-probs of

@@ -134,6 +134,12 @@ def _rows_by_prompt(rows: Sequence[RolloutRecord], known: set[str], source: str)
     return by_prompt
 
 
+def check_rollout_rows(prompts: Sequence[PromptRecord], rows: Sequence[RolloutRecord], source: str) -> None:
+    """Raise ``DataError`` naming the line of the first row whose prompt id is not in ``prompts`` or whose sample
+    index breaks the consecutive numbering (the checks of ``groups_from_rollouts``, without a tokenizer)."""
+    _rows_by_prompt(rows, {p.id for p in prompts}, source)
+
+
 def groups_from_rollouts(
     prompts: Sequence[PromptRecord],
     rows: Sequence[RolloutRecord],

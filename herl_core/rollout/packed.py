@@ -1,4 +1,4 @@
-"""Packed linear weights for CPU decoding (performance, issue 6).
+"""Packed linear weights for CPU decoding (docs/performance.md).
 
 At decode shapes (one new token per row, so a (batch × d_in) activation against a (d_out × d_in) weight) the plain
 ``nn.Linear`` path (MKL sgemm) repacks the weight on every call. oneDNN's linear takes the weight reordered once into

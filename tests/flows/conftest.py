@@ -1,6 +1,6 @@
 """Fixtures of tests/flows: an isolated Prefect home, one session-scoped Prefect test harness, temp MLflow stores.
 
-The harness (a temporary SQLite Prefect server, about 11 s on 2 cores; stack_notes §2 "Tests") is session-scoped
+The harness (a temporary SQLite Prefect server, about 11 s on 2 cores) is session-scoped
 and started by an autouse gate only for tests that run flows (module ``test_pipeline`` or marker ``integration``),
 so the MLflow-only tests in test_tracking.py do not pay for it.
 """

@@ -8,6 +8,7 @@ models and the summaries agree with counts taken from those files.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -18,9 +19,9 @@ from typer.testing import CliRunner
 from flows.cli import app
 from herl_core.config import load_params
 from herl_core.io import read_jsonl
-from herl_core.records import HindsightRecord, MergeRecord, PromptRecord, RolloutRecord
+from herl_core.records import ControlRecord, ControlTypeRow, HindsightRecord, MergeRecord, PromptRecord, RolloutRecord
 from herl_core.resume import train_fingerprint
-from herl_core.stages import STAGES, eval_policy
+from herl_core.stages import STAGES, eval_policy, run_hindsight
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = CliRunner()
@@ -39,6 +40,7 @@ def ws(tmp_path_factory, mlflow_uri):
         for stage in STAGES:
             extra = ["--set", "train.steps=1"] if stage == "train" else []
             results[stage] = RUNNER.invoke(app, [stage, *TINY, *extra])
+    results["mlflow_uri"] = mlflow_uri
     return root, results
 
 
@@ -128,6 +130,91 @@ def test_hindsight_writes_train_schema_and_a_consistent_probe(ws):
     ok(results["train"])
     train_exps = read_jsonl(root / "reports/train/experiences.jsonl", HindsightRecord, unique_field=None)
     assert set(train_exps[0].model_dump()) == set(exps[0].model_dump())
+
+
+def test_hindsight_control_writes_the_table_and_logs_it_to_mlflow(ws):
+    root, results = ws
+    summary = ok(results["hindsight"])
+    folder = root / "data/hindsight"
+    records = read_jsonl(folder / "control.jsonl", ControlRecord, unique_field=None)
+    report = json.loads((folder / "control.json").read_text())
+    # one record per draft the hindsight step selected, paired with that draft's experience
+    assert len(records) == summary["herl/drafts"] == report["drafts"] == 16  # 4 failed groups × G = 4 tied drafts
+    exps = read_jsonl(folder / "experiences.jsonl", HindsightRecord, unique_field=None)
+    by_draft = {(e.prompt_id, e.draft_index): e for e in exps}
+    for r in records:
+        assert len(r.rewrites) == len(r.resamples) == 1  # hindsight.rewrite_samples
+        assert all(o.n_tokens <= 16 for o in r.rewrites + r.resamples)  # the rewrite cap (tiny: 16)
+        if r.rewrites[0].reward is not None:
+            assert r.rewrites[0].text == by_draft[(r.prompt_id, r.draft_index)].rewrite
+    # the CSV is the table: ControlTypeRow columns, the `all` row first, numbers equal to control.json
+    with (folder / "control_types.csv").open(newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == list(ControlTypeRow.model_fields) and table[0]["type"] == "all"
+    assert [r["type"] for r in table[1:]] == sorted(report["per_type"])
+    assert int(table[0]["drafts"]) == report["overall"]["drafts"] == report["compared"]
+    assert float(table[0]["rewrite_beats"]) == pytest.approx(report["overall"]["rewrite_beats"])
+    tokens = sum(o.n_tokens for r in records for o in r.resamples)
+    assert report["budget"]["resample"]["tokens"] == tokens and report["budget"]["allotted_tokens_per_draft"] == 16
+    # the verdict: in the summary (DVC metric) and on the console
+    assert summary["control"]["verdict"] == report["verdict"]
+    assert f"control: {report['verdict'][:40]}" in " ".join(results["hindsight"].stderr.split())
+    # MLflow: the per-type table beside the experiences table, and the records as artifacts
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=results["mlflow_uri"])
+    exp = client.get_experiment_by_name("herl-tiny")
+    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'hindsight'")
+    logged = {a["path"] for a in json.loads(run.data.tags["mlflow.loggedArtifacts"])}
+    assert logged == {"experiences.json", "control_types.json"}
+    dst = root.parent / "mlflow-dl"
+    logged_table = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "control_types.json", str(dst))).read_text()
+    )
+    assert logged_table["columns"][: len(ControlTypeRow.model_fields)] == list(ControlTypeRow.model_fields)
+    assert len(logged_table["data"]) == len(table)
+    assert run.data.metrics["control/drafts"] == 16.0
+    assert {p.path for p in client.list_artifacts(run.info.run_id, "records")} >= {"records/control.jsonl"}
+
+
+def test_hindsight_control_budget_rule_and_unchanged_outputs(ws, tmp_path):
+    """Two rewrites per draft under a 10-token cap (the rollout's is 16): two resamples per draft, each <= 10
+    tokens. The control changes no other output: experiences, merges and the rest of the summary are the same with
+    it off, and its files are gone."""
+    root, _ = ws
+    for path in ("params.yaml", "data/prepared/train.jsonl", "data/rollout/rollouts.jsonl"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / path, tmp_path / path)
+    knobs = ["hindsight.rewrite_samples=2", "hindsight.rewrite_max_new_tokens=10"]
+    on = run_hindsight(load_params(tmp_path / "params.yaml", profile="tiny", overrides=knobs_in(tmp_path, knobs)))
+    folder = tmp_path / "data/hindsight"
+    records = read_jsonl(folder / "control.jsonl", ControlRecord, unique_field=None)
+    assert records and all(len(r.rewrites) == len(r.resamples) == 2 for r in records)
+    assert all(o.n_tokens <= 10 for r in records for o in r.rewrites + r.resamples)
+    assert max(o.n_tokens for r in records for o in r.resamples) == 10  # the random tiny model runs to the cap
+    budget = json.loads((folder / "control.json").read_text())["budget"]
+    assert (budget["generations_per_draft"], budget["max_new_tokens"], budget["allotted_tokens_per_draft"]) == (
+        2,
+        10,
+        20,
+    )
+    assert budget["rewrite"]["generations"] == budget["resample"]["generations"] == 2 * len(records)
+    before = {name: (folder / name).read_bytes() for name in ("experiences.jsonl", "merges.jsonl")}
+    off = run_hindsight(
+        load_params(
+            tmp_path / "params.yaml", profile="tiny", overrides=knobs_in(tmp_path, [*knobs, "probe.control=false"])
+        )
+    )
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert {k: v for k, v in on.items() if k != "control"} == off and "control" not in off
+    assert sorted(p.name for p in folder.iterdir()) == ["experiences.jsonl", "merges.jsonl", "summary.json"]
+
+
+def knobs_in(root: Path, knobs: list[str]) -> list[str]:
+    """``knobs`` plus the workspace's paths (params.yaml's are relative to the working directory)."""
+    paths = {"train.data": "data/prepared/train.jsonl", "probe.rollout_dir": "data/rollout",
+             "probe.hindsight_dir": "data/hindsight"}  # fmt: skip
+    return [*knobs, *(f"{k}={root / v}" for k, v in paths.items())]
 
 
 def test_train_writes_policy_step_log_and_summary(ws):

@@ -33,7 +33,7 @@ def train() -> list[PromptRecord]:
 def test_benchmark_loaders(heldout):
     ifeval, ifbench = heldout["ifeval"], heldout["ifbench"]
     assert (len(ifeval), len(ifbench), len(prep.load_alpaca_instructions())) == (541, 300, 805)
-    # instruction counts of the two files (offline_models_and_data §1.1 / combined_stack §4c: 834 and 344)
+    # instruction counts of the two files (counted in the files: 834 and 344)
     assert sum(len(r.rubrics) for r in ifeval) == 834 and sum(len(r.rubrics) for r in ifbench) == 344
     ids = [r.id for r in ifeval + ifbench]
     assert len(set(ids)) == len(ids) and ids[0] == "ifeval-1000" and ifbench[0].id == "ifbench-0"

@@ -457,3 +457,39 @@ def test_bad_rollout_and_hindsight_rows_name_line_and_field(tmp_path, model, goo
     with pytest.raises(DataError) as err:
         read_jsonl(path, model, unique_field=None)
     assert str(err.value).startswith(f"{path}:3: {what}"), str(err.value)
+
+
+# the hindsight stage (and its control) on a bad rollouts file: an error naming the line, and nothing written
+
+GOOD_ROLLOUT = {**ROLLOUT, "step": None}
+
+
+@pytest.mark.parametrize(
+    "rows, line, what",
+    [
+        ([GOOD_ROLLOUT, {**GOOD_ROLLOUT, "prompt_id": "nope", "sample_index": 0}], 2,
+         "field 'prompt_id': 'nope' is not in the prompt file"),
+        ([GOOD_ROLLOUT, {**GOOD_ROLLOUT, "sample_index": 2}], 2,
+         "field 'sample_index': expected 1 for prompt 'p1'"),
+        ([GOOD_ROLLOUT, {**GOOD_ROLLOUT, "n_tokens": -1}], 2, "field 'n_tokens': Input should be greater"),
+    ],
+)  # fmt: skip
+def test_herl_hindsight_on_bad_rollouts_exits_1_and_writes_nothing(tmp_path, herl, monkeypatch, rows, line, what):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    ws = herl.make_workspace(tmp_path / "ws")
+    rollouts = ws / "data" / "rollout" / "rollouts.jsonl"
+    rollouts.parent.mkdir(parents=True)
+    rollouts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlruns.db'}")
+    result = CliRunner().invoke(app, ["hindsight", "--set", "probe.control=true"])
+    assert result.exit_code == 1, result.output
+    message = " ".join(result.output.split())  # rich may wrap long lines
+    assert f"data/rollout/rollouts.jsonl:{line}: {what}" in message, message
+    assert sorted(os.listdir(ws / "data")) == ["prompts.jsonl", "rollout"] and os.listdir(ws / "data/rollout") == [
+        "rollouts.jsonl"
+    ]
+    assert not list(ws.glob("mlruns*")) and not (ws / "mlartifacts").exists()  # not even a FAILED MLflow run

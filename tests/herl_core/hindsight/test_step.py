@@ -148,7 +148,22 @@ def test_original_prompt_option_trains_the_rewrite_under_x(tok):
 
 
 def test_rewrite_keys_and_merge_streams_are_per_group(tok):
-    """Issue 7: a group's rewrites are keyed by (prompt id, draft index) and its merge slot by its prompt id, so the
+    """A group's rewrites are keyed by (prompt id, draft index) and its merge slot by its prompt id, so the
     outcome for a group is the same alone or in a batch (what lets data-parallel ranks reproduce one process)."""
     _, engine, _ = run(tok, ["the sun is bright and warm today", "The sun is Bright, and warm today"])
     assert engine.calls[0][2].keys == (stable_key("p0", 1), stable_key("p0", 2))
+
+
+def test_every_draw_is_kept_with_its_token_count_and_its_rewrite(tok):
+    """``RewriteJob.drawn``: each generation in draw order, empty ones included (what the probe's control counts)."""
+    herl = HindsightConfig(rewrite_samples=2)
+    texts = ["the sun is bright and warm today", "  ", "x", "The sun is bright and warm today"]
+    _, _, out = run(tok, texts, herl=herl)
+    first, second = out.jobs
+    tokens = [len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]  # + EOS (scripted engine)
+    assert [(d.text, d.n_tokens, d.finished, d.sample) for d in first.drawn] == [
+        (texts[0], tokens[0], True, 0),
+        ("", tokens[1], True, None),  # whitespace only: empty after strip, dropped (§3.6), still drawn
+    ]
+    assert [(d.text, d.n_tokens, d.sample) for d in second.drawn] == [("x", tokens[2], 0), (texts[3], tokens[3], 1)]
+    assert [s.text for s in first.rewrites] == [texts[0]] and [s.text for s in second.rewrites] == ["x", texts[3]]

@@ -1,4 +1,4 @@
-"""herl_core.rollout.packed: oneDNN linears with packed weights during CPU decoding (issue 6).
+"""herl_core.rollout.packed: oneDNN linears with packed weights during CPU decoding.
 
 Run: .venv/bin/pytest tests/herl_core/rollout/test_packed.py
 """
