@@ -4,13 +4,17 @@ Layout of ``<checkpoint_dir>/step-000042/``::
 
     config.json, model.safetensors, tokenizer files   # loads with AutoModelForCausalLM.from_pretrained
     optimizer.safetensors                              # AdamW moments and step counts, keyed "<param idx>.<name>"
-    trainer_state.json                                 # step, data cursor, RNG states, param groups, extras
+    trainer_state.json                                 # step, data cursor, RNG states, param groups, extras,
+                                                       # the fp16 loss scaler's state (fp16 compute only)
     adapter/adapter_config.json, adapter_model.safetensors   # LoRA runs only: the adapters, peft layout
 
 A LoRA model (``model.lora.enabled``) writes ``model.safetensors`` merged (a plain model, as every checkpoint) plus its
 adapters; resume loads the adapters into the live peft model (its base weights come from ``load_policy``) and checks
 that the merged weights then equal the checkpoint's, so a changed base model is an error, not a silent mix.
 The adapters sit in a subfolder: an ``adapter_config.json`` at the top would make ``from_pretrained`` load them.
+
+Weights and optimizer state are the master ones (``train.master_dtype``, fp32 by default; herl_core/precision.py),
+so a run computing in bf16 resumes exactly; only the final policy folder is written in the compute dtype.
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON. A folder appears whole or not at all
 (temp folder + rename), so a crash mid-save leaves the previous checkpoint as the latest.
@@ -75,10 +79,12 @@ def save_checkpoint(
     *,
     weights: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict | None = None,
+    scaler=None,
 ) -> Path:
     """Write ``<root>/step-<state.step>`` atomically and delete all but the newest ``keep`` checkpoints.
     ``weights`` / ``optimizer_state``: whole state dicts to write instead of the live model's / optimizer's (an
-    FSDP-sharded model's, gathered by ``DataParallel.full_model_state`` / ``full_optimizer_state``)."""
+    FSDP-sharded model's, gathered by ``DataParallel.full_model_state`` / ``full_optimizer_state``). ``scaler``: the
+    fp16 run's ``torch.amp.GradScaler``, whose scale and growth counter are stored too."""
     root = Path(root)
     target = root / f"step-{state.step:06d}"
     sweep_leftovers(root)  # a killed save's temp folders go before a new one takes the disk space
@@ -95,6 +101,8 @@ def save_checkpoint(
             "param_groups": groups,
             "python_random": [py_state[0], list(py_state[1]), py_state[2]],
         }
+        if scaler is not None:
+            payload["grad_scaler"] = {k: float(v) for k, v in scaler.state_dict().items()}
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -190,6 +198,20 @@ def restore_rng(folder: str | Path) -> TrainerState:
     v, inner, gauss = payload["python_random"]
     random.setstate((v, tuple(inner), gauss))
     return TrainerState(**payload["trainer"])
+
+
+def restore_scaler(folder: str | Path, scaler) -> None:
+    """Load the loss scaler's state saved in ``folder`` into ``scaler`` (fp16 runs); a no-op when ``scaler`` is None.
+    A checkpoint without one (written by a run that had no scaler) is an error: it was not trained in fp16."""
+    if scaler is None:
+        return
+    payload = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
+    if "grad_scaler" not in payload:
+        raise ValueError(f"{folder}: no loss-scaler state in the checkpoint, but model.dtype float16 needs one")
+    state = payload["grad_scaler"]
+    scaler.load_state_dict(
+        {k: int(v) if k == "_growth_tracker" or k == "growth_interval" else v for k, v in state.items()}
+    )
 
 
 def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer) -> TrainerState:

@@ -108,7 +108,16 @@ class ModelConfig(StrictModel):
             )
         ),
     ] = "smollm2-135m-instruct"
-    dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description="Weights dtype.")] = "float32"
+    dtype: Annotated[
+        Literal["float32", "bfloat16", "float16"],
+        Field(
+            description=(
+                "Compute dtype: training forward/backward and generation run in it (under autocast when "
+                "train.master_dtype is wider); inference-only stages load the weights in it; the trained policy is "
+                "written in it. Trainable weights and AdamW state are kept in train.master_dtype (docs/models.md)."
+            )
+        ),
+    ] = "float32"
     prompt_format: Annotated[
         Literal["auto", "chat", "plain"],
         Field(
@@ -246,7 +255,7 @@ class VllmConfig(StrictModel):
     tensor_parallel_size: Annotated[int, Field(ge=1, description="vLLM tensor parallel size (§5.1: 2).")] = 1
     dtype: Annotated[
         Literal["auto", "float32", "bfloat16", "float16"],
-        Field(description="dtype vLLM samples in; auto = the policy's parameter dtype (float32 on a CPU)."),
+        Field(description="dtype vLLM samples in; auto = the compute dtype, model.dtype (float32 on a CPU)."),
     ] = "auto"
     kv_cache_gb: Annotated[
         float | None,
@@ -460,6 +469,22 @@ class TrainConfig(StrictModel):
         Field(ge=1, description="torch intra-op threads (None = torch default).", json_schema_extra=RESUME_NEUTRAL),
     ] = None
     gradient_checkpointing: Annotated[bool, Field(description="Trade compute for memory in the update.")] = False
+    master_dtype: Annotated[
+        Literal["float32", "bfloat16"],
+        Field(
+            description="dtype of the trainable weights and the AdamW state (the resume checkpoints hold them). "
+            "float32 with a bfloat16/float16 model.dtype = mixed precision (autocast; FSDP: MixedPrecisionPolicy). "
+            "bfloat16 = pure bf16 training, where updates below a weight's rounding step vanish: refused unless "
+            "allow_low_precision_master."
+        ),
+    ] = "float32"
+    allow_low_precision_master: Annotated[
+        bool,
+        Field(
+            description="Accept train.master_dtype: bfloat16 (weights and AdamW state in bf16). At lr 1e-6 most "
+            "updates round away; for experiments that measure exactly that."
+        ),
+    ] = False
     parallel: Annotated[
         Literal["ddp", "fsdp"],
         Field(
@@ -497,6 +522,18 @@ class TrainConfig(StrictModel):
     eval_max_new_tokens: Annotated[
         int | None, Field(ge=1, description="Max tokens of a validation answer (None = rollout.max_new_tokens).")
     ] = None
+
+    @model_validator(mode="after")
+    def _master_precision(self) -> TrainConfig:
+        if self.master_dtype != "float32" and not self.allow_low_precision_master:
+            raise ValueError(
+                f"train.master_dtype: {self.master_dtype} keeps the trainable weights and the AdamW state in "
+                f"{self.master_dtype}: at lr {self.lr:g} almost every update is smaller than a weight's rounding step "
+                "and vanishes (a bf16 weight of 0.02 moves in steps of 1.2e-4). Use train.master_dtype: float32 (the "
+                "model still computes in model.dtype), or set train.allow_low_precision_master: true to train in "
+                f"{self.master_dtype} anyway"
+            )
+        return self
 
     @model_validator(mode="after")
     def _validation_scores_something(self) -> TrainConfig:
@@ -618,7 +655,17 @@ class Config(StrictModel):
                 f"train.mini_batch_prompts ({self.train.mini_batch_prompts}) must be <= train.prompts_per_step "
                 f"({self.train.prompts_per_step})"
             )
+        if self.train.master_dtype != "float32" and self.train.master_dtype != self.model.dtype:
+            raise ValueError(
+                f"train.master_dtype: {self.train.master_dtype} needs model.dtype: {self.train.master_dtype} (pure "
+                f"low-precision training computes in the weights' dtype); model.dtype is {self.model.dtype}"
+            )
         if self.train.parallel == "fsdp":
+            if self.model.dtype == "float16" and self.train.master_dtype == "float32":
+                raise ValueError(
+                    "train.parallel: fsdp with model.dtype: float16 needs a sharded gradient scaler, which herl does "
+                    "not have; use model.dtype: bfloat16 (no loss scaling needed) or ddp"
+                )
             if self.model.lora.enabled:
                 raise ValueError("train.parallel: fsdp does not support model.lora yet; use ddp with LoRA")
             if self.rollout.engine.backend != "hf" or self.rollout.engine.workers:

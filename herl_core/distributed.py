@@ -141,6 +141,12 @@ class DataParallel:
                 "with `accelerate launch --config_file configs/accelerate/ddp.yaml -m flows.cli train ...`, and on "
                 "CPUs set ACCELERATE_USE_CPU=true (gloo)"
             )
+        if str(acc.mixed_precision) != "no":
+            raise RuntimeError(
+                f"accelerate's mixed_precision is {acc.mixed_precision!r}; herl sets precision itself (model.dtype = "
+                "compute dtype, train.master_dtype = weights and AdamW state; docs/models.md): launch with "
+                "mixed_precision: no (configs/accelerate/ddp.yaml) and set model.dtype instead"
+            )
         if acc.distributed_type.name.startswith("DEEPSPEED"):
             raise RuntimeError("DeepSpeed is not supported by herl's trainer; use DDP or FSDP (train.parallel: fsdp)")
         if acc.distributed_type.name.startswith("FSDP"):
@@ -155,21 +161,29 @@ class DataParallel:
     def device(self) -> torch.device | None:
         return self.accelerator.device if self.accelerator else None
 
-    def wrap(self, model: Any) -> Any:
+    def wrap(self, model: Any, precision: Any | None = None) -> Any:
         """The model the training forward goes through: DDP-wrapped (W > 1, ddp), sharded in place (W > 1, fsdp:
-        the same object, its parameters now 1/W DTensor shards), ``model`` itself otherwise."""
+        the same object, its parameters now 1/W DTensor shards), ``model`` itself otherwise.
+
+        ``precision`` (herl_core/precision.py): under FSDP with a compute dtype narrower than the master dtype, FSDP2's
+        ``MixedPrecisionPolicy`` all-gathers the fp32 shards in the compute dtype (forward, backward, generation in
+        ``gathered``) and reduce-scatters the gradients in fp32; the shards and AdamW state stay fp32. DDP and one
+        process compute under autocast instead (the update and the HF engine enter it)."""
         if not self.accelerator:
             return model
         if not self.sharded:
             return self.accelerator.prepare_model(model)
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model.to(self.device)
+        kwargs: dict[str, Any] = {}
+        if precision is not None and precision.mixed:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=torch.float32)
         blocks = set(getattr(model, "_no_split_modules", None) or ())  # HF's transformer-block classes
         for module in model.modules():
             if type(module).__name__ in blocks:
-                fully_shard(module)
-        fully_shard(model)
+                fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
         self._model = model
         return model
 

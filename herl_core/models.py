@@ -61,12 +61,12 @@ import torch
 
 from herl_core.config import LoraConfig, ModelConfig
 from herl_core.io import atomic_dir, json_error_message, write_text_atomic
+from herl_core.precision import DTYPES, cast_state
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 TOKENIZER_NAME = "smollm2-tokenizer"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARK = ".herl-complete"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "herl-source.json"
 """Written into a folder converted from a GGUF file: which file (path, sha256, size) it came from and how."""
@@ -543,12 +543,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_policy(cfg: ModelConfig, device: str | torch.device | None = None) -> tuple[Any, Any]:
+def load_policy(
+    cfg: ModelConfig, device: str | torch.device | None = None, dtype: str | None = None
+) -> tuple[Any, Any]:
     """(model, tokenizer) for ``cfg``: embedded SmolLM2, tiny, GGUF file, local folder or hub id (see module
     docstring), on ``device`` (default: ``cfg.device`` resolved by ``resolve_device``). The source is checked first
-    (``check_model_source``)."""
+    (``check_model_source``). ``dtype``: the weights' dtype, default ``cfg.dtype`` (the compute dtype, what an
+    inference-only stage wants); the trainer passes ``train.master_dtype`` (herl_core/precision.py)."""
     from transformers import AutoModelForCausalLM
 
+    if dtype is not None and dtype != cfg.dtype:
+        cfg = cfg.model_copy(update={"dtype": dtype})  # a GGUF source is converted in this dtype too
     device = resolve_device(cfg.device) if device is None else device
 
     if cfg.name_or_path == "tiny":
@@ -660,7 +665,11 @@ def encode_prompt(tokenizer: Any, text: str, system_prompt: str | None = None, c
 
 
 def save_checkpoint_weights(
-    model: Any, tokenizer: Any, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    model: Any,
+    tokenizer: Any,
+    folder: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write model (safetensors) + tokenizer so that plain ``AutoModelForCausalLM.from_pretrained(folder)`` loads it.
 
@@ -668,14 +677,24 @@ def save_checkpoint_weights(
     replaced). Callers may pass the temporary folder of their own ``atomic_dir``: the swap then replaces that folder.
     A LoRA model (``is_lora``) is saved merged (``merged_state_dict``): no adapter files, no peft needed to load it.
     ``state_dict``: the whole weights to write instead of ``model.state_dict()`` (an FSDP-sharded model's, gathered).
+    ``dtype``: write the floating-point weights in this dtype (the trained policy in ``model.dtype``), and say so in
+    config.json's ``dtype``, which ``from_pretrained`` reads; None = as they are (the checkpoints' master weights).
     """
     with atomic_dir(folder) as tmp:
+        target = model.get_base_model() if is_lora(model) else model
         if is_lora(model):
-            model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model))
-        elif state_dict is not None:
-            model.save_pretrained(tmp, state_dict=state_dict)
+            state_dict = merged_state_dict(model)
+        if dtype is not None:
+            state_dict = cast_state(state_dict if state_dict is not None else model.state_dict(), dtype)
+        if state_dict is not None:
+            target.save_pretrained(tmp, state_dict=state_dict)
         else:
-            model.save_pretrained(tmp)  # transformers 5 writes safetensors only
+            target.save_pretrained(tmp)  # transformers 5 writes safetensors only
+        if dtype is not None:  # save_pretrained records the live parameters' dtype
+            config = Path(tmp) / "config.json"
+            data = json.loads(config.read_text(encoding="utf-8"))
+            data["dtype"] = str(dtype).removeprefix("torch.")
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         tokenizer.save_pretrained(tmp)
     return Path(folder)
 

@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from herl_core.config import Config, LoraConfig, ModelConfig
-from herl_core.io import DataError, atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from herl_core.io import DataError, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from herl_core.records import PromptRecord, RolloutRecord
 from herl_core.sink import JsonlSink, MetricsSink, MultiSink, NullSink
 
@@ -104,7 +104,6 @@ def run_train(
     the fingerprint are stored in every checkpoint written from now on.
     """
     from herl_core.distributed import DataParallel
-    from herl_core.models import save_checkpoint_weights
     from herl_core.resume import FINGERPRINT_KEY, resume_point
     from herl_core.train import Trainer
 
@@ -131,11 +130,9 @@ def run_train(
     if final and sink is not None and dp.is_main:
         sink.log_metrics(final, trainer.state.step)
     summary = {**summarise(history), **{f"final/{k}": v for k, v in final.items()}, "config_hash": cfg.hash()}
-    weights = trainer.full_weights()  # FSDP: gathered onto rank 0 (every rank takes part); None otherwise
+    trainer.save_policy(cfg.train.out_dir)  # in model.dtype; FSDP: gathered onto rank 0 (every rank takes part)
     with dp.main_first() as main:
         if main:
-            with atomic_dir(cfg.train.out_dir) as tmp:
-                save_checkpoint_weights(trainer.model, trainer.tokenizer, tmp, state_dict=weights)
             if final:
                 write_json_atomic(Path(cfg.train.report_dir) / VALIDATION_FINAL, {"step": trainer.state.step, **final})
             write_json_atomic(Path(cfg.train.report_dir) / "summary.json", summary)

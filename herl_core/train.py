@@ -8,6 +8,10 @@ GRPO (RLVR, spec §6 baselines). The update and its departures from the authors'
 (``accelerate``/``torchrun``, W processes; DDP or FSDP): every ``self.dp`` call is the seam of
 herl_core/distributed.py, the identity in one process; each rank samples its share of the step's prompts and the
 global batch is gathered before the advantage.
+
+Precision (herl_core/precision.py): the policy is held in ``train.master_dtype`` (fp32) and computes in
+``model.dtype``: the update's forwards and the HF engine's generation run under the same autocast, so the rollout's
+and the update's log-probs come from the same compute dtype; the trained policy is written in ``model.dtype``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from herl_core.checkpoint import (
     read_optimizer_state,
     read_weights,
     restore_rng,
+    restore_scaler,
     save_checkpoint,
     sweep_leftovers,
 )
@@ -35,7 +40,8 @@ from herl_core.config import Config
 from herl_core.distributed import DataParallel
 from herl_core.hindsight.step import HindsightOutput, hindsight_step
 from herl_core.loss import get_policy_loss
-from herl_core.models import load_policy
+from herl_core.models import load_policy, save_checkpoint_weights
+from herl_core.precision import Precision, model_device, to_master
 from herl_core.records import PromptRecord
 from herl_core.rewards import make_reward
 from herl_core.rewards.base import RewardFn
@@ -109,24 +115,26 @@ class Trainer:
         if t.eval_every and not val_prompts:
             raise ValueError(f"train.eval_every = {t.eval_every} needs validation prompts (train.eval_set)")
         self.prompts, self.val_prompts = list(prompts), list(val_prompts or [])[: t.eval_prompts]
+        self.precision = Precision.from_config(cfg, sharded=self.dp.sharded)
         if model is None or tokenizer is None:
-            model, tokenizer = load_policy(cfg.model, device=self.dp.load_device)
-        self.model, self.tokenizer = model, tokenizer
+            model, tokenizer = load_policy(cfg.model, device=self.dp.load_device, dtype=t.master_dtype)
+        self.model, self.tokenizer = to_master(model, self.precision.master), tokenizer  # a given model is cast
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         ref_model = self._frozen_copy(model) if t.kl_coef > 0 else None  # whole on every rank
-        train_model = self.dp.wrap(model)  # W > 1: DDP wrapper / FSDP shards, on the rank's device
+        train_model = self.dp.wrap(model, self.precision)  # W > 1: DDP wrapper / FSDP shards on the rank's device
         if ref_model is not None and self.dp.device is not None:
             ref_model.to(self.dp.device)
         params = [p for p in model.parameters() if p.requires_grad]
         fused = fused_adamw and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused)
         self.policy = Policy(
-            model, train_model, optimizer, get_policy_loss(t.policy_loss), ref_model, tokenizer.pad_token_id
-        )
-        self.engine = DrawMeter(
-            engine if engine is not None else make_engine(cfg.rollout.engine, model, tokenizer, seed=t.seed)
-        )
+            model, train_model, optimizer, get_policy_loss(t.policy_loss), ref_model, tokenizer.pad_token_id,
+            precision=self.precision, scaler=self.precision.make_scaler(model_device(model)),
+        )  # fmt: skip
+        if engine is None:
+            engine = make_engine(cfg.rollout.engine, model, tokenizer, seed=t.seed, precision=self.precision)
+        self.engine = DrawMeter(engine)
         self.reward = reward if reward is not None else make_reward(cfg.reward)
         # validation scores with its own reward instance, so a judge client's counters (judge/*) count training only
         self.val_reward = make_reward(cfg.reward) if t.eval_every and reward is None else self.reward
@@ -261,6 +269,7 @@ class Trainer:
                         keep=keep,
                         weights=weights,
                         optimizer_state=optim,
+                        scaler=self.policy.scaler,
                     )  # fmt: skip
                 )
         return path
@@ -268,6 +277,16 @@ class Trainer:
     def full_weights(self) -> dict[str, torch.Tensor] | None:
         """FSDP: the whole state dict on rank 0 (a collective); None otherwise (the model is whole)."""
         return self.dp.full_model_state(self.model)
+
+    def save_policy(self, folder: str) -> None:
+        """Write the trained policy to ``folder`` in the compute dtype ``model.dtype`` (merged for LoRA), every rank
+        taking part in gathering FSDP shards, rank 0 writing. Checkpoints (``save``) keep the master weights."""
+        weights = self.full_weights()
+        with self.dp.main_first() as main:
+            if main:
+                save_checkpoint_weights(
+                    self.model, self.tokenizer, folder, state_dict=weights, dtype=self.precision.compute
+                )
 
     def resume(self, root: str) -> bool:
         """Restore the newest complete checkpoint under ``root``; False when there is none. Rank 0 first removes
@@ -282,6 +301,7 @@ class Trainer:
             self.state = restore_rng(found)
         else:
             self.state = load_checkpoint(found, self.model, self.optimizer)
+        restore_scaler(found, self.policy.scaler)
         self.engine.sync_weights()
         return True
 

@@ -25,6 +25,12 @@ Departures from the authors' code (spec §9, docs/algorithm.md §3):
 Data-parallel: ``dp`` (herl_core/distributed.py) is the identity in one process. Under W processes each rank updates
 on its share of the rows with the GLOBAL normalisers (``StepBatch.totals``), ``dp.accumulate`` syncs the gradients
 and ``dp.sum`` gives every rank the global loss, so all ranks take the same skip / stop decision.
+
+Precision (herl_core/precision.py): every forward of the policy and of π_ref runs under ``policy.precision``'s
+autocast (the compute dtype ``model.dtype`` on fp32 master weights); the log-probs and the loss are fp32; the
+optimizer updates the fp32 weights. With fp16 compute the loss is scaled (``policy.scaler``): backward of S·L, the
+gradients divided by S before clipping, and an update whose scaled gradients overflowed (finite loss, non-finite
+gradient norm) is skipped while S halves (``actor/scaler_skipped``; it does not count toward the non-finite stop).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 from herl_core.config import TrainConfig
 from herl_core.logprobs import pack_batch, sequence_logprobs
 from herl_core.loss import PolicyLossFn, agg_loss, kl_k3
+from herl_core.precision import Precision, model_device
 from herl_core.samples import Group, Sample
 
 if TYPE_CHECKING:
@@ -64,6 +71,10 @@ class Policy:
     ref_model: Any | None = None
     """The frozen reference policy π_ref; None when β = ``train.kl_coef`` = 0 (not loaded)."""
     pad_token_id: int = 0
+    precision: Precision = Precision()
+    """Compute / master dtypes: the forwards run under ``precision.autocast`` (module doc)."""
+    scaler: Any | None = None
+    """``torch.amp.GradScaler`` for fp16 compute on fp32 weights; None otherwise."""
 
 
 @dataclass
@@ -157,18 +168,27 @@ def micro_batches(samples: Sequence[Sample], rows: Sequence[int], max_size: int)
 
 
 def forward_logprobs(
-    model: Any, samples: Sequence[Sample], rows: Sequence[int], pad_token_id: int, temperature: float, grad: bool
+    model: Any,
+    samples: Sequence[Sample],
+    rows: Sequence[int],
+    pad_token_id: int,
+    temperature: float,
+    grad: bool,
+    precision: Precision | None = None,
 ) -> tuple[torch.Tensor, Any]:
-    """(B, R) log-probs of the completions of ``rows`` under their training prompts (§3.10), and the packed batch."""
+    """(B, R) fp32 log-probs of the completions of ``rows`` under their training prompts (§3.10), and the packed
+    batch. The model's forward runs under ``precision``'s autocast (the compute dtype); backward runs outside it, in
+    the dtypes the forward chose, as torch's autocast recipe prescribes."""
+    device = model_device(model)
     batch = pack_batch(
         [samples[i].train_prompt_ids for i in rows], [samples[i].completion_ids for i in rows], pad_token_id
-    ).to(next(model.parameters()).device)
-    with torch.set_grad_enabled(grad):
+    ).to(device)
+    with torch.set_grad_enabled(grad), (precision or Precision()).autocast(device):
         return sequence_logprobs(model, batch, temperature), batch
 
 
 def no_grad_logprobs(
-    model: Any, samples: Sequence[Sample], t: TrainConfig, pad_token_id: int
+    model: Any, samples: Sequence[Sample], t: TrainConfig, pad_token_id: int, precision: Precision | None = None
 ) -> dict[int, torch.Tensor]:
     """Per-sample completion log-probs (1-D) of every sample, one no-grad pass (old policy or reference, §3.10)."""
     out = {}
@@ -176,7 +196,9 @@ def no_grad_logprobs(
     model.eval()
     with torch.no_grad():
         for mb in micro_batches(samples, range(len(samples)), t.micro_batch_size):
-            logp, batch = forward_logprobs(model, samples, mb, pad_token_id, t.logprob_temperature, grad=False)
+            logp, batch = forward_logprobs(
+                model, samples, mb, pad_token_id, t.logprob_temperature, grad=False, precision=precision
+            )
             for row, i in enumerate(mb):
                 out[i] = logp[row][batch.response_mask[row].bool()].clone()
     model.train(was_training)
@@ -191,9 +213,9 @@ def frozen_logprobs(
     old = ref = None
     if len(batch.minibatches) > 1 or t.ppo_epochs > 1:
         with dp.gathered():  # FSDP: whole weights for the no-grad pass (no collective per forward)
-            old = no_grad_logprobs(policy.model, batch.samples, t, policy.pad_token_id)
+            old = no_grad_logprobs(policy.model, batch.samples, t, policy.pad_token_id, policy.precision)
     if policy.ref_model is not None:
-        ref = no_grad_logprobs(policy.ref_model, batch.samples, t, policy.pad_token_id)
+        ref = no_grad_logprobs(policy.ref_model, batch.samples, t, policy.pad_token_id, policy.precision)
     return old, ref
 
 
@@ -228,8 +250,9 @@ def micro_batch(
 ) -> MicroBatch:
     """The training forward of ``rows`` and what the loss compares it with."""
     logp, packed = forward_logprobs(
-        policy.train_model, batch.samples, rows, policy.pad_token_id, temperature, grad=True
-    )
+        policy.train_model, batch.samples, rows, policy.pad_token_id, temperature, grad=True,
+        precision=policy.precision,
+    )  # fmt: skip
     mask = packed.response_mask.to(logp.dtype)
     old_logp = logp.detach() if old is None else _pad_like([old[i] for i in rows], logp, mask)
     ref_logp = None if ref is None else _pad_like([ref[i] for i in rows], logp, mask)
@@ -270,22 +293,42 @@ def loss_share(
     return loss
 
 
-def clip_gradients(model: Any, max_norm: float, dp: DataParallel) -> float:
+def clip_gradients(model: Any, max_norm: float, dp: DataParallel, scaler: Any | None = None, optimizer=None) -> float:
     """g ← g · min(1, max_norm / (‖g‖₂ + 1e-6)) over every trainable parameter (torch's ``clip_grad_norm_``,
-    §3.13: grad_clip 1.0); returns ‖g‖₂ before clipping, over all ranks' shards (``dp.whole``)."""
+    §3.13: grad_clip 1.0); returns ‖g‖₂ before clipping, over all ranks' shards (``dp.whole``). With a loss scaler
+    the gradients of ``optimizer`` are first divided by the scale (``unscale_``), so clipping sees the true ones."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     return float(dp.whole(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
 
 
 def step_or_skip(
-    optimizer: torch.optim.Optimizer, state: TrainerState, loss: float, grad_norm: float, limit: int
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    loss: float,
+    grad_norm: float,
+    limit: int,
+    scaler: Any | None = None,
 ) -> bool:
     """The optimizer step when the loss and the gradient norm are finite. Otherwise the gradients are dropped, the
     skip is counted in ``state`` and, at ``limit`` skips in a row, ``NonFiniteError`` stops the run. Returns whether
-    it stepped."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    it stepped. With a loss scaler (fp16): a finite loss whose scaled gradients overflowed is the scaler's business
+    (it skips the step and lowers its scale; not counted as non-finite); ``scaler.update()`` runs after every
+    unscaled mini-batch."""
+    if scaler is not None and math.isfinite(loss):
+        scaler.step(optimizer)  # steps unless the unscaled gradients hold inf/NaN
+        scaler.update()
+        if not math.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        state.consecutive_nonfinite = 0
+        return True
+    if scaler is None and math.isfinite(loss) and math.isfinite(grad_norm):
         optimizer.step()
         state.consecutive_nonfinite = 0
         return True
+    if scaler is not None:
+        scaler.update()  # the inf check of this mini-batch was recorded by unscale_: lower the scale
     optimizer.zero_grad(set_to_none=True)
     state.consecutive_nonfinite += 1
     state.nonfinite_total += 1
@@ -306,7 +349,7 @@ def update(
     old, ref = frozen_logprobs(policy, batch, t, dp)  # §3.10
     policy.model.train()
     sums: dict[str, float] = {}
-    updates = skipped = 0
+    updates = skipped = overflows = 0
     for _ in range(t.ppo_epochs):
         for rows, totals in zip(batch.minibatches, batch.totals, strict=True):  # §3.13
             policy.optimizer.zero_grad(set_to_none=True)
@@ -318,16 +361,27 @@ def update(
                     x.logp, x.old_logp, x.adv, x.mask, x.guided,
                     clip_low=t.clip_ratio_low, clip_high=t.clip_ratio_high, clip_c=t.clip_ratio_c, gamma=gamma,
                 )  # §3.12  # fmt: skip
-                dp.backward(loss_share(per_token, stats, x, totals, t, acc))
+                loss = loss_share(per_token, stats, x, totals, t, acc)
+                dp.backward(loss if policy.scaler is None else policy.scaler.scale(loss))
             acc = dp.sum(acc)  # every rank sees the global loss: the same skip / stop decision
-            grad_norm = clip_gradients(policy.model, t.grad_clip, dp)  # §3.13
-            stepped = step_or_skip(policy.optimizer, state, acc["actor/loss"], grad_norm, t.max_nonfinite_steps)
-            updates, skipped = updates + stepped, skipped + (not stepped)
+            grad_norm = clip_gradients(policy.model, t.grad_clip, dp, policy.scaler, policy.optimizer)  # §3.13
+            stepped = step_or_skip(
+                policy.optimizer, state, acc["actor/loss"], grad_norm, t.max_nonfinite_steps, policy.scaler
+            )
+            overflowed = policy.scaler is not None and not stepped and math.isfinite(acc["actor/loss"])
+            updates, skipped, overflows = (
+                updates + stepped,
+                skipped + (not stepped and not overflowed),
+                overflows + overflowed,
+            )
             for k, v in {**acc, "actor/grad_norm": grad_norm}.items():
                 sums[k] = sums.get(k, 0.0) + v
     n = max(len(batch.minibatches) * t.ppo_epochs, 1)
-    return {
+    out = {
         **{k: v / n for k, v in sums.items()},
         "actor/updates": float(updates),
         "actor/nonfinite_skipped": float(skipped),
     }
+    if policy.scaler is not None:
+        out |= {"actor/scaler_skipped": float(overflows), "actor/loss_scale": float(policy.scaler.get_scale())}
+    return out

@@ -6,25 +6,32 @@ from __future__ import annotations
 from typing import Any
 
 from herl_core.config import EngineConfig
+from herl_core.precision import Precision
 from herl_core.rollout.base import Generation, RolloutEngine, SamplingParams
 
 __all__ = ["Generation", "RolloutEngine", "SamplingParams", "make_engine"]
 
 
-def make_engine(cfg: EngineConfig, model: Any, tokenizer: Any, seed: int = 0) -> RolloutEngine:
+def make_engine(
+    cfg: EngineConfig, model: Any, tokenizer: Any, seed: int = 0, precision: Precision | None = None
+) -> RolloutEngine:
     """The engine of ``cfg.backend``: ``hf`` shares ``model``; ``vllm`` serves a copy of it in vLLM's processes,
     kept in step with ``model`` by ``sync_weights`` (CPU or GPU; herl_core/rollout/vllm.py).
-    ``cfg.workers > 0``: a ``RayEngine`` whose workers each run that backend on a saved copy of ``model``."""
+    ``cfg.workers > 0``: a ``RayEngine`` whose workers each run that backend on a saved copy of ``model``.
+    ``precision``: the run's compute / master dtypes (herl_core/precision.py): the HF engine generates under the
+    training forward's autocast, vLLM and the Ray workers hold the weights in the compute dtype; None = the model's
+    own parameter dtype, no autocast (the inference-only stages, which load the weights in the compute dtype)."""
     if cfg.backend not in ("hf", "vllm"):
         raise ValueError(f"rollout.engine.backend: unknown engine {cfg.backend!r} (known: hf, vllm)")
+    compute = precision.compute if precision is not None else None
     if cfg.workers > 0:
         from herl_core.rollout.ray_pool import RayEngine
 
-        return RayEngine(model, tokenizer, cfg, seed=seed)
+        return RayEngine(model, tokenizer, cfg, seed=seed, compute_dtype=compute)
     if cfg.backend == "hf":
         from herl_core.rollout.hf import HFEngine
 
-        return HFEngine.from_config(cfg, model, tokenizer)
+        return HFEngine.from_config(cfg, model, tokenizer, precision=precision)
     from herl_core.rollout.vllm import VLLMEngine
 
-    return VLLMEngine.from_config(cfg, model, tokenizer, seed=seed)
+    return VLLMEngine.from_config(cfg, model, tokenizer, seed=seed, compute_dtype=compute)

@@ -18,6 +18,12 @@ The engine shares the training model, so ``sync_weights`` is a no-op. One ``gene
 3. trims every completion after its first EOS (EOS kept, ``finished=True``); a completion cut by
    ``max_new_tokens`` has ``finished=False``; the original order is restored.
 
+Precision: with fp32 master weights and a narrower compute dtype (``model.dtype``; herl_core/precision.py) the
+engine gets the trainer's ``Precision`` and decodes under the same ``torch.autocast`` as the training forward, so the
+sampled tokens' log-probs come from the compute dtype the update uses; the packed fp32 linears are off then. The
+margins below are computed the same way in every dtype, from the scores sampled from; bf16 scores differ between
+batch layouts by about 1e-1 in log-prob units, against about 1e-5 in fp32 (docs/models.md, "Precision").
+
 Why not ``model.generate`` (performance): its per-step work around the model is built for every decoding
 strategy. At batch 64 and a 49k vocabulary, its copies of the logits, its processors' vocabulary-wide ``where`` /
 ``fill`` and the argmax over a one-hot score (how a custom sampler had to hand it the token) cost about a tenth of a
@@ -65,6 +71,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from herl_core.precision import Precision, model_device
 from herl_core.rollout.base import Generation, SamplingParams, default_eos_ids, stable_key
 from herl_core.rollout.packed import packed_linears
 
@@ -226,20 +233,25 @@ class HFEngine:
         share_prefixes: bool = True,
         min_new_tokens: int = 0,
         pack_linears: bool = True,
+        precision: Precision | None = None,
     ):
         """``share_prefixes``: the shared prefill of common prompt prefixes (module doc); off = plain left padding.
         ``min_new_tokens``: EOS is masked out of the first this many steps (as ``generate``'s knob of that name;
         the benchmarks use it to force equal lengths). ``pack_linears``: fp32 CPU linears run through oneDNN with
-        weights packed once per call (``herl_core.rollout.packed``); off = the model's own ``nn.Linear``."""
+        weights packed once per call (``herl_core.rollout.packed``); off = the model's own ``nn.Linear``.
+        ``precision``: the training run's dtypes (herl_core/precision.py); with fp32 master weights and a narrower
+        compute dtype, generation runs under the same autocast as the training forward (and the fp32 packing is
+        off), so the sampled tokens' log-probs are computed in the dtype the update computes them in."""
         if batch_size < 1:
             raise ValueError(f"HFEngine: batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.precision = precision or Precision()
         self.share_prefixes, self.min_new_tokens, self.pack_linears = share_prefixes, min_new_tokens, pack_linears
         self.eos_token_ids = eos_token_ids or self._default_eos()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
 
     @classmethod
-    def from_config(cls, cfg: Any, model: Any, tokenizer: Any) -> HFEngine:
+    def from_config(cls, cfg: Any, model: Any, tokenizer: Any, precision: Precision | None = None) -> HFEngine:
         """The engine an ``EngineConfig`` (``rollout.engine``) describes (in-process and in each Ray worker alike)."""
         return cls(
             model,
@@ -247,6 +259,7 @@ class HFEngine:
             batch_size=cfg.generation_batch_size,
             share_prefixes=cfg.share_prefixes,
             pack_linears=cfg.pack_linears,
+            precision=precision,
         )
 
     def _default_eos(self) -> list[int]:
@@ -279,8 +292,10 @@ class HFEngine:
         results: list[Generation | None] = [None] * len(seqs)
         was_training = self.model.training
         self.model.eval()
+        autocast = self.precision.autocast(model_device(self.model))
+        pack = self.pack_linears and not self.precision.uses_autocast  # packing is an fp32 path
         try:
-            with torch.inference_mode(), packed_linears(self.model, self.pack_linears):
+            with torch.inference_mode(), autocast, packed_linears(self.model, pack):
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start : start + self.batch_size]
                     u = uniforms[chunk] if uniforms is not None else None

@@ -63,13 +63,13 @@ def shard_sizes(total: int, parts: int) -> list[int]:
 
 def dtype_name(model: Any) -> str:
     """The ``ModelConfig.dtype`` string of ``model``'s parameters ("float32", "bfloat16", "float16")."""
-    from herl_core.models import DTYPES
+    from herl_core.precision import dtype_name as name_of
 
     dtype = next(model.parameters()).dtype
-    for name, value in DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"RayEngine: policy dtype {dtype} is not one of {sorted(DTYPES)}")
+    try:
+        return name_of(dtype)
+    except ValueError as exc:
+        raise ValueError(f"RayEngine: policy {exc}") from exc
 
 
 class RolloutWorker:
@@ -121,11 +121,15 @@ class RolloutWorker:
 class RayEngine:
     """RolloutEngine over ``cfg.workers`` Ray actors (see module docstring). Call ``shutdown()`` when done."""
 
-    def __init__(self, model: Any, tokenizer: Any, cfg: EngineConfig, seed: int = 0) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, cfg: EngineConfig, seed: int = 0, compute_dtype: torch.dtype | None = None
+    ) -> None:
+        """``compute_dtype``: the dtype the workers load the weights in (``model.dtype``, herl_core/precision.py);
+        None = the policy's parameter dtype."""
         if cfg.workers < 1:
             raise ValueError(f"RayEngine: rollout.engine.workers must be >= 1, got {cfg.workers}")
         ray = _import_ray()
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.model, self.tokenizer, self.cfg, self.compute_dtype = model, tokenizer, cfg, compute_dtype
         self.owns_cluster = not ray.is_initialized()
         if self.owns_cluster:
             if cfg.ray_address is not None:
@@ -147,8 +151,13 @@ class RayEngine:
         from herl_core.models import save_checkpoint_weights
 
         ray = _import_ray()
-        folder = save_checkpoint_weights(self.model, self.tokenizer, self.weights_dir / f"v{self.version + 1}")
-        dtype = dtype_name(self.model)
+        from herl_core.precision import dtype_name as name_of
+
+        # the workers only generate: they get the weights in the compute dtype (written in it, half the bytes in bf16)
+        folder = save_checkpoint_weights(
+            self.model, self.tokenizer, self.weights_dir / f"v{self.version + 1}", dtype=self.compute_dtype
+        )
+        dtype = name_of(self.compute_dtype) if self.compute_dtype is not None else dtype_name(self.model)
         ray.get([w.load.remote(str(folder), dtype) for w in self.workers])
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)

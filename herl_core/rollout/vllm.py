@@ -87,6 +87,14 @@ CPU_KV_CACHE_GB = 2.0
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def engine_dtype(setting: str, compute: torch.dtype | None, param: torch.dtype) -> str:
+    """The dtype name vLLM runs in: ``rollout.engine.vllm.dtype`` when set, else (``auto``) the run's compute dtype
+    ``model.dtype`` (the trainer's weights are fp32 masters, herl_core/precision.py), else the parameters' dtype."""
+    if setting != "auto":
+        return setting
+    return DTYPE_NAMES[compute if compute is not None else param]
+
+
 def vllm_available() -> bool:
     """True when the ``vllm`` package can be imported."""
     return importlib.util.find_spec("vllm") is not None
@@ -175,9 +183,12 @@ class VLLMEngine:
         kv_cache_gb: float | None = None,
         eos_token_ids: list[int] | None = None,
         min_new_tokens: int = 0,
+        compute_dtype: torch.dtype | None = None,
     ):
-        """``dtype`` auto = the policy's parameter dtype. ``kv_cache_gb`` None = ``CPU_KV_CACHE_GB`` on a CPU, vLLM's
-        share ``gpu_memory_utilization`` of the GPU otherwise. ``min_new_tokens``: EOS is not allowed before this many
+        """``dtype`` auto = ``compute_dtype`` (the run's ``model.dtype``; the trainer keeps fp32 master weights and
+        computes in it, herl_core/precision.py), or the policy's parameter dtype when that is not given.
+        ``kv_cache_gb`` None = ``CPU_KV_CACHE_GB`` on a CPU, vLLM's share ``gpu_memory_utilization`` of the GPU
+        otherwise. ``min_new_tokens``: EOS is not allowed before this many
         tokens (vLLM's ``min_tokens``; the benchmarks force equal lengths with it, as with the HF engine)."""
         if not vllm_available():
             raise ImportError(INSTALL_HINT)
@@ -187,7 +198,7 @@ class VLLMEngine:
         self.model, self.tokenizer, self.min_new_tokens = model, tokenizer, min_new_tokens
         self.eos_token_ids = eos_token_ids or default_eos_ids(model, tokenizer)
         param = next(model.parameters())
-        name = DTYPE_NAMES[param.dtype] if dtype == "auto" else dtype
+        name = engine_dtype(dtype, compute_dtype, param.dtype)
         self.dtype = getattr(torch, name)
         on_gpu = torch.cuda.is_available() and param.device.type == "cuda"
         if kv_cache_gb is None and not on_gpu:
@@ -218,7 +229,9 @@ class VLLMEngine:
         self.sync_weights()
 
     @classmethod
-    def from_config(cls, cfg: Any, model: Any, tokenizer: Any, seed: int = 0) -> VLLMEngine:
+    def from_config(
+        cls, cfg: Any, model: Any, tokenizer: Any, seed: int = 0, compute_dtype: torch.dtype | None = None
+    ) -> VLLMEngine:
         """The engine an ``EngineConfig`` describes: the one place that reads the ``rollout.engine.vllm`` keys."""
         return cls(
             model,
@@ -228,6 +241,7 @@ class VLLMEngine:
             seed=seed,
             dtype=cfg.vllm.dtype,
             kv_cache_gb=cfg.vllm.kv_cache_gb,
+            compute_dtype=compute_dtype,
         )
 
     def sync_weights(self) -> None:

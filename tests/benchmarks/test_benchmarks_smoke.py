@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/ (issue 6): each script runs end to end on the tiny model with minimal sizes and writes
+"""Smoke tests of benchmarks/: each script runs end to end on the tiny model with minimal sizes and writes
 its JSON. No timing is asserted; only shapes, token counts and recorded context.
 
 Run: .venv/bin/pytest tests/benchmarks -q
@@ -176,3 +176,56 @@ def test_cpu_info_reads_model_and_isa_flags():
     assert info["cpu"] == "AMD EPYC 9R14"
     assert info["isa"] == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]  # in ISA_FLAGS order
     assert info["torch_cpu_capability"] in {"DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "NO AVX"}
+
+
+def test_mixed_precision_tiny(tmp_path):
+    from benchmarks import mixed_precision
+
+    mixed_precision.main(["--model", "tiny", "--rows", "4", "--prompt-len", "8", "--completion-len", "8",
+                          "--updates", "1", "--repeats", "1", "--threads", "1", "--isa", "native",
+                          "--out-dir", str(tmp_path)])  # fmt: skip
+    res = json.loads((tmp_path / "mixed_precision.json").read_text())
+    # each child a fresh process holding its weights in the mode's master dtype
+    order = ["fp32", "bf16-autocast", "bf16-pure"]
+    assert [r["mode"] for r in res["runs"]] == order
+    assert [r["param_dtype"] for r in res["runs"]] == ["float32", "float32", "bfloat16"]
+    assert all(len(r["update_s"]) == 1 and r["peak_rss_gb"] > 0 and r["grad_norms"][0] > 0 for r in res["runs"])
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert list(rows) == order and rows["fp32"]["vs_fp32"] == 1.0
+    # an AdamW step of ~1e-6 moves every fp32 master tensor; bf16 weights near 1.0 (the RMSNorm weights start at
+    # exactly 1.0, where a bf16 step below is 3.9e-3) cannot move, nor can most others (step ≥ |w|/256)
+    for mode in ("fp32", "bf16-autocast"):
+        changed, total = rows[mode]["tensors_changed"].split("/")
+        assert changed == total and rows[mode]["norm_changed_frac"] > 0.5
+    assert rows["bf16-pure"]["norm_changed_frac"] == 0.0
+    assert rows["bf16-pure"]["changed_frac"] < 0.5 * rows["bf16-autocast"]["changed_frac"]
+    assert res["machine"]["cpu"] and res["machine"]["torch_cpu_capability"]
+    assert res["settings"]["modes"] == ",".join(order)
+
+
+def test_mixed_precision_alternates_the_order_and_refuses_bad_modes(tmp_path, monkeypatch):
+    from benchmarks import mixed_precision
+
+    def fake(args, mode, isa):  # no child process: the order of the measurements and the summary only
+        t = {"fp32": 2.0, "bf16-autocast": 1.0, "bf16-pure": 0.5}[mode]
+        return {"mode": mode, "isa_requested": isa, "isa": isa.upper(), "compute_dtype": "c", "master_dtype": "m",
+                "update_s": [t, t], "peak_rss_gb": t, "changed_frac": t / 2, "norm_changed_frac": 0.0,
+                "tensors_changed": 3, "tensors": 4, "load1_start": 0.0, "load1_end": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(mixed_precision, "run_child", fake)
+    mixed_precision.main(["--repeats", "2", "--isa", "native,avx2", "--out-dir", str(tmp_path)])
+    res = json.loads((tmp_path / "mixed_precision.json").read_text())
+    order = ["fp32", "bf16-autocast", "bf16-pure"]
+    # repeat 0 in order, repeat 1 reversed, for each ISA in turn
+    assert [(r["isa_requested"], r["mode"]) for r in res["runs"]] == (
+        [("native", m) for m in order] + [("avx2", m) for m in order]
+        + [("native", m) for m in order[::-1]] + [("avx2", m) for m in order[::-1]]
+    )  # fmt: skip
+    assert [(r["isa"], r["mode"], r["vs_fp32"], r["n"], r["tensors_changed"]) for r in res["rows"]] == [
+        (isa, m, v, 4, "3/4") for isa in ("NATIVE", "AVX2") for m, v in zip(order, [1.0, 0.5, 0.25], strict=True)
+    ]
+    with pytest.raises(SystemExit, match="must start with fp32"):
+        mixed_precision.main(["--modes", "bf16-pure,fp32", "--out-dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="unknown bf8"):
+        mixed_precision.main(["--modes", "fp32,bf8", "--out-dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

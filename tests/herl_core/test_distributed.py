@@ -221,3 +221,42 @@ def test_fsdp_two_ranks_match_one_process_across_a_resume(one_process):
     # sharded for real: rank 0 stored about half of the parameters' elements (dim-0 shards; uneven rows round up)
     assert all(0.45 < s["dist/param_share"] < 0.6 for s in steps_of(root / "fsdp" / "reports"))
     assert_same_run(root, "fsdp")
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_compute_keeps_fp32_sharded_masters_that_move_at_lr_1e6(one_process):
+    """model.dtype=bfloat16 under FSDP (FSDP2's MixedPrecisionPolicy: bf16 all-gathers for compute, fp32 shards and
+    gradient reduction): at lr 1e-6 every tensor of the checkpoint's fp32 masters moved away from the initial weights,
+    by about lr per update (in bf16, a weight of 0.02 moves in steps of 1.2e-4 and an RMSNorm weight of 1.0 in steps of
+    7.8e-3: both would keep their values), and the policy is written in bf16.
+
+    The gradient must not be 0, or nothing moves: the model is the tiny profile's (init std 0.02), not the peaked one
+    of the other tests, and the rubric is "at least 3 letters e" (8 random tokens of ~40 characters meet it about half
+    the time; the other tests' case and comma rubrics give every group a flat reward here: advantages and gradient 0).
+    The samples are not compared with one process (bf16 rounding differs between the ranks' batch layouts), so no draw
+    margin is needed."""
+    from safetensors.torch import load_file
+
+    from herl_core.config import ModelConfig
+    from herl_core.models import load_policy
+
+    root = one_process
+    model, tok = load_policy(ModelConfig(name_or_path="tiny"))
+    model.save_pretrained(root / "spread")
+    tok.save_pretrained(root / "spread")
+    extra = ["train.parallel=fsdp", "model.dtype=bfloat16", "train.lr=1e-6", "train.eval_every=0"]
+    e3 = Rubric(id="keywords:letter_frequency", kwargs={"letter": "e", "let_frequency": 3, "let_relation": "at least"})
+    texts = ["Cats.", "Sea.", "Trees.", "Rain."]
+    prompts = [PromptRecord(id=f"e{i}", prompt=p, rubrics=[e3]) for i, p in enumerate(texts)]
+    (root / "e3.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in prompts))
+    launch(root, "fsdp_bf16", [*extra, f"model.name_or_path={root / 'spread'}", f"train.data={root / 'e3.jsonl'}"])
+    steps = steps_of(root / "fsdp_bf16" / "reports")
+    assert [s["step"] for s in steps] == [0, 1] and any(s["actor/grad_norm"] > 0 for s in steps)
+    initial = load_file(str(root / "spread" / "model.safetensors"))
+    masters = load_file(str(root / "fsdp_bf16" / "ckpt" / "step-000002" / "model.safetensors"))
+    assert {v.dtype for v in masters.values()} == {torch.float32}
+    assert [k for k in masters if torch.equal(masters[k], initial[k])] == []
+    # at most 4 AdamW updates (2 steps × 2 mini-batches) of about lr each (AdamW's step is bounded by a few lr)
+    assert max(float((masters[k] - initial[k]).abs().max()) for k in masters) < 1e-4
+    policy = policy_weights(root / "fsdp_bf16" / "policy")
+    assert {v.dtype for v in policy.values()} == {torch.bfloat16}

@@ -75,3 +75,12 @@ def test_policy_state_sends_tied_weights_once_and_lora_merged():
     q = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(sent[q], merged[q]) and not torch.equal(sent[q], lora.get_base_model().state_dict()[
         "model.layers.0.self_attn.q_proj.base_layer.weight"])  # fmt: skip
+
+
+def test_engine_dtype_auto_follows_the_compute_dtype_not_the_fp32_master_weights():
+    from herl_core.rollout.vllm import engine_dtype
+
+    # the trainer holds fp32 master weights and computes in model.dtype: vLLM samples in model.dtype
+    assert engine_dtype("auto", torch.bfloat16, torch.float32) == "bfloat16"
+    assert engine_dtype("auto", None, torch.float16) == "float16"  # no run precision: the weights' own dtype
+    assert engine_dtype("float32", torch.bfloat16, torch.float32) == "float32"  # an explicit setting wins
