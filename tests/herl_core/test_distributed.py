@@ -34,6 +34,20 @@ OVERRIDES = [
     "train.lr=1e-3", "rollout.n=4", "rollout.max_new_tokens=8", "hindsight.rewrite_max_new_tokens=8",
     "tracking.log_model=false", "train.seed=7", "train.eval_every=1", "train.eval_samples=2",
 ]  # fmt: skip
+LETTER_E = {"letter": "e", "let_relation": "at least", "let_frequency": 3}
+# Rubrics that split the groups of the peaked model, so the update has a gradient (grad_norm > 0 at step 1 of the
+# reference run; step 0's groups are all flat): "at least 3 letters e" passes for some of a group's samples, the
+# capital and lowercase rubrics fail every sample (failed groups: the hindsight path runs). Case and comma rubrics
+# alone gave every group a flat reward on this model: advantages 0, and the weights moved by weight decay only.
+TRAIN_PROMPTS = [
+    PromptRecord(id=f"p{i}", prompt=p, rubrics=[r])
+    for i, (p, r) in enumerate(
+        [("Write a note about cats.", Rubric(id="keywords:letter_frequency", kwargs=LETTER_E)),
+         ("Describe the sea.", Rubric(id="change_case:english_capital")),
+         ("Tell me about trees.", Rubric(id="keywords:letter_frequency", kwargs=LETTER_E)),
+         ("Explain rain.", Rubric(id="change_case:english_lowercase"))]
+    )
+]  # fmt: skip
 VAL_PROMPTS = [
     PromptRecord(id=f"v{i}", prompt=p, rubrics=[Rubric(id=c)])
     for i, (p, c) in enumerate(
@@ -133,11 +147,11 @@ def peaked_tiny(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, four_prompts) -> Path:
+def one_process(tmp_path_factory) -> Path:
     """The reference: the same 2 training steps in one process (this interpreter)."""
     root = tmp_path_factory.mktemp("dp")
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    (root / "train.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in four_prompts))
+    (root / "train.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in TRAIN_PROMPTS))
     (root / "val.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in VAL_PROMPTS))
     peaked_tiny(root / "peaked")
     cfg = load_params(root / "params.yaml", profile="tiny", overrides=OVERRIDES + run_dir(root, "one"))
@@ -172,6 +186,7 @@ def assert_same_run(root: Path, name: str) -> None:
         for k in KEYS:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     assert one[0]["actor/updates"] == 2.0 and one[1]["herl/drafts"] >= 1  # the run exercised what it claims to
+    assert one[1]["actor/grad_norm"] > 1.0  # a real update, not weight decay alone
     # the global batch was logged once, group-major, as in one process
     rows_one = (root / "one" / "reports" / "rollouts.jsonl").read_text().splitlines()
     rows_two = (root / name / "reports" / "rollouts.jsonl").read_text().splitlines()
@@ -232,7 +247,7 @@ def test_fsdp_bf16_compute_keeps_fp32_sharded_masters_that_move_at_lr_1e6(one_pr
 
     The gradient must not be 0, or nothing moves: the model is the tiny profile's (init std 0.02), not the peaked one
     of the other tests, and the rubric is "at least 3 letters e" (8 random tokens of ~40 characters meet it about half
-    the time; the other tests' case and comma rubrics give every group a flat reward here: advantages and gradient 0).
+    the time; the peaked model's draws are not needed here).
     The samples are not compared with one process (bf16 rounding differs between the ranks' batch layouts), so no draw
     margin is needed."""
     from safetensors.torch import load_file
