@@ -201,6 +201,58 @@ def test_bad_params_exit_2_with_file_line_field(tmp_path, monkeypatch, herl, cas
     assert _outputs(ws) == []
 
 
+# params files of the corpus (malformed/params/) → what the message says; each file's comment says what is wrong
+MALFORMED_PARAMS = {
+    # the value's own line, not the profile's section header
+    "base_value_under_a_profile.yaml": "params.yaml:8: hindsight.bonus_alpha: Input should be greater than or equal "
+    "to 0 (got -3)",
+    # the profile's line, and which profile set it over which base line
+    "profile_overrides_the_base.yaml": "params.yaml:11: hindsight.bonus_alpha: Input should be greater than or equal "
+    "to 0 (got -3); set in profile 'tiny', over the base value at line 6",
+    "threshold_above_1.yaml": "params.yaml:6: hindsight.threshold: Input should be less than or equal to 1 (got 2)",
+    "duplicate_key.yaml": "params.yaml:8: train.steps: duplicate key (first at line 6; YAML would keep only the last "
+    "value)",
+    "duplicate_key_in_a_profile.yaml": "params.yaml:11: profiles.tiny.rollout: duplicate key (first at line 7; YAML "
+    "would keep only the last value)",
+}
+
+
+def test_the_params_corpus_is_complete():
+    assert sorted(p.name for p in (CORPUS / "params").glob("*.yaml")) == sorted(MALFORMED_PARAMS)
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_PARAMS))
+def test_malformed_params_exit_2_naming_the_line_of_the_value(tmp_path, monkeypatch, herl, name):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    ws = herl.make_workspace(tmp_path / "ws", params=(CORPUS / "params" / name).read_text())
+    monkeypatch.chdir(ws)
+    result = CliRunner().invoke(app, ["train", "--params", "params.yaml"])
+    assert result.exit_code == 2, result.output
+    assert MALFORMED_PARAMS[name] in " ".join(result.output.split()), result.output
+    assert _outputs(ws) == [] and not list(ws.glob("mlruns*"))
+
+
+@pytest.mark.parametrize("profile", ["tiny", "cpu"])
+def test_a_bad_base_value_of_the_project_params_is_reported_at_its_line_under_every_profile(tmp_path, profile):
+    """The project's own params.yaml: a value written in the base section is reported at its line whichever profile
+    is active (not at the profile's `hindsight:` header)."""
+    from herl_core.config import ConfigError, load_params
+
+    text = (Path(__file__).resolve().parents[2] / "params.yaml").read_text()
+    assert text.count("  bonus_alpha: 0.05\n") == 1
+    line = text[: text.index("  bonus_alpha: 0.05\n")].count("\n") + 1
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("  bonus_alpha: 0.05\n", "  bonus_alpha: -3\n"))
+    with pytest.raises(ConfigError) as err:
+        load_params(path, profile=profile)
+    expected = f"{path}:{line}: hindsight.bonus_alpha: Input should be greater than or equal to 0 (got -3)"
+    assert expected in str(err.value)
+    assert "set in profile" not in str(err.value)
+
+
 @pytest.mark.integration
 def test_herl_train_with_unknown_key_exits_2_as_a_process(tmp_path, herl):
     text, expected = PARAMS_CASES["unknown_nested_key"]
