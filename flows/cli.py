@@ -15,6 +15,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from flows.console import error
+
 app = typer.Typer(
     help="HeRL: hindsight-experience guided RL for LLMs (prepare → rollout → hindsight → train → evaluate).",
     no_args_is_help=True,
@@ -49,7 +51,7 @@ def load_config(params: Path, profile: str | None, overrides: list[str] | None):
     try:
         return load_params(params, profile=profile, overrides=overrides)
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        error(exc)
         raise typer.Exit(2) from exc
 
 
@@ -77,11 +79,12 @@ def stage_errors() -> tuple[type[Exception], ...]:
     return ValueError, FileNotFoundError, ModelSourceError, NonFiniteError
 
 
-def precheck_prompts(cfg) -> None:
-    """Validate the training prompts before any run is opened, so bad input writes nothing, not even a FAILED run."""
-    from herl_core.stages import load_prompts
+def inputs_check(cfg, stage: str) -> Callable[[], None]:
+    """The check of ``stage``'s inputs (model source, prompts and their lengths, files it reads) to run before any
+    MLflow run is opened, so that bad input writes nothing, not even a FAILED run (herl_core.stages.check_inputs)."""
+    from herl_core.stages import check_inputs
 
-    load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
+    return lambda: check_inputs(cfg, [stage])
 
 
 def run_tracked(
@@ -106,7 +109,7 @@ def run_tracked(
             summary = runner(tracker)
             tracker.finish(summary, outputs=outputs)
     except stage_errors() as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        error(exc)
         raise typer.Exit(1) from exc
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -136,7 +139,7 @@ def rollout(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
     banner("rollout", cfg)
     run_tracked(
         "rollout", params, cfg, lambda t: run_rollout(cfg, sink=t.sink), [cfg.probe.rollout_dir],
-        precheck=lambda: precheck_prompts(cfg),
+        precheck=inputs_check(cfg, "rollout"),
     )  # fmt: skip
 
 
@@ -148,7 +151,10 @@ def hindsight(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = Non
 
     cfg = load_config(params, profile, set_)
     banner("hindsight", cfg)
-    run_tracked("hindsight", params, cfg, lambda t: run_hindsight(cfg, sink=t.sink), [cfg.probe.hindsight_dir])
+    run_tracked(
+        "hindsight", params, cfg, lambda t: run_hindsight(cfg, sink=t.sink), [cfg.probe.hindsight_dir],
+        precheck=inputs_check(cfg, "hindsight"),
+    )  # fmt: skip
 
 
 @app.command()
@@ -185,7 +191,7 @@ def train(
             return run_train(cfg, resume=resume, sink=tracker.sink, on_step=on_step, checkpoint_extras=extras)
 
         run_tracked(
-            "train", params, cfg, runner, [cfg.train.report_dir], resume=resume, precheck=lambda: precheck_prompts(cfg)
+            "train", params, cfg, runner, [cfg.train.report_dir], resume=resume, precheck=inputs_check(cfg, "train")
         )
     console.print(f"policy saved to {cfg.train.out_dir}")
 
@@ -197,7 +203,10 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
 
     cfg = load_config(params, profile, set_)
     banner("evaluate", cfg)
-    run_tracked("evaluate", params, cfg, lambda t: run_evaluate(cfg, sink=t.sink), [cfg.evaluate.out_dir])
+    run_tracked(
+        "evaluate", params, cfg, lambda t: run_evaluate(cfg, sink=t.sink), [cfg.evaluate.out_dir],
+        precheck=inputs_check(cfg, "evaluate"),
+    )  # fmt: skip
 
 
 @app.command("config")

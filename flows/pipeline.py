@@ -190,8 +190,20 @@ def pipeline(
     with workspace_lock(root_path):
         cfg = load_params(root_path / params)
         check_profile(cfg.profile, profile, params)
+        chosen = ordered_stages(stages)
+        check_inputs_in(root_path, cfg, chosen)  # before the parent run is opened: bad input leaves no FAILED run
         with prefect_tags(*(tags or [])):
-            return run_stages(cfg, root_path, params, ordered_stages(stages))
+            return run_stages(cfg, root_path, params, chosen)
+
+
+def check_inputs_in(root: Path, cfg, stages: list[str]) -> None:
+    """``herl_core.stages.check_inputs`` with the workspace's relative paths (the stages run in ``root``)."""
+    from contextlib import chdir
+
+    from herl_core.stages import check_inputs
+
+    with chdir(root):
+        check_inputs(cfg, stages)
 
 
 def run_stages(cfg, root: Path, params: str, stages: list[str]) -> dict:

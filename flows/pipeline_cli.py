@@ -15,6 +15,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from flows.console import error
+
 console = Console(stderr=True)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml of the workspace.")]
@@ -56,20 +58,34 @@ def register(app: typer.Typer) -> None:
         tag: TagOpt = None,
     ) -> None:
         """Run the whole pipeline (dvc repro per stage as Prefect flows, MLflow parent + stage runs)."""
-        from flows.pipeline import WorkspaceBusy, check_profile, ordered_stages, pipeline, workspace_lock
+        from flows.pipeline import (
+            WorkspaceBusy,
+            check_inputs_in,
+            check_profile,
+            ordered_stages,
+            pipeline,
+            workspace_lock,
+        )
         from herl_core.config import load_params
+        from herl_core.io import DataError
+        from herl_core.models import ModelSourceError
 
         root = params.resolve().parent
         try:
             with workspace_lock(root):  # refuse before spending seconds on a Prefect server
-                check_profile(load_params(params).profile, profile, params.name)  # ConfigError is a ValueError
+                cfg = load_params(params)
+                check_profile(cfg.profile, profile, params.name)  # ConfigError is a ValueError
                 chosen = ordered_stages(_stages(stages))
+                check_inputs_in(root, cfg, chosen)  # bad input: nothing written, not even a FAILED MLflow run
                 result = pipeline(root=str(root), params=params.name, profile=profile, stages=chosen, tags=tag)
         except WorkspaceBusy as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            error(exc)
             raise typer.Exit(3) from exc
+        except (DataError, ModelSourceError) as exc:  # bad input data or model source, as the stage commands
+            error(exc)
+            raise typer.Exit(1) from exc
         except ValueError as exc:  # profile mismatch, unknown stage, invalid config
-            console.print(f"[red]error:[/red] {exc}")
+            error(exc)
             raise typer.Exit(2) from exc
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -108,7 +124,7 @@ def register(app: typer.Typer) -> None:
                 work_pool, **where, stages=_stages(stages), concurrency_limit=concurrency_limit, tags=tag
             )
         except (NoServerError, WorkPoolError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            error(exc)
             raise typer.Exit(2) from exc
         print(f"deployment pipeline/{name} ({deployment_id}) on work pool {work_pool!r}, cron {cron!r} (UTC)")
         print(f"run its flow runs with: prefect worker start --pool {shlex.quote(work_pool)}")
@@ -125,7 +141,7 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = load_params(params)
         except ConfigError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            error(exc)
             raise typer.Exit(2) from exc
         from mlflow import MlflowClient
 

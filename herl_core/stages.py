@@ -56,6 +56,64 @@ def load_prompts(
     return rows
 
 
+def check_prompt_lengths(path: str | Path, prompts: list[PromptRecord], tokenizer, rollout) -> None:
+    """``DataError`` naming ``path``, the line and the id of every prompt whose encoded form (the prompt format the
+    rollout uses, system prompt included) is longer than ``rollout.max_prompt_tokens`` (spec §3.1: such prompts are
+    rejected). ``prompts[i]`` is line i + 1 of ``path`` (``load_prompts`` refuses empty lines)."""
+    from herl_core.models import encode_prompt
+
+    limit, long = rollout.max_prompt_tokens, []
+    for lineno, row in enumerate(prompts, start=1):
+        n = len(encode_prompt(tokenizer, row.prompt, rollout.system_prompt))
+        if n > limit:
+            long.append(f"{path}:{lineno}: field 'prompt': prompt {row.id!r} is {n} tokens once encoded, longer than "
+                        f"rollout.max_prompt_tokens ({limit})")  # fmt: skip
+    if long:
+        more = f"\n  … and {len(long) - 10} more" if len(long) > 10 else ""
+        advice = "\n  shorten these prompts or raise rollout.max_prompt_tokens"
+        raise DataError("\n  ".join(long[:10]) + more + advice)
+
+
+def check_inputs(cfg: Config, stages: list[str] | tuple[str, ...]) -> None:
+    """Validate what ``stages`` (run in this order) read from outside, before any tracking run is opened, so that bad
+    input writes nothing (not even a FAILED run): the model sources (``check_model_source``), the training prompts
+    (``load_prompts``) and their encoded lengths (``check_prompt_lengths``), the rollouts the hindsight stage reads,
+    the benchmark files evaluate scores. What an earlier stage of the list writes is not checked (the pipeline's
+    prepare writes ``train.data``, its train the policy evaluate scores). Raises ``DataError`` / ``ModelSourceError``.
+    """
+    from herl_core.models import check_model_source, load_tokenizer
+
+    made: set[str] = set()
+    checked: dict[str, ModelConfig] = {}
+
+    def model(model_cfg: ModelConfig) -> ModelConfig:
+        if model_cfg.name_or_path not in checked:
+            check_model_source(model_cfg)
+            checked[model_cfg.name_or_path] = model_cfg
+        return model_cfg
+
+    prepared = "prepare" in stages and Path(cfg.train.data).parent == Path(cfg.prepare.out_dir)
+    for stage in stages:
+        if stage in ("rollout", "hindsight", "train"):
+            model_cfg = model(cfg.model if stage == "train" else policy_config(cfg, cfg.probe.policy))
+            if not prepared:
+                prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
+                used = prompts if stage == "train" else prompts[: cfg.probe.prompts]
+                check_prompt_lengths(cfg.train.data, used, load_tokenizer(model_cfg), cfg.rollout)
+            if stage == "hindsight" and "rollout" not in made:
+                source = Path(cfg.probe.rollout_dir) / "rollouts.jsonl"
+                if not source.is_file():
+                    raise DataError(f"{source}: file not found (write it with `herl rollout`)")
+                read_jsonl(source, RolloutRecord)
+        elif stage == "evaluate":
+            if not ("train" in made and cfg.evaluate.policy is None):
+                model(eval_policy(cfg)[0])
+            if "prepare" not in made:
+                for bench in cfg.evaluate.benchmarks:
+                    load_prompts(Path(cfg.prepare.out_dir) / f"{bench}.jsonl", validate_constraints=False)
+        made.add(stage)
+
+
 def summarise(history: list[dict]) -> dict[str, float]:
     """Final/mean values of the headline metrics for the train stage's DVC metric file."""
     if not history:
@@ -98,6 +156,7 @@ def run_train(
     report = JsonlSink(cfg.train.report_dir) if dp.is_main else None  # rank 0 writes reports and tracks
     sinks = [x for x in (report, sink if dp.is_main else None) if x is not None]
     trainer = Trainer(cfg, prompts, sink=MultiSink(*sinks), dp=dp, **kwargs)
+    check_prompt_lengths(cfg.train.data, prompts, trainer.tokenizer, cfg.rollout)  # before anything is written
     point = resume_point(cfg, resume)  # the same decision the tracker made when it chose the run
     resumed = point.checkpoint is not None and trainer.resume(cfg.train.checkpoint_dir)
     with dp.main_first() as main:  # every rank has decided before rank 0 drops anything
@@ -168,6 +227,7 @@ def run_rollout(cfg: Config, sink: MetricsSink | None = None) -> dict:
 
     prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)[: cfg.probe.prompts]
     model, tok = load_policy(policy_config(cfg, cfg.probe.policy))
+    check_prompt_lengths(cfg.train.data, prompts, tok, cfg.rollout)
     engine = make_engine(cfg.rollout.engine, model, tok, seed=cfg.train.seed)
     seed = call_seed(cfg.train.seed, 0, 0)  # the seed of training step 0's rollout
     groups = sample_groups(prompts, engine, make_reward(cfg.reward), tok, cfg.rollout, seed)
@@ -196,6 +256,7 @@ def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
     rows = read_jsonl(source, RolloutRecord)
     prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
     model, tok = load_policy(policy_config(cfg, cfg.probe.policy))
+    check_prompt_lengths(cfg.train.data, prompts[: cfg.probe.prompts], tok, cfg.rollout)
     groups = groups_from_rollouts(prompts, rows, tok, cfg.rollout, source=str(source))[: cfg.probe.prompts]
     engine = make_engine(cfg.rollout.engine, model, tok, seed=cfg.train.seed)
     seed = cfg.train.seed
