@@ -188,7 +188,12 @@ def train(
 
         def runner(tracker) -> dict:
             extras = {RUN_ID_KEY: tracker.run_id}  # a resume re-attaches to this run (herl_core.resume)
-            return run_train(cfg, resume=resume, sink=tracker.sink, on_step=on_step, checkpoint_extras=extras)
+
+            def step_done(step: int, metrics: dict) -> None:  # after the step's checkpoint: its metrics go to MLflow
+                tracker.sink.flush_durable()
+                on_step(step, metrics)
+
+            return run_train(cfg, resume=resume, sink=tracker.sink, on_step=step_done, checkpoint_extras=extras)
 
         run_tracked(
             "train", params, cfg, runner, [cfg.train.report_dir], resume=resume, precheck=inputs_check(cfg, "train")

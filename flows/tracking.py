@@ -11,7 +11,8 @@ What a run gets (docs/tracking.md):
 * params: the validated, resolved config flattened (``section.key``) + ``config.json`` artifact;
 * lineage tags on every run: git commit and dirty flag, config hash, profile, stage, Prefect flow-run id, the
   stage's dvc.lock md5s of deps and outs, DVC experiment name/baseline;
-* per-step metrics (``log_batch`` with steps), records as ``records/<name>.jsonl`` and ONE ``experiences`` table per
+* per-step metrics (``log_batch`` with steps; the train stage sends a step's metrics once its checkpoint is written,
+  so a resumed run holds every step once), records as ``records/<name>.jsonl`` and ONE ``experiences`` table per
   run (mlflow/mlflow#11874: every ``log_table`` appends to a 5000-char tag);
 * at ``finish``: summary metrics + ``summary.json``; for ``train`` a reward-curve PNG and the model folder as an
   artifact with a registered version and alias.
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -199,11 +200,20 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
 
 
 class MlflowSink:
-    """``herl_core.sink.MetricsSink`` over one MLflow run: metrics now (batched), records spooled until ``finish``."""
+    """``herl_core.sink.MetricsSink`` over one MLflow run: metrics batched, records spooled until ``finish``.
 
-    def __init__(self, client: MlflowClient, run_id: str, spool: Path):
+    ``durable`` (the train stage): a function giving the number of steps a resume would NOT recompute (the step
+    count of the newest checkpoint). A step's metrics are held back until that count passes the step, then sent:
+    a kill before the checkpoint makes the resumed run recompute the step, and MLflow, which cannot delete a metric
+    point, would otherwise hold the step twice. ``flush_durable`` sends what has become durable (the train command
+    calls it after every step, i.e. after that step's checkpoint); ``flush`` sends everything (the run finished).
+    Without ``durable`` metrics are sent at once."""
+
+    def __init__(self, client: MlflowClient, run_id: str, spool: Path, durable: Callable[[], int] | None = None):
         self.client, self.run_id = client, run_id
         self.spool = JsonlSink(spool)
+        self.durable = durable
+        self.pending: list[tuple[int, list[Metric]]] = []
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -212,6 +222,24 @@ class MlflowSink:
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         ]
+        if self.durable is None:
+            self._send(rows)
+            return
+        self.pending.append((step, rows))
+        self.flush_durable()
+
+    def flush_durable(self) -> None:
+        """Send the held metrics of the steps a resume would not recompute."""
+        if self.durable is not None and self.pending:
+            self.flush(below=self.durable())
+
+    def flush(self, below: int | None = None) -> None:
+        """Send the held metrics of the steps < ``below`` (all of them when None)."""
+        ready = [rows for step, rows in self.pending if below is None or step < below]
+        self.pending = [(step, rows) for step, rows in self.pending if not (below is None or step < below)]
+        self._send([m for rows in ready for m in rows])
+
+    def _send(self, rows: list[Metric]) -> None:
         for i in range(0, len(rows), 1000):  # log_batch takes at most 1000 metrics
             self.client.log_batch(self.run_id, metrics=rows[i : i + 1000])
 
@@ -265,12 +293,14 @@ class StageTracker:
     def __init__(self, client: MlflowClient, run_id: str, cfg: Config, stage: str, root: Path):
         self.client, self.run_id, self.cfg, self.stage, self.root = client, run_id, cfg, stage, root
         self.spool_dir = root / SPOOL_DIR / run_id
-        self.sink = MlflowSink(client, run_id, self.spool_dir)
+        durable = (lambda: checkpointed_steps(cfg.train.checkpoint_dir)) if stage == "train" else None
+        self.sink = MlflowSink(client, run_id, self.spool_dir, durable=durable)
         self.finished = False
 
     # ------------------------------------------------------------------------------------------------ public
     def finish(self, summary: dict, outputs: Sequence[str | Path] = ()) -> None:
         """Summary metrics + summary.json, records + experiences table, outputs, and for train: curve and model."""
+        self.sink.flush()  # the stage completed: no step of it will be recomputed
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, 0) for k, v in _numbers(summary).items()]
         for i in range(0, len(metrics), 1000):
@@ -357,6 +387,15 @@ class StageTracker:
             self.client.set_tag(self.run_id, "herl.register_error", str(exc)[:1000])
 
 
+def checkpointed_steps(checkpoint_dir: str | Path) -> int:
+    """Steps completed in the newest checkpoint of ``checkpoint_dir`` (``step-000003`` → 3; 0 without one): a
+    resume recomputes the steps from there on."""
+    from herl_core.checkpoint import latest_checkpoint  # imports torch: only for the train stage
+
+    found = latest_checkpoint(checkpoint_dir)
+    return int(found.name.split("-", 1)[1]) if found is not None else 0
+
+
 def resume_target(client: MlflowClient, cfg: Config) -> tuple[str | None, int]:
     """(run id, resume step) of the train run this ``herl train`` continues, (None, 0) for a new run.
 
@@ -433,6 +472,9 @@ def stage_run(
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
         tracker.log_records(table=False)
+        held = sorted({step for step, _ in tracker.sink.pending})
+        if held:  # steps after the last checkpoint: a resume recomputes and logs them (reports/train has them)
+            client.set_tag(run_id, "herl.unlogged_steps", ",".join(map(str, held)))
         client.set_tag(run_id, "herl.error", f"{type(exc).__name__}: {exc}"[:1000])
         client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise

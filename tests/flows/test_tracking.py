@@ -266,6 +266,37 @@ def test_resumed_train_reattaches_to_the_crashed_run(project, tmp_path_factory):
     assert fresh.run_id != first.run_id
 
 
+def test_train_metrics_reach_mlflow_once_their_checkpoint_is_written(project):
+    """A train step's metrics are held back until a checkpoint covers the step: a kill before that checkpoint makes
+    the resume recompute the step, and MLflow (which cannot delete a metric point) then holds it once, with the
+    values the resumed run computed."""
+    cfg = load_params(project / "params.yaml")
+    client = MlflowClient()
+
+    def history(run_id: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "reward/mean"))
+
+    with pytest.raises(RuntimeError, match="killed"):
+        with stage_run(cfg, "train") as first:
+            first.sink.log_metrics({"reward/mean": 0.25}, 0)
+            assert history(first.run_id) == []  # no checkpoint holds step 0 yet
+            write_checkpoint(project, 1, first.run_id, train_fingerprint(cfg))  # the trainer's save after step 0
+            first.sink.flush_durable()  # what the train command does after every step
+            assert history(first.run_id) == [(0, 0.25)]
+            first.sink.log_metrics({"reward/mean": 0.5}, 1)  # step 1 computed; its checkpoint is never written
+            raise RuntimeError("killed before checkpoint 2")
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["herl.unlogged_steps"] == "1"
+    assert history(first.run_id) == [(0, 0.25)]
+    with stage_run(cfg, "train") as second:  # the resume re-attaches at step 1 and recomputes it
+        assert second.run_id == first.run_id
+        second.sink.log_metrics({"reward/mean": 0.75}, 1)
+        second.sink.log_metrics({"reward/mean": 1.0}, 2)
+        second.finish({"steps": 3})  # the stage completed: everything held is sent
+    assert history(first.run_id) == [(0, 0.25), (1, 0.75), (2, 1.0)]
+    assert client.get_run(first.run_id).data.tags["herl.resumed_at_step"] == "1"
+
+
 def test_a_checkpoint_of_other_settings_opens_a_new_run(project):
     """The trainer does not continue a checkpoint written under other settings, so the tracker does not re-attach to
     its run: the new experiment gets its own run (its steps 0, 1, ... never land in the old run's history)."""
