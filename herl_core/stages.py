@@ -1,14 +1,18 @@
 """Stage entry points: read inputs, validate, call one herl_core module, write outputs atomically. No math here.
 
 Stage names are the same everywhere: ``prepare``, ``rollout``, ``hindsight``, ``train``, ``evaluate`` (the CLI
-subcommands, flows/, dvc.yaml and the MLflow child runs). Each function returns a small summary dict (the stage's
-DVC metric) and never leaves a half-written output. Outputs (docs/pipeline.md):
+subcommands, flows/, dvc.yaml and the MLflow child runs). Each function returns its summary dict and never leaves a
+half-written output; each stage folder holds ``metrics.json``, its headline numbers (``headline``: the stage's DVC
+metric), beside the detailed summary. Outputs (docs/pipeline.md):
 
-* prepare   → ``prepare.out_dir``/{train,ifeval,ifbench}.jsonl, report.json
-* rollout   → ``probe.rollout_dir``/rollouts.jsonl (RolloutRecord), summary.json          (spec §3.2-3.3)
-* hindsight → ``probe.hindsight_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json  (spec §3.4-3.9)
-* train     → ``train.out_dir`` (policy), ``train.report_dir``/*.jsonl, summary.json     (spec §3.15)
-* evaluate  → ``evaluate.out_dir``/<benchmark>/{metrics,per_type}.json, samples.jsonl, metrics.json  (spec §3.14)
+* prepare   → ``prepare.out_dir``/{train,ifeval,ifbench}.jsonl, report.json, metrics.json
+* rollout   → ``probe.rollout_dir``/rollouts.jsonl (RolloutRecord), summary.json, metrics.json    (spec §3.2-3.3)
+* hindsight → ``probe.hindsight_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json, metrics.json
+  (spec §3.4-3.9)
+* train     → ``train.out_dir`` (policy), ``train.report_dir``/*.jsonl, steps.csv (the DVC plot), summary.json,
+  metrics.json (spec §3.15)
+* evaluate  → ``evaluate.out_dir``/<benchmark>/{metrics,per_type}.json, samples.jsonl, metrics.json (flat, the
+  headline itself)  (spec §3.14)
 
 The rollout and hindsight stages run the functions of one training step once (the readiness probe,
 herl_core.probe; sized and placed by the ``probe`` section), with the seeds of step 0
@@ -26,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from herl_core.config import Config, LoraConfig, ModelConfig
-from herl_core.io import DataError, atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic
+from herl_core.io import DataError, atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from herl_core.records import PromptRecord, RolloutRecord
 from herl_core.sink import JsonlSink, MetricsSink, MultiSink, NullSink
 
@@ -114,6 +118,67 @@ def check_inputs(cfg: Config, stages: list[str] | tuple[str, ...]) -> None:
         made.add(stage)
 
 
+HEADLINE_FILE = "metrics.json"
+"""Each stage's headline numbers in its output folder: its DVC metric (``dvc metrics show``, ``dvc exp show``)."""
+
+HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
+    "prepare": ("train/prompts", "train/constraints", "ifeval/prompts", "ifbench/prompts",
+                "dropped_overlapping_instructions", "disjoint"),
+    "rollout": ("prompts", "samples", "reward/mean", "reward/frac_zero_std", "reward/failed_calls", "pass_at_G",
+                "failed_group_frac", "truncated_frac"),
+    "hindsight": ("groups", "herl/failed_groups", "herl/rewrites", "herl/rewrite_success_rate",
+                  "herl/over_prev_best_rate", "herl/bonus_mean", "herl/rewrite_fully_correct_rate"),
+    "train": ("steps", "reward/mean_first", "reward/mean", "reward/frac_zero_std_first", "reward/frac_zero_std",
+              "herl/rewrite_success_rate_first", "herl/rewrite_success_rate", "herl/bonus_mean", "actor/loss",
+              "perf/step_s_mean"),
+}  # fmt: skip
+"""The headline numbers of each stage (evaluate: ``EVAL_HEADLINE`` per benchmark). A name means the same thing in
+every stage that has it: train's unsuffixed ``reward/mean`` etc. are the last step's values (``_first``: step 0's),
+the numbers a run ends with, as MLflow's runs table shows them for the train run."""
+
+EVAL_HEADLINE = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose", "n_prompts", "n_prompts_scored")
+"""Per benchmark in evaluate's metrics.json (``<benchmark>/<key>``; the scores' prompt denominator is
+``n_prompts_scored``); the instruction counts are in ``<benchmark>/metrics.json``."""
+
+
+def headline(stage: str, summary: dict) -> dict:
+    """About a dozen numbers that say how ``stage`` went (``HEADLINE_KEYS``): its ``metrics.json``, its MLflow run's
+    metrics and its console summary. The details (per constraint type, histograms, first/last/mean over steps) stay
+    in the stage's summary file."""
+    flat = dict(summary)
+    if stage == "prepare":
+        for name, split in summary["splits"].items():
+            flat.update({f"{name}/prompts": split["prompts"], f"{name}/constraints": split["constraints"]})
+    elif stage == "train":  # the last step's values under the per-step names; step 0's as _first
+        for key in (
+            "reward/mean",
+            "reward/frac_zero_std",
+            "herl/rewrite_success_rate",
+            "herl/bonus_mean",
+            "actor/loss",
+        ):
+            flat[key] = summary.get(f"{key}_last")
+    elif stage == "evaluate":
+        keep = [k for k in summary if k.partition("/")[2] in EVAL_HEADLINE]
+        return {k: summary[k] for k in ("policy", "policy_fallback", *keep) if k in summary}
+    return {k: flat[k] for k in HEADLINE_KEYS[stage] if flat.get(k) is not None}
+
+
+def write_step_table(steps_jsonl: Path, out: Path) -> None:
+    """``reports/train/steps.jsonl`` as a CSV (``step`` first, then every metric in order of first appearance): the
+    train stage's DVC plot file (DVC plots read CSV, JSON, YAML and TSV, not JSON lines)."""
+    import csv
+    import io
+
+    rows = _read_history(steps_jsonl)
+    columns = list(dict.fromkeys(["step", *(k for row in rows for k in row)]))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out, text.getvalue())
+
+
 def summarise(history: list[dict]) -> dict[str, float]:
     """Final/mean values of the headline metrics for the train stage's DVC metric file."""
     if not history:
@@ -175,7 +240,10 @@ def run_train(
         if main:
             with atomic_dir(cfg.train.out_dir) as tmp:
                 save_checkpoint_weights(trainer.model, trainer.tokenizer, tmp, state_dict=weights)
-            write_json_atomic(Path(cfg.train.report_dir) / "summary.json", summary)
+            report_dir = Path(cfg.train.report_dir)
+            write_step_table(report_dir / "steps.jsonl", report_dir / "steps.csv")
+            write_json_atomic(report_dir / "summary.json", summary)
+            write_json_atomic(report_dir / HEADLINE_FILE, headline("train", summary))
     return summary
 
 
@@ -202,7 +270,9 @@ def run_prepare(cfg: Config, sink: MetricsSink | None = None) -> dict:
     Returns the data report (also ``prepare.out_dir``/report.json)."""
     from herl_core.prepare import run_prepare as prepare_data
 
-    return prepare_data(cfg.prepare)
+    report = prepare_data(cfg.prepare)
+    write_json_atomic(Path(cfg.prepare.out_dir) / HEADLINE_FILE, headline("prepare", report))
+    return report
 
 
 def policy_config(cfg: Config, policy: str | None) -> ModelConfig:
@@ -237,6 +307,7 @@ def run_rollout(cfg: Config, sink: MetricsSink | None = None) -> dict:
     write_jsonl_atomic(out / "rollouts.jsonl", rows)
     summary = {**rollout_summary(rows), "policy": cfg.probe.policy or cfg.model.name_or_path}
     write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / HEADLINE_FILE, headline("rollout", summary))
     return summary
 
 
@@ -272,6 +343,7 @@ def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
     write_jsonl_atomic(folder / "merges.jsonl", out.merges)
     summary = hindsight_summary(out.experiences, out.metrics, groups=len(groups))
     write_json_atomic(folder / "summary.json", summary)
+    write_json_atomic(folder / HEADLINE_FILE, headline("hindsight", summary))
     return summary
 
 
@@ -285,10 +357,20 @@ def eval_policy(cfg: Config) -> tuple[ModelConfig, str, bool]:
     return cfg.model, cfg.model.name_or_path, True
 
 
-def run_evaluate(cfg: Config, sink: MetricsSink | None = None) -> dict:
+def run_evaluate(
+    cfg: Config, sink: MetricsSink | None = None, on_batch: Callable[[str, int, int, int], None] | None = None
+) -> dict:
     """The ``evaluate`` stage: greedy (``evaluate.temperature``) chat-template answers of the policy on each of
     ``evaluate.benchmarks`` (``prepare.out_dir``/<benchmark>.jsonl, first ``evaluate.limit``), official IF metrics,
-    ``evaluate.self_improve_rounds`` of test-time hindsight revision. Returns the flat metrics.json."""
+    ``evaluate.self_improve_rounds`` of test-time hindsight revision. Writes and returns the headline metrics.json
+    (``headline``: each benchmark's scores and prompt counts).
+
+    ``on_batch(what, batch, batches, prompts)`` is called after every generation batch of ``evaluate.batch_size``
+    prompts (``what``: "ifeval", "ifeval revision 1", ...). The batches are the engine's own: the prompts sorted by
+    length, cut every ``batch_size``, each prompt's random key its position in the call, so answering batch by batch
+    gives the answers of one call."""
+    from dataclasses import replace
+
     from herl_core.evaluate import evaluate_policy, write_eval
     from herl_core.models import encode_prompt, load_policy
     from herl_core.rollout import make_engine
@@ -300,20 +382,34 @@ def run_evaluate(cfg: Config, sink: MetricsSink | None = None) -> dict:
     engine = make_engine(cfg.rollout.engine.model_copy(update={"generation_batch_size": e.batch_size}), model, tok)
     sampling = SamplingParams(temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=cfg.train.seed)
 
-    def answer(texts: list[str], chat: bool) -> list[str]:
+    def answer(texts: list[str], chat: bool, what: str) -> list[str]:
         ids = [encode_prompt(tok, t, cfg.rollout.system_prompt, chat=chat) for t in texts]
-        return [g.text for g in engine.generate(ids, 1, sampling)]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # as the engine orders one call (stable)
+        starts = range(0, len(order), e.batch_size)
+        out = [""] * len(ids)
+        for batch, start in enumerate(starts, start=1):
+            chunk = order[start : start + e.batch_size]
+            gens = engine.generate([ids[i] for i in chunk], 1, replace(sampling, keys=tuple(chunk)))
+            for i, gen in zip(chunk, gens, strict=True):
+                out[i] = gen.text
+            if on_batch is not None:
+                on_batch(what, batch, len(starts), len(ids))
+        return out
 
     metrics: dict = {"policy": policy, "policy_fallback": fallback}
     for bench in e.benchmarks:
         records = load_prompts(Path(cfg.prepare.out_dir) / f"{bench}.jsonl", validate_constraints=False)[: e.limit]
+        rounds = iter(range(1, e.self_improve_rounds + 1))
         result = evaluate_policy(
             records,
-            generate=lambda texts: answer(texts, chat=True),
+            generate=lambda texts, bench=bench: answer(texts, chat=True, what=bench),
             rounds=e.self_improve_rounds,
-            revise=lambda texts: answer(texts, chat=cfg.hindsight.hindsight_chat_template),
+            revise=lambda texts, bench=bench, rounds=rounds: answer(
+                texts, chat=cfg.hindsight.hindsight_chat_template, what=f"{bench} revision {next(rounds)}"
+            ),
         )
         write_eval(result, Path(e.out_dir) / bench)
         metrics.update({f"{bench}/{k}": v for k, v in result.metrics.items() if not isinstance(v, (list, dict))})
-    write_json_atomic(Path(e.out_dir) / "metrics.json", metrics)
+    metrics = headline("evaluate", metrics)
+    write_json_atomic(Path(e.out_dir) / HEADLINE_FILE, metrics)
     return metrics

@@ -331,6 +331,8 @@ def test_real_dvc_yaml_runs_all_five_stages_on_the_tiny_profile(tmp_path, mlflow
     (tmp_path / "params.yaml").write_text(params)
     shutil.copy(MAIN / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copytree(MAIN / "herl_core", tmp_path / "herl_core", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "scripts").mkdir()
+    shutil.copy2(MAIN / "scripts" / "herl", tmp_path / "scripts" / "herl")  # dvc.yaml's stage command
     (tmp_path / ".gitignore").write_text(".herl/\nmlartifacts/\n")
     init_dvc_repo(tmp_path, init_repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)

@@ -179,6 +179,6 @@ def test_stage_names_agree_between_dvc_yaml_cli_and_params():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert list(dvc["stages"]) == list(STAGES)
     for name, stage in dvc["stages"].items():
-        assert stage["cmd"] == f"herl {name}"
+        assert stage["cmd"] == f"scripts/herl {name}"  # `herl {name}` with or without an activated environment
         assert name in SECTIONS and name in Config.model_fields and name in params  # the section of the same name
         assert {"profile", name, f"profiles.${{profile}}.{name}"} <= set(stage["params"]), name
