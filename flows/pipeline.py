@@ -9,7 +9,8 @@
 * ``pipeline`` takes an exclusive workspace lock (``.herl/pipeline.lock``, ``flows.proc.exclusive_lock``), opens
   the MLflow parent run, runs the stage flows in order as subflows, tags each stage's child run with the fresh
   dvc.lock md5s (the lock is written after the stage command, so the stage itself only sees the previous one) and
-  ends the parent with the evaluate metrics.
+  ends the parent with the headline numbers (train's final reward and rewrite success, evaluate's scores), so the
+  runs table says how the pipeline went without opening a run.
 * Profiles: the pipeline never edits params.yaml. ``profile:`` in params.yaml (or ``dvc exp run -S profile=tiny``)
   selects it; a ``profile`` argument that disagrees with params.yaml is refused with that advice.
 """
@@ -223,7 +224,7 @@ def run_stages(cfg, root: Path, params: str, stages: list[str]) -> dict:
             parent.run_id,
             {**pipeline_dvc_tags(root), **{f"herl.stage.{k}": v for k, v in outcome.items()}},
         )
-        metrics = evaluate_metrics(parent.client, parent.run_id, cfg)
+        metrics = headline_metrics(parent.client, parent.run_id, cfg)
         outputs = [p for p in (params, "dvc.lock") if (root / p).is_file()]
         parent.finish(metrics, outputs=outputs)
     return {"parent_run_id": parent.run_id, "stages": outcome, "metrics": metrics}
@@ -254,25 +255,53 @@ def tag_child(client, parent_run_id: str, stage: str, root: Path, output: str) -
     return child.info.run_id
 
 
-def evaluate_metrics(client, parent_run_id: str, cfg) -> dict[str, float]:
-    """Metrics of this pipeline's evaluate child, else (DVC skipped evaluate) of the newest finished evaluate run made
-    under the same settings of what evaluate reads (``herl.stage_config_hash``: a probe or tracking edit does not
-    rerun evaluate, so the whole-config hash would find none)."""
+PARENT_METRICS = {
+    "train": ("reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate"),
+    "evaluate": ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose"),
+}
+"""What the parent run shows in the runs table: the train run's final values of these step metrics (the last step's,
+as its own row shows them) and evaluate's scores of every benchmark (``<benchmark>/<score>``)."""
+
+
+def stage_result(client, parent_run_id: str, cfg, stage: str):
+    """The ``stage`` run whose numbers this pipeline reports: its child of this pipeline, else (DVC skipped the stage)
+    the newest finished run of it made under the same settings of what it reads (``herl.stage_config_hash``: a probe
+    or tracking edit does not rerun evaluate, so the whole-config hash would find none). None if there is none."""
     from herl_core.config import STAGE_SECTIONS
 
-    child = find_child(client, parent_run_id, "evaluate")
-    if child is None:
-        exp = client.get_run(parent_run_id).info.experiment_id
-        runs = client.search_runs(
-            [exp],
-            filter_string="attributes.run_name = 'evaluate' and "
-            f"tags.`herl.stage_config_hash` = '{cfg.hash(STAGE_SECTIONS['evaluate'])}' "
-            "and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        child = runs[0] if runs else None
-    if child is None:
+    child = find_child(client, parent_run_id, stage)
+    if child is not None:
+        return child
+    exp = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [exp],
+        filter_string=f"attributes.run_name = '{stage}' and "
+        f"tags.`herl.stage_config_hash` = '{cfg.hash(STAGE_SECTIONS[stage])}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def stage_metrics(client, parent_run_id: str, cfg, stage: str) -> dict[str, float]:
+    """``PARENT_METRICS[stage]`` of ``stage_result`` (train: exact names; evaluate: ``<benchmark>/<name>``); the run is
+    named in the parent's tag ``herl.<stage>_run_id``."""
+    run = stage_result(client, parent_run_id, cfg, stage)
+    if run is None:
         return {}
-    client.set_tag(parent_run_id, "herl.evaluate_run_id", child.info.run_id)
-    return dict(child.data.metrics)
+    client.set_tag(parent_run_id, f"herl.{stage}_run_id", run.info.run_id)
+    keep = PARENT_METRICS[stage]
+    if stage == "evaluate":
+        return {k: v for k, v in run.data.metrics.items() if k.partition("/")[2] in keep}
+    return {k: run.data.metrics[k] for k in keep if k in run.data.metrics}
+
+
+def evaluate_metrics(client, parent_run_id: str, cfg) -> dict[str, float]:
+    """evaluate's scores for the parent run (``stage_metrics``)."""
+    return stage_metrics(client, parent_run_id, cfg, "evaluate")
+
+
+def headline_metrics(client, parent_run_id: str, cfg) -> dict[str, float]:
+    """The parent run's metrics: train's final reward, zero-std fraction and rewrite success, evaluate's scores."""
+    return {**stage_metrics(client, parent_run_id, cfg, "train"), **evaluate_metrics(client, parent_run_id, cfg)}

@@ -14,8 +14,10 @@ What a run gets (docs/tracking.md):
 * per-step metrics (``log_batch`` with steps; the train stage sends a step's metrics once its checkpoint is written,
   so a resumed run holds every step once), records as ``records/<name>.jsonl`` and ONE ``experiences`` table per
   run (mlflow/mlflow#11874: every ``log_table`` appends to a 5000-char tag);
-* at ``finish``: summary metrics + ``summary.json``; for ``train`` a reward-curve PNG and the model folder as an
-  artifact with a registered version and alias.
+* at ``finish``: the stage's headline numbers as metrics (train: its summary as ``summary.<key>`` tags, its curves
+  being its metrics) + ``summary.json``; for ``train`` a reward-curve PNG and the policy as an MLflow logged model
+  (transformers flavor) output by the run, with a registered version and alias;
+* experiments are tagged for MLflow 3's model-training view (``EXPERIMENT_KIND``).
 
 Rules: ``MlflowClient`` with explicit run ids only (the fluent API's active run is thread-local, mlflow/mlflow#13610),
 so tracking is safe under Prefect's thread pool. Nothing from the environment is logged except the named lineage
@@ -42,7 +44,7 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
@@ -81,18 +83,27 @@ def artifact_location(cfg: Config, uri: str, root: str | Path = ".") -> str | No
     return (Path(root) / cfg.tracking.artifact_root).resolve().as_uri()
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3 opens an experiment in its GenAI view ("Traces", "Evaluations") unless the experiment says it is for
+model training: this tag value selects the model-training view (runs table, model metrics)."""
+
+
 def experiment_id(client: MlflowClient, name: str, location: str | None) -> str:
-    """Get or create the experiment (a concurrent creator may win the race: then look it up again)."""
+    """Get or create the experiment (a concurrent creator may win the race: then look it up again), marked as a
+    model-training experiment (``EXPERIMENT_KIND``) unless someone already chose its kind."""
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:
+    if found is None:
+        try:
+            client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:
+            pass  # created meanwhile by a concurrent stage
         found = client.get_experiment_by_name(name)
         if found is None:
-            raise
-        return found.experiment_id
+            raise MlflowException(f"could not create or find the MLflow experiment {name!r}")
+    if EXPERIMENT_KIND_TAG not in found.tags:  # an experiment made by an earlier herl, or by hand
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -298,13 +309,22 @@ class StageTracker:
         self.finished = False
 
     # ------------------------------------------------------------------------------------------------ public
-    def finish(self, summary: dict, outputs: Sequence[str | Path] = ()) -> None:
-        """Summary metrics + summary.json, records + experiences table, outputs, and for train: curve and model."""
+    def finish(self, summary: dict, outputs: Sequence[str | Path] = (), metrics: dict[str, Any] | None = None) -> None:
+        """``summary.json``, the run's result numbers, records + experiences table, outputs; for train: curve and
+        model.
+
+        Result numbers: ``metrics`` (the stage commands give ``herl_core.stages.headline``; default: every number of
+        ``summary``) as metrics, except for ``train``: its per-step metrics already are its curves (the runs table
+        shows each one's last step), so its summary (first / last / mean over the steps) goes to tags
+        ``summary.<key>`` instead of one-point charts."""
         self.sink.flush()  # the stage completed: no step of it will be recomputed
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in _numbers(summary).items()]
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+        if self.stage == "train":
+            tags = {f"summary.{k}": f"{v:.6g}" for k, v in _numbers(summary).items()}
+            set_tags(self.client, self.run_id, tags)
+        else:
+            now = int(time.time() * 1000)
+            numbers = _numbers(summary if metrics is None else metrics)
+            self.sink._send([Metric(k, v, now, 0) for k, v in numbers.items()])
         self.client.log_dict(self.run_id, summary, "summary.json")
         self.log_records(table=True)
         for out in outputs:
@@ -312,7 +332,7 @@ class StageTracker:
         if self.stage == "train":
             self._log_curve()
             if self.cfg.tracking.log_model:
-                self._log_model()
+                self._log_model(step=max(int(summary.get("steps", 1)) - 1, 0))
         if self.stage != "train":  # train keeps its spool: a later resume of this run appends to it
             shutil.rmtree(self.spool_dir, ignore_errors=True)
         self.finished = True
@@ -363,13 +383,36 @@ class StageTracker:
             self.client.log_artifact(self.run_id, str(Path(tmp) / "reward_curve.png"), "plots")
         plt.close(fig)
 
-    def _log_model(self) -> None:
-        """``model/`` = the policy folder (safetensors, no pickle) + a registered version with the alias."""
+    def _log_model(self, step: int) -> None:
+        """The policy folder as an MLflow logged model of this run (output of the run at ``step``, so the runs table's
+        Models column and the model page link them), registered as a new version of ``tracking.registered_model``
+        with the alias ``tracking.model_alias``. The model is logged with MLflow's transformers flavor
+        (``mlflow.transformers.load_model("models:/herl-policy@candidate")`` gives a text-generation pipeline);
+        weights stay safetensors, nothing is pickled. When the flavor cannot wrap it, the folder's files are logged as
+        the model (tag ``herl.model_flavor_error``)."""
         folder = self.root / self.cfg.train.out_dir
         if not folder.is_dir():
             self.client.set_tag(self.run_id, "herl.register_error", f"no model folder at {folder}")
             return
-        self.client.log_artifacts(self.run_id, str(folder), "model")
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        tags = {"herl.config_hash": self.cfg.hash(), "herl.profile": str(self.cfg.profile), "herl.stage": "train"}
+        model = self.client.create_logged_model(experiment, name="policy", source_run_id=self.run_id, tags=tags)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_transformers_model(folder, Path(tmp) / "model", model, self.run_id, self.cfg)
+                self.client.log_model_artifacts(model.model_id, str(Path(tmp) / "model"))
+        except Exception as exc:  # a model the flavor cannot load or wrap: keep its files as the model
+            warnings.warn(
+                f"logging the policy with mlflow.transformers failed ({exc}); logging its files", stacklevel=2
+            )
+            self.client.set_tag(self.run_id, "herl.model_flavor_error", str(exc)[:1000])
+            self.client.log_model_artifacts(model.model_id, str(folder))
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
+        self.client.set_tag(self.run_id, "herl.model_id", model.model_id)
+        self._register(model.model_id)
+
+    def _register(self, model_id: str) -> None:
         name, alias = self.cfg.tracking.registered_model, self.cfg.tracking.model_alias
         try:
             try:
@@ -377,14 +420,64 @@ class StageTracker:
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
             tags = {"herl.config_hash": self.cfg.hash(), "herl.profile": str(self.cfg.profile)}
-            version = self.client.create_model_version(name, source, run_id=self.run_id, tags=tags)
+            # MLflow's registry resolves a models:/ source with the default client: point it at this store
+            with default_tracking_uri(self.client.tracking_uri):
+                version = self.client.create_model_version(
+                    name, f"models:/{model_id}", run_id=self.run_id, tags=tags, model_id=model_id
+                )
             self.client.set_registered_model_alias(name, alias, version.version)
             self.client.set_tag(self.run_id, "herl.model_version", f"{name}/{version.version}@{alias}")
         except Exception as exc:  # the run's data is already logged; registry trouble must not lose it
             warnings.warn(f"registering {name} failed: {exc}", stacklevel=2)
             self.client.set_tag(self.run_id, "herl.register_error", str(exc)[:1000])
+
+
+@contextmanager
+def default_tracking_uri(uri: str) -> Iterator[None]:
+    """``MLFLOW_TRACKING_URI`` = ``uri`` for the block (for what MLflow resolves with a default ``MlflowClient()``),
+    then as it was."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def save_transformers_model(folder: Path, out: Path, model, run_id: str, cfg: Config) -> None:
+    """``folder`` (an HF causal-LM folder) saved as an MLflow transformers model (task text-generation) in ``out``,
+    for the logged model ``model``. The pip requirements are this environment's versions (given, not inferred: no
+    model load in a subprocess). MLflow's notes about the missing hub model card and licence are silenced: the
+    policy is a local folder."""
+    import logging
+    from importlib.metadata import version
+
+    import mlflow.transformers
+    from mlflow.models import Model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = AutoModelForCausalLM.from_pretrained(
+        folder, dtype="auto", use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+    requirements = [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "tokenizers", "safetensors")]
+    meta = Model(
+        artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id, model_id=model.model_id
+    )
+    quiet = logging.getLogger("mlflow.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        mlflow.transformers.save_model(
+            {"model": weights, "tokenizer": tokenizer}, str(out), task="text-generation", mlflow_model=meta,
+            pip_requirements=requirements,
+        )  # fmt: skip
+    finally:
+        quiet.setLevel(level)
 
 
 def checkpointed_steps(checkpoint_dir: str | Path) -> int:
