@@ -11,13 +11,19 @@
   dvc.lock md5s (the lock is written after the stage command, so the stage itself only sees the previous one) and
   ends the parent with the headline numbers (train's final reward and rewrite success, evaluate's scores), so the
   runs table says how the pipeline went without opening a run.
+* Console: a header per stage (``[2/5] rollout``), the stage's own lines (progress, its one-line summary) without
+  DVC's per-stage chatter (``console_line``), the whole output in ``.herl/logs/pipeline-<time>.log`` and in the
+  task's Prefect log; ``herl pipeline`` (flows/pipeline_cli.py) ends with one closing block.
 * Profiles: the pipeline never edits params.yaml. ``profile:`` in params.yaml (or ``dvc exp run -S profile=tiny``)
   selects it; a ``profile`` argument that disagrees with params.yaml is refused with that advice.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,10 +31,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.console import say
 from flows.proc import child_env, exclusive_lock, stream
 
 STAGES = ("prepare", "rollout", "hindsight", "train", "evaluate")  # == herl_core.stages.STAGES (tested)
 LOCK_FILE = ".herl/pipeline.lock"
+LOG_DIR = ".herl/logs"
 RETRY_DELAYS = [10, 30]
 TAIL_LINES = 40
 TRANSIENT_MARKERS = (
@@ -106,6 +114,34 @@ def retry_if_transient(task, task_run, state) -> bool:
     return False
 
 
+DVC_CHATTER = (
+    re.compile(r"^Running stage '\w+':$"),
+    re.compile(r"^> "),
+    re.compile(r"^Updating lock file "),
+    re.compile(r"^To track the changes with git, run:$"),
+    re.compile(r"^To enable auto staging, run:$"),
+    re.compile(r"^git add "),
+    re.compile(r"^dvc config core\.autostage true$"),
+    re.compile(r"^Use `dvc push` to send your updates to remote storage\.$"),
+    re.compile(r"^WARNING: '[^']+' is empty\.$"),
+)
+"""DVC's lines that the pipeline's console leaves out (they stay in the full log and the Prefect log): the stage
+header and command (the pipeline prints its own), the lock update, and the advice to `git add dvc.lock`, to turn on
+autostaging and to `dvc push`, which DVC repeats after every stage (the pipeline says it once, at the end)."""
+
+
+def console_line(line: str) -> str | None:
+    """What the pipeline's console shows of one line of ``dvc repro`` output (None: nothing)."""
+    text = line.rstrip()
+    bare = text.strip()
+    if not bare or any(p.search(bare) for p in DVC_CHATTER):
+        return None
+    skipped = re.fullmatch(r"Stage '(\w+)' didn't change, skipping", bare)
+    if skipped:
+        return "skipped: nothing it reads changed since the last run (dvc.lock)"
+    return text
+
+
 @task(
     name="dvc-repro",
     task_run_name="dvc repro {stage}",
@@ -114,20 +150,40 @@ def retry_if_transient(task, task_run, state) -> bool:
     retry_condition_fn=retry_if_transient,
     cache_policy=NO_CACHE,
 )
-def dvc_repro(stage: str, root: str, parent_run_id: str | None = None, tracking_uri: str | None = None) -> str:
-    """``dvc repro --single-item <stage>`` in ``root``, output streamed to the Prefect log; returns the output."""
+def dvc_repro(
+    stage: str,
+    root: str,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    log_file: str | None = None,
+) -> str:
+    """``dvc repro --single-item <stage>`` in ``root``; returns the output. Every line goes to the task's Prefect log
+    and to ``log_file`` (appended); the console gets ``console_line`` of it, indented under the stage's header."""
     from prefect.runtime import flow_run
 
-    logger = get_run_logger()
+    api_log = logging.getLogger("prefect.extra")  # the Prefect API only: the console gets the short form below
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     env = child_env(parent_run_id, tracking_uri, flow_run_id=flow_run.id)
     lines: list[str] = []
+    sink = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115 (closed below)
 
     def log(line: str) -> None:
-        logger.info("%s", line.rstrip())
+        api_log.info("%s", line.rstrip())
         lines.append(line)
+        if sink is not None:
+            sink.write(line)
+            sink.flush()
+        shown = console_line(line)
+        if shown is not None:
+            say(f"  {shown}")
 
-    returncode, tail = stream(cmd, root, env, log, tail=TAIL_LINES)
+    try:
+        if sink is not None:
+            sink.write(f"==> {stage}: {' '.join(cmd[1:])}\n")
+        returncode, tail = stream(cmd, root, env, log, tail=TAIL_LINES)
+    finally:
+        if sink is not None:
+            sink.close()
     if returncode != 0:
         raise StageError(stage, returncode, tail, is_transient(returncode, tail))
     return "".join(lines)
@@ -141,8 +197,10 @@ def make_stage_flow(stage: str):
     """The Prefect flow of one stage (flow name = stage name)."""
 
     @flow(name=stage, flow_run_name=stage, log_prints=True)
-    def stage_flow(root: str = ".", parent_run_id: str | None = None, tracking_uri: str | None = None) -> str:
-        return dvc_repro(stage, root, parent_run_id, tracking_uri)
+    def stage_flow(
+        root: str = ".", parent_run_id: str | None = None, tracking_uri: str | None = None, log_file: str | None = None
+    ) -> str:
+        return dvc_repro(stage, root, parent_run_id, tracking_uri, log_file)
 
     stage_flow.__doc__ = f"Run `dvc repro --single-item {stage}` as one task."
     return stage_flow
@@ -208,15 +266,23 @@ def check_inputs_in(root: Path, cfg, stages: list[str]) -> None:
 
 
 def run_stages(cfg, root: Path, params: str, stages: list[str]) -> dict:
-    """Parent run → stage subflows in order → fresh dvc.lock tags on each child → parent ends with evaluate metrics."""
+    """Parent run → stage subflows in order → fresh dvc.lock tags on each child → parent ends with the headline
+    numbers. The console gets a header per stage (``[2/5] rollout``) and the short form of its output; the whole
+    output goes to ``.herl/logs/pipeline-<time>.log`` (``log_file`` of the result)."""
     from flows.tracking import pipeline_dvc_tags, set_tags, stage_run, tracking_uri
 
     uri = tracking_uri(cfg, root)
     logger = get_run_logger()
+    log_file = root / LOG_DIR / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
     with stage_run(cfg, "pipeline", root / params) as parent:
         outcome = {}
-        for stage in stages:
-            output = STAGE_FLOWS[stage](str(root), parent.run_id, uri)
+        for number, stage in enumerate(stages, start=1):
+            say(f"[{number}/{len(stages)}] {stage}")
+            started = time.monotonic()
+            output = STAGE_FLOWS[stage](str(root), parent.run_id, uri, str(log_file))
+            seconds[stage] = time.monotonic() - started
             outcome[stage] = tag_child(parent.client, parent.run_id, stage, root, output)
             logger.info("stage %s: %s", stage, outcome[stage])
         set_tags(
@@ -227,7 +293,16 @@ def run_stages(cfg, root: Path, params: str, stages: list[str]) -> dict:
         metrics = headline_metrics(parent.client, parent.run_id, cfg)
         outputs = [p for p in (params, "dvc.lock") if (root / p).is_file()]
         parent.finish(metrics, outputs=outputs)
-    return {"parent_run_id": parent.run_id, "stages": outcome, "metrics": metrics}
+    experiment = parent.client.get_run(parent.run_id).info.experiment_id
+    return {
+        "parent_run_id": parent.run_id,
+        "experiment_id": experiment,
+        "tracking_uri": uri,
+        "stages": outcome,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "metrics": metrics,
+        "log_file": str(log_file.relative_to(root)),
+    }
 
 
 def find_child(client, parent_run_id: str, stage: str):

@@ -29,6 +29,7 @@ the experiences of the steps before the crash.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables"
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag  # noqa: E402

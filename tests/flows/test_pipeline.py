@@ -8,6 +8,7 @@ model stages.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -177,6 +178,40 @@ def test_pipeline_runs_stages_as_flows_with_mlflow_children_and_fresh_lock_tags(
 
     again = pipeline(root=str(repo), stages=["prepare", "rollout"])  # nothing changed: DVC skips both stages
     assert again["stages"] == {"prepare": "skipped (unchanged)", "rollout": "skipped (unchanged)"}
+
+
+def test_herl_pipeline_prints_stage_headers_the_stage_output_and_one_closing_block(repo, monkeypatch):
+    """The console of `herl pipeline`: a header per stage, the stage's own lines, DVC's advice (git add dvc.lock,
+    autostage, dvc push) once in the closing block instead of after every stage, and where to look next; the whole
+    output is in the log file the block names. No JSON on stdout without --json."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.chdir(repo)
+    result = CliRunner().invoke(app, ["pipeline", "--stages", "prepare,rollout"])
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert err.index("[1/2] prepare") < err.index("[2/2] rollout") < err.index("herl pipeline done in")
+    assert err.count("git add dvc.lock") == 1 and "autostage" not in err and err.count("dvc push") == 1
+    assert "Beginning flow run" not in err  # Prefect's own lines go to its API only (--verbose shows them)
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(
+        experiments, "attributes.run_name = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in err
+    (log,) = (repo / ".herl" / "logs").glob("pipeline-*.log")
+    assert f"full log  .herl/logs/{log.name}" in err
+    text = log.read_text()
+    assert text.count("To enable auto staging") == 2 and "==> prepare:" in text and "==> rollout:" in text
+    assert result.stdout == ""
+    subprocess.run(["git", "add", "dvc.lock"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "record the run"], cwd=repo, check=True)
+    again = CliRunner().invoke(app, ["pipeline", "--stages", "prepare,rollout", "--json"])
+    assert again.exit_code == 0 and "git add dvc.lock" not in again.stderr  # dvc.lock is committed: no advice
+    assert again.stderr.count("skipped: nothing it reads changed") == 2
+    assert json.loads(again.stdout)["stages"] == {"prepare": "skipped (unchanged)", "rollout": "skipped (unchanged)"}
 
 
 def test_tags_reach_every_stage_flow_and_task_run_under_a_tag_concurrency_limit(repo):

@@ -38,12 +38,12 @@ def ws(tmp_path_factory, mlflow_uri):
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
         for stage in STAGES:
             extra = ["--set", "train.steps=1"] if stage == "train" else []
-            results[stage] = RUNNER.invoke(app, [stage, *TINY, *extra])
+            results[stage] = RUNNER.invoke(app, [stage, *TINY, *extra, "--json"])
     return root, results
 
 
 def ok(result) -> dict:
-    """Exit code 0 and the summary JSON the command printed on stdout."""
+    """Exit code 0 and the summary JSON the command printed on stdout (``--json``)."""
     assert result.exit_code == 0, result.output + repr(result.exception)
     return json.loads(result.stdout)
 
@@ -137,6 +137,28 @@ def test_train_writes_policy_step_log_and_summary(ws):
     steps = [json.loads(x) for x in (root / "reports/train/steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [0] and summary["steps"] == 1.0
     assert summary["reward/mean_last"] == pytest.approx(steps[0]["reward/mean"])
+
+
+def test_a_stage_prints_progress_a_summary_line_and_where_to_look(ws, mlflow_uri):
+    """What a person reads on stderr (a pipe here, so plain lines): train's step line (the 0-based step as MLflow
+    logs it, and how many steps are done), the one-line summary, and the closing block with the files and the run."""
+    root, results = ws
+    err = results["train"].stderr
+    assert "herl train · profile tiny · model tiny · 1 step of 4 prompts × G=4 · HeRL" in err
+    steps = [json.loads(x) for x in (root / "reports/train/steps.jsonl").read_text().splitlines()]
+    assert f"[1/1] step 0  reward {steps[0]['reward/mean']:.3f}" in err
+    assert "\ntrain: 1 step, reward " in err and "herl train done in" in err
+    for path in ("reports/train/metrics.json", "reports/train/steps.csv", "models/policy"):
+        assert path in err
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'train'")
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in err
+    evaluate = results["evaluate"].stderr
+    assert "evaluate ifeval: batch 1/1 (4 prompts)" in evaluate and "evaluate: IFEval prompt-strict " in evaluate
+    assert '"splits"' not in results["prepare"].stderr  # no JSON dump on the console: the summary is one line
+    assert len(results["prepare"].stderr.splitlines()) < 15
 
 
 def test_evaluate_scores_the_trained_policy(ws):
