@@ -237,12 +237,27 @@ def command(name: str) -> str:
         return str(exe)
 
 
-def mlflow_hint(uri: str, experiment_id: str | None, run_id: str | None) -> str:
+RUNS_VIEW_KEY = "herl"
+"""The saved view of an experiment's runs table that herl's links open (flows.tracking.runs_view): the experiment
+tag ``mlflow.sharedViewState.herl`` holds it, as MLflow's own "share view" does."""
+MODEL_TRAINING = "workflowType=machine_learning"
+"""MLflow 3.17's UI opens in its GenAI view unless the link says otherwise (its GenAI / Model training switch)."""
+
+
+def runs_fragment(experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI path of a run (``run_id``) or of the experiment's runs table, in the model-training view; the
+    table with herl's columns (``RUNS_VIEW_KEY``: the headline numbers, the Models column)."""
+    if run_id:
+        return f"#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING}"
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}&{MODEL_TRAINING}"
+
+
+def mlflow_hint(uri: str, experiment_id: str | None, run_id: str | None, port: int = 5000) -> str:
     """Where to see a run: its URL on a tracking server, else the ``herl ui`` command and the URL it serves."""
-    fragment = f"#/experiments/{experiment_id}/runs/{run_id}" if experiment_id and run_id else ""
+    fragment = runs_fragment(experiment_id, run_id) if experiment_id else ""
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{fragment}"
-    return f"{command('herl')} ui --launch, then http://127.0.0.1:5000/{fragment}"
+    return f"{command('herl')} ui --launch, then http://127.0.0.1:{port}/{fragment}"
 
 
 def closing(

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from flows.console import closing, command, duration, error, mlflow_hint, say, stage_summary
+from flows.console import closing, command, duration, error, mlflow_hint, runs_fragment, say, stage_summary
 
 console = Console(stderr=True)
 
@@ -81,12 +81,12 @@ def pipeline_closing(root: Path, cfg, result: dict, started: float) -> None:
         took = "skipped" if str(outcome).startswith("skipped") else duration(result["seconds"].get(stage, 0))
         summary = stage_summary(stage, shown) if shown else ""  # metrics.json holds the stage's headline
         lines.append(f"{stage:<9} {took:>7}  {summary}")
-    where = mlflow_hint(result["tracking_uri"], result["experiment_id"], result["parent_run_id"])
+    where = mlflow_hint(result["tracking_uri"], result["experiment_id"], None)  # the runs table, herl's columns
     dvc = command("dvc")
     rows = [
         ("numbers", f"{dvc} metrics show  (each stage's metrics.json)"),
         ("curves", f"{dvc} plots show  → dvc_plots/index.html"),
-        ("MLflow", f"{where}  (run 'pipeline', stages nested under it)"),
+        ("MLflow", f"{where}  (row 'pipeline' {result['parent_run_id'][:8]}; its [+] shows the stage runs)"),
         ("full log", result["log_file"]),
     ]
     api = os.environ.get("PREFECT_API_URL", "")
@@ -218,7 +218,7 @@ def register(app: typer.Typer) -> None:
         uri = tracking_uri(cfg, params.resolve().parent)
         exists = not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///") :]).is_file()  # do not create one
         exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.tracking.experiment) if exists else None
-        fragment = f"#/experiments/{exp.experiment_id}/runs" if exp else "(no runs yet: run `herl pipeline` first)"
+        fragment = runs_fragment(exp.experiment_id) if exp else "(no runs yet: run `herl pipeline` first)"
         if uri.startswith(("http://", "https://")):
             print(f"tracking server: {uri.rstrip('/')}/{fragment}")
             return

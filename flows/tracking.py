@@ -17,7 +17,8 @@ What a run gets (docs/tracking.md):
 * at ``finish``: the stage's headline numbers as metrics (train: its summary as ``summary.<key>`` tags, its curves
   being its metrics) + ``summary.json``; for ``train`` a reward-curve PNG and the policy as an MLflow logged model
   (transformers flavor) output by the run, with a registered version and alias;
-* experiments are tagged for MLflow 3's model-training view (``EXPERIMENT_KIND``).
+* experiments are tagged for MLflow 3's model-training view (``EXPERIMENT_KIND``) and carry the runs-table view herl's
+  links open (``runs_view``: the headline numbers and the Models column as columns).
 
 Rules: ``MlflowClient`` with explicit run ids only (the fluent API's active run is thread-local, mlflow/mlflow#13610),
 so tracking is safe under Prefect's thread pool. Nothing from the environment is logged except the named lineage
@@ -50,6 +51,7 @@ from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag  # noqa: E4
 from mlflow.exceptions import MlflowException  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from flows.console import RUNS_VIEW_KEY  # noqa: E402
 from herl_core.config import STAGE_SECTIONS, Config  # noqa: E402
 from herl_core.sink import JsonlSink  # noqa: E402
 
@@ -89,6 +91,28 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 """MLflow 3 opens an experiment in its GenAI view ("Traces", "Evaluations") unless the experiment says it is for
 model training: this tag value selects the model-training view (runs table, model metrics)."""
+
+
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+
+
+def runs_view(cfg: Config) -> dict[str, Any]:
+    """The runs table herl's links open (``?viewStateShareKey=herl``): the Models column, the pipeline's headline
+    metrics (train's final reward and rewrite success, each benchmark's strict scores), whether hindsight was on and
+    the profile, newest run first. The MLflow UI reads it from the experiment tag ``RUNS_VIEW_TAG``, the form of its
+    own "share view"; a user can keep it ("Override saved view") or leave it."""
+    metrics = ["reward/mean", "herl/rewrite_success_rate"]
+    metrics += [f"{b}/{m}" for b in cfg.evaluate.benchmarks for m in ("prompt_strict", "inst_strict")]
+    columns = ["attributes.`Models`", *(f"metrics.`{m}`" for m in metrics)]
+    columns += ["params.`hindsight.enabled`", "tags.`herl.profile`"]
+    return {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+
+
+def set_runs_view(client: MlflowClient, experiment: str, cfg: Config) -> None:
+    """Store ``runs_view(cfg)`` on the experiment (only when it differs from the stored one)."""
+    view = json.dumps(runs_view(cfg))
+    if client.get_experiment(experiment).tags.get(RUNS_VIEW_TAG) != view:
+        client.set_experiment_tag(experiment, RUNS_VIEW_TAG, view)
 
 
 def experiment_id(client: MlflowClient, name: str, location: str | None) -> str:
@@ -531,6 +555,7 @@ def _open_run(client: MlflowClient, uri: str, cfg: Config, stage: str, root: Pat
         client.set_tag(run_id, "herl.resumed_at_step", str(step))
     else:
         exp = experiment_id(client, cfg.tracking.experiment, artifact_location(cfg, uri, root))
+        set_runs_view(client, exp, cfg)
         run_id = client.create_run(exp, run_name=stage).info.run_id
     tags = lineage_tags(cfg, stage, root)
     if os.environ.get(PARENT_ENV):

@@ -119,11 +119,14 @@ def test_numbers_read_as_a_person_reads_them():
     assert [con.duration(s) for s in (42, 185, 3720)] == ["42s", "3m05s", "1h02m"]
 
 
-def test_the_mlflow_hint_is_the_servers_url_or_the_ui_command():
+def test_the_mlflow_hint_is_the_servers_url_or_the_ui_command_in_the_model_training_view():
     url = con.mlflow_hint("http://mlflow.example:5000/", "3", "abc")
-    assert url == "http://mlflow.example:5000/#/experiments/3/runs/abc"
-    local = con.mlflow_hint("sqlite:////w/mlruns.db", "3", "abc")
-    assert local.endswith("ui --launch, then http://127.0.0.1:5000/#/experiments/3/runs/abc")
+    assert url == "http://mlflow.example:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    local = con.mlflow_hint("sqlite:////w/mlruns.db", "3", None)
+    assert local.endswith(
+        "ui --launch, then http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=herl&"
+        "workflowType=machine_learning"
+    )
 
 
 def test_errors_keep_long_paths_whole_and_brackets_literal():

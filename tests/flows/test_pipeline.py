@@ -200,7 +200,8 @@ def test_herl_pipeline_prints_stage_headers_the_stage_output_and_one_closing_blo
     (parent,) = client.search_runs(
         experiments, "attributes.run_name = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=1
     )
-    assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in err
+    table = f"#/experiments/{parent.info.experiment_id}/runs?viewStateShareKey=herl&workflowType=machine_learning"
+    assert table in err and f"row 'pipeline' {parent.info.run_id[:8]}" in err
     (log,) = (repo / ".herl" / "logs").glob("pipeline-*.log")
     assert f"full log  .herl/logs/{log.name}" in err
     text = log.read_text()

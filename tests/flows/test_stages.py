@@ -154,7 +154,7 @@ def test_a_stage_prints_progress_a_summary_line_and_where_to_look(ws, mlflow_uri
 
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'train'")
-    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in err
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning" in err
     evaluate = results["evaluate"].stderr
     assert "evaluate ifeval: batch 1/1 (4 prompts)" in evaluate and "evaluate: IFEval prompt-strict " in evaluate
     assert '"splits"' not in results["prepare"].stderr  # no JSON dump on the console: the summary is one line

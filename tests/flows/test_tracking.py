@@ -290,6 +290,29 @@ def test_registry_failure_keeps_the_run_and_its_logged_model(project, tiny_polic
     assert "MLmodel" in {a.path for a in MlflowClient().list_logged_model_artifacts(output.model_id)}
 
 
+def test_the_experiment_carries_the_runs_table_view_herls_links_open(project):
+    """The runs table herl links to (``?viewStateShareKey=herl``) shows the Models column and the headline numbers
+    (what the parent run carries), as MLflow's UI reads a shared view: JSON in the experiment tag
+    ``mlflow.sharedViewState.herl``; it follows evaluate.benchmarks."""
+    cfg = load_params(project / "params.yaml", overrides=["evaluate.benchmarks=[ifeval, ifbench]"])
+    with stage_run(cfg, "prepare") as tracker:
+        pass
+    client = MlflowClient()
+    exp = client.get_run(tracker.run_id).info.experiment_id
+    view = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.herl"])
+    assert view["selectedColumns"] == [
+        "attributes.`Models`", "metrics.`reward/mean`", "metrics.`herl/rewrite_success_rate`",
+        "metrics.`ifeval/prompt_strict`", "metrics.`ifeval/inst_strict`", "metrics.`ifbench/prompt_strict`",
+        "metrics.`ifbench/inst_strict`", "params.`hindsight.enabled`", "tags.`herl.profile`",
+    ]  # fmt: skip
+    assert (view["orderByKey"], view["orderByAsc"]) == ("attributes.start_time", False)
+    only_ifeval = load_params(project / "params.yaml", overrides=["evaluate.benchmarks=[ifeval]"])
+    with stage_run(only_ifeval, "prepare"):
+        pass
+    view = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.herl"])
+    assert "metrics.`ifbench/prompt_strict`" not in view["selectedColumns"]
+
+
 def test_experiments_open_in_the_model_training_view(project):
     """MLflow 3 shows an experiment in its GenAI view unless it is tagged as a model-training one; an experiment made
     before (untagged) gets the tag, one whose kind a user set keeps it."""
