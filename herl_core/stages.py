@@ -180,7 +180,8 @@ def write_step_table(steps_jsonl: Path, out: Path) -> None:
 
 
 def summarise(history: list[dict]) -> dict[str, float]:
-    """Final/mean values of the headline metrics for the train stage's DVC metric file."""
+    """First / last / mean over the steps of the main per-step metrics: the train stage's summary.json (its
+    ``metrics.json`` is ``headline("train", ...)`` of it)."""
     if not history:
         return {}
     keys = ["reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate", "herl/bonus_mean", "actor/loss"]
@@ -399,6 +400,7 @@ def run_evaluate(
     metrics: dict = {"policy": policy, "policy_fallback": fallback}
     for bench in e.benchmarks:
         records = load_prompts(Path(cfg.prepare.out_dir) / f"{bench}.jsonl", validate_constraints=False)[: e.limit]
+        # revise runs once per round while a prompt still fails; once none does, no later round calls it either
         rounds = iter(range(1, e.self_improve_rounds + 1))
         result = evaluate_policy(
             records,
