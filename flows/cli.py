@@ -57,7 +57,7 @@ def quiet_transformers() -> None:
 def stage_errors() -> tuple[type[Exception], ...]:
     """Errors a user can fix (bad data, config, model source, diverged training): a message, exit code 1."""
     from herl_core.models import ModelSourceError
-    from herl_core.train import NonFiniteError
+    from herl_core.update import NonFiniteError
 
     return ValueError, FileNotFoundError, ModelSourceError, NonFiniteError
 
@@ -78,7 +78,7 @@ def stage_files(stage: str, cfg) -> list[tuple[str, str]]:
               "train": cfg.train.report_dir, "evaluate": cfg.evaluate.out_dir}[stage]  # fmt: skip
     rows = [("numbers", f"{folder}/{HEADLINE_FILE}")]
     rows += {
-        "prepare": [("details", f"{folder}/report.json"), ("data", f"{folder}/{{train,ifeval,ifbench}}.jsonl")],
+        "prepare": [("details", f"{folder}/report.json"), ("data", f"{folder}/{{train,val,ifeval,ifbench}}.jsonl")],
         "rollout": [("details", f"{folder}/summary.json"), ("samples", f"{folder}/rollouts.jsonl")],
         "hindsight": [("details", f"{folder}/summary.json"), ("rewrites", f"{folder}/experiences.jsonl")],
         "train": [("per step", f"{folder}/steps.csv (dvc plots show)"), ("details", f"{folder}/summary.json"),
@@ -255,11 +255,12 @@ def show_config(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = N
 
 
 def _register_orchestration() -> None:
-    """`herl pipeline | deploy | ui` (flows/pipeline_cli.py) and `herl study` (flows/study.py)."""
-    from flows import pipeline_cli, study
+    """`herl pipeline | deploy | ui` (flows/pipeline_cli.py) and `herl study` (flows/study_cli.py). Neither imports
+    Prefect until its command runs, so the stage commands work where Prefect is not installed (the vLLM env)."""
+    from flows import pipeline_cli, study_cli
 
     pipeline_cli.register(app)
-    study.register(app)
+    study_cli.register(app)
 
 
 _register_orchestration()

@@ -42,7 +42,7 @@ def say(text: str, console: Console = CONSOLE) -> None:
 
 
 RATES = ("reward/", "herl/rewrite_success_rate", "herl/over_prev_best_rate", "herl/bonus_mean", "pass_at_G",
-         "failed_group_frac", "truncated_frac", "_strict", "_loose")  # fmt: skip
+         "_frac", "_strict", "_loose", "val/reward_mean", "pass_at_k")  # fmt: skip
 """Keys shown with 3 decimals (rates, scores, rewards in [0, 1])."""
 
 
@@ -130,7 +130,9 @@ STEP_KEYS = (
     ("reward/frac_zero_std", "zero-std"),
     ("herl/rewrite_success_rate", "rewrite-success"),
     ("actor/loss", "loss"),
+    ("val/reward_mean", "val-reward"),
 )
+"""The numbers of a step's console line; the ``val/`` ones appear on validation steps only (``train.eval_every``)."""
 
 
 def step_line(done: int, total: int, metrics: Mapping[str, Any]) -> str:
@@ -185,8 +187,8 @@ def stage_summary(stage: str, h: Mapping[str, Any]) -> str:
     """One line: how ``stage`` went, from its headline numbers ``h`` (``herl_core.stages.headline``)."""
     if stage == "prepare":
         return (f"{_get(h, 'train/prompts')} training prompts ({_get(h, 'train/constraints')} constraints); held out: "
-                f"IFEval {_get(h, 'ifeval/prompts')}, IFBench {_get(h, 'ifbench/prompts')} prompts; disjoint: "
-                f"{'yes' if h.get('disjoint') else 'NO'}")  # fmt: skip
+                f"validation {_get(h, 'val/prompts')}, IFEval {_get(h, 'ifeval/prompts')}, IFBench "
+                f"{_get(h, 'ifbench/prompts')} prompts; disjoint: {'yes' if h.get('disjoint') else 'NO'}")  # fmt: skip
     if stage == "rollout":
         return (f"{_get(h, 'prompts')} prompts × {number((h.get('samples') or 0) // max(h.get('prompts') or 1, 1))} "
                 f"samples: reward {_get(h, 'reward/mean')}, pass@G {_get(h, 'pass_at_G')}, groups without signal "
@@ -203,6 +205,8 @@ def stage_summary(stage: str, h: Mapping[str, Any]) -> str:
         parts.append(
             f"groups without signal {_get(h, 'reward/frac_zero_std_first')} → {_get(h, 'reward/frac_zero_std')}"
         )
+        if "val/reward_mean" in h:
+            parts.append(f"validation reward {_get(h, 'val/reward_mean_first')} → {_get(h, 'val/reward_mean')}")
         if h.get("perf/step_s_mean") is not None:
             parts.append(f"{h['perf/step_s_mean']:.1f} s/step")
         return ", ".join(parts)

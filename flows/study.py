@@ -31,9 +31,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -323,41 +322,3 @@ def rerender(study_file: str = "study.yaml", profile: str | None = None, root: s
     meta = {**json.loads(previous.read_text(encoding="utf-8"))["meta"]}
     meta["rerendered"] = datetime.now(UTC).isoformat(timespec="seconds")
     return write_report(spec, runs, configs, base, meta)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``herl study`` to the typer ``app`` (flows/cli.py calls ``register(app)``)."""
-
-    @app.command("study")
-    def study_command(
-        study_file: Annotated[str, typer.Option("--study", help="Study file (arms, seeds, budget).")] = "study.yaml",
-        profile: Annotated[str | None, typer.Option("--profile", help="Study profile: tiny, cpu, gpu.")] = None,
-        arms: Annotated[str | None, typer.Option(help="Comma-separated subset of the arms.")] = None,
-        seeds: Annotated[str | None, typer.Option(help="Comma-separated subset of the seeds.")] = None,
-        report_only: Annotated[
-            bool, typer.Option("--report-only", help="Rewrite the report from the finished runs; run nothing.")
-        ] = False,
-    ) -> None:
-        """HeRL vs GRPO (+ no-bonus ablation, + base) over seeds at equal rollout budget → reports/study.md."""
-        try:
-            if report_only:
-                summary = rerender(study_file, profile)
-                typer.echo(f"report: {summary['meta']['report']} (re-rendered, nothing run)")
-                return
-            summary = study(
-                study_file=study_file,
-                profile=profile,
-                arms=arms.split(",") if arms else None,
-                seeds=[int(s) for s in seeds.split(",")] if seeds else None,
-                command=shlex.join(["herl", *sys.argv[1:]]),
-            )
-        except (ValueError, CommandError) as exc:  # StudyError, ConfigError, DataError are ValueErrors
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from exc
-        meta = summary["meta"]
-        reused = sum(bool(r.get("reused")) for r in meta["runs"])
-        typer.echo(f"report: {meta['report']} ({len(meta['runs'])} runs, {reused} reused)")

@@ -204,6 +204,9 @@ class PrepareConfig(StrictModel):
     n_train: Annotated[int | None, Field(ge=1, description="Cap on training prompts (None = all).")] = None
     min_constraints: Annotated[int, Field(ge=1, description="Fewest constraints drawn per training prompt.")] = 1
     max_constraints: Annotated[int, Field(ge=1, description="Most constraints drawn per training prompt.")] = 3
+    val_prompts: Annotated[
+        int, Field(ge=0, description="Base instructions held out of training for validation (at most a fifth).")
+    ] = 64
     out_dir: Annotated[str, Field(description="Folder of the prepared JSONL files.")] = "data/prepared"
 
     @model_validator(mode="after")
@@ -221,6 +224,14 @@ class VllmConfig(StrictModel):
 
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1, description="vLLM memory share (§5.1: 0.3).")] = 0.3
     tensor_parallel_size: Annotated[int, Field(ge=1, description="vLLM tensor parallel size (§5.1: 2).")] = 1
+    dtype: Annotated[
+        Literal["auto", "float32", "bfloat16", "float16"],
+        Field(description="dtype vLLM samples in; auto = the policy's parameter dtype (float32 on a CPU)."),
+    ] = "auto"
+    kv_cache_gb: Annotated[
+        float | None,
+        Field(gt=0, description="vLLM KV cache size in GiB; None = 2 on a CPU, gpu_memory_utilization on a GPU."),
+    ] = None
 
 
 class EngineConfig(StrictModel):
@@ -443,6 +454,41 @@ class TrainConfig(StrictModel):
             json_schema_extra=RESUME_NEUTRAL,
         ),
     ] = "ddp"
+    eval_every: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Validate every k steps, at step 0 and at the last step (0 = off): val/* metrics of the "
+            "policy on train.eval_set, before that step's update (docs/evaluation.md). Never changes what is "
+            "trained; the eval_* settings are part of the resume fingerprint only when this is on.",
+        ),
+    ] = 0
+    eval_set: Annotated[
+        str,
+        Field(
+            description="Validation prompts JSONL: by default the prepare stage's held-out split (training "
+            "distribution, instructions never trained on)."
+        ),
+    ] = "data/prepared/val.jsonl"
+    eval_prompts: Annotated[
+        int | None, Field(ge=1, description="Validate on the first k prompts of eval_set (None = all).")
+    ] = None
+    eval_samples: Annotated[
+        int, Field(ge=0, description="Samples per validation prompt at eval_temperature (0 = greedy only).")
+    ] = 4
+    eval_greedy: Annotated[bool, Field(description="Also score one greedy answer per prompt (val/greedy/*).")] = True
+    eval_temperature: Annotated[
+        float | None, Field(gt=0, description="Temperature of the validation samples (None = rollout.temperature).")
+    ] = None
+    eval_max_new_tokens: Annotated[
+        int | None, Field(ge=1, description="Max tokens of a validation answer (None = rollout.max_new_tokens).")
+    ] = None
+
+    @model_validator(mode="after")
+    def _validation_scores_something(self) -> TrainConfig:
+        if self.eval_every and not self.eval_samples and not self.eval_greedy:
+            raise ValueError("train.eval_every > 0 needs train.eval_samples > 0 or train.eval_greedy: true")
+        return self
 
 
 class EvaluateConfig(StrictModel):

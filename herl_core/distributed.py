@@ -1,4 +1,4 @@
-"""Data-parallel training through ``accelerate`` (issue 7; peers_and_conventions §3.2 rung L2).
+"""Data-parallel training through ``accelerate``, and the one seam the training step goes through for it.
 
 The train stage runs unchanged under ``accelerate launch --config_file configs/accelerate/ddp.yaml -m flows.cli
 train`` (NCCL on GPUs; with ``ACCELERATE_USE_CPU=true`` the same command runs W CPU processes on gloo, which is how
@@ -18,7 +18,13 @@ it is tested). With W processes, every step:
    metrics are all-reduced (summed) so every rank takes the same skip / stop decision on non-finite values;
 5. only rank 0 writes checkpoints, reports and tracking (``is_main``); the others wait at a barrier.
 
-``DataParallel.single()`` is the one-process case: every method is the identity and nothing imports accelerate.
+``DataParallel`` is the seam: the training step (herl_core/train.py) and the update (herl_core/update.py) call it at
+each of these points — ``share`` (this rank's prompts), ``gather_groups`` / ``gather_hindsight`` (the global batch
+before the advantage), ``share_batch`` (this rank's rows before the update), ``accumulate`` and ``backward`` (the
+gradient-sync hooks), ``gathered`` (FSDP's whole weights while generating), ``sum`` / ``min`` / ``whole`` (metrics
+and norms over ranks) — and never ask how many processes there are. ``DataParallel.single()`` is the one-process
+case: every one of these is the identity, and nothing imports accelerate. This module is the only place that tests
+the number of processes.
 
 FSDP (``train.parallel: fsdp``, or an accelerate config with ``distributed_type: FSDP``): the same steps, with the
 model sharded by torch's FSDP2 (``fully_shard`` on every decoder layer, then on the root), so each rank holds 1/W of
@@ -30,7 +36,7 @@ the parameters, gradients and AdamW moments — the training state that does not
   and optimizer state need not (veRL's HF rollout does the same);
 * every micro-batch reduce-scatters its gradients (FSDP2 averages over ranks, so loss·W gives the sum as in DDP);
   the ranks run the same number of micro-batches — a rank with fewer runs zero-weighted ones
-  (``pad_micro_batches``), since each forward/backward is a collective;
+  (``accumulate``), since each forward/backward is a collective;
 * checkpoints and the final policy are written from full state dicts gathered onto rank 0
   (``full_model_state``, ``full_optimizer_state``), in the one-process layout (optimizer keyed by parameter index),
   so a checkpoint resumes under 1 process, DDP or FSDP alike; resume loads each rank's shard from the full tensors
@@ -45,12 +51,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import torch
 
+from herl_core.hindsight.step import HindsightOutput, hindsight_metrics
+from herl_core.samples import Group
+
 T = TypeVar("T")
+B = TypeVar("B")
 
 
 def world_size_from_env() -> int:
@@ -101,6 +112,7 @@ class DataParallel:
         self.world = accelerator.num_processes if accelerator else 1
         self.strategy = strategy
         self._model: Any = None  # the FSDP root, once wrapped
+        self._per_minibatch = 1  # prompts per mini-batch (plan_batches)
 
     @classmethod
     def single(cls) -> DataParallel:
@@ -182,24 +194,101 @@ class DataParallel:
                 # FSDP2's defaults: blocks reshard after forward, the root does not (backward needs it at once)
                 unit.set_reshard_after_forward(unit is not self._model, recurse=False)
 
-    def param_share(self, model: Any) -> float:
-        """The fraction of the parameters' elements this rank stores (1.0 replicated; about 1/W under FSDP)."""
+    def metrics(self, model: Any) -> dict[str, float]:
+        """``dist/world_size`` and ``dist/param_share`` (the fraction of the parameters' elements this rank stores:
+        1.0 replicated, about 1/W under FSDP); none in one process."""
+        if self.world == 1:
+            return {}
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
-        return local / max(sum(p.numel() for p in model.parameters()), 1)
+        share = local / max(sum(p.numel() for p in model.parameters()), 1)
+        return {"dist/world_size": float(self.world), "dist/param_share": share}
 
-    def pad_micro_batches(self, micros: list[list[int]]) -> list[list[int]]:
-        """FSDP: ``micros`` padded with empty micro-batches to the most any rank has (every forward/backward is a
-        collective, so the ranks must run the same number). Unchanged otherwise."""
-        if not self.sharded:
-            return micros
-        most = torch.tensor([len(micros)], dtype=torch.int64)
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        return micros + [[] for _ in range(int(most.item()) - len(micros))]
+    @property
+    def load_device(self) -> str | None:
+        """Where a rank loads the policy: the CPU under W > 1 (``wrap`` moves each rank's copy to its own device,
+        not all onto cuda:0); None (the model's own choice) in one process."""
+        return "cpu" if self.world > 1 else None
 
-    def grad_norm(self, params: Any, max_norm: float) -> torch.Tensor:
-        """``clip_grad_norm_`` over all ranks' shards (FSDP: DTensor gradients; the norm comes back whole)."""
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    # ------------------------------------------------------------------------------------------------ the step's seam
+    def plan_batches(self, prompts_per_step: int, mini_batch_prompts: int) -> None:
+        """Fix how each step's prompts are shared (module doc, 1.); fails before any work when W ranks cannot share
+        mini-batches of ``mini_batch_prompts`` prompts."""
+        self._per_minibatch = mini_batch_prompts
+        if self.world > 1:
+            share_indices(prompts_per_step, mini_batch_prompts, 0, self.world)
+
+    def _mine(self, n: int) -> list[int]:
+        """The global indices of this rank's share of ``n`` step items (all of them in one process)."""
+        if self.world == 1:
+            return list(range(n))
+        return share_indices(n, self._per_minibatch, self.rank, self.world)
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This rank's share of the step's prompts (``share_indices``; all of them in one process)."""
+        return [items[i] for i in self._mine(len(items))]
+
+    def gather_groups(self, groups: list[Group]) -> list[Group]:
+        """Every rank's groups in global order, on every rank (``groups`` itself in one process; a copy otherwise,
+        so the hindsight step's in-place edits of ``groups`` are gathered again by ``gather_hindsight``)."""
+        if self.world == 1:
+            return groups
+        return interleave(self.gather(groups), self._per_minibatch)
+
+    def gather_hindsight(self, groups: list[Group], out: HindsightOutput) -> tuple[list[Group], HindsightOutput]:
+        """The global batch after the hindsight step edited this rank's ``groups``, and the ranks' hindsight outputs
+        merged in the one-process order (by global group), metrics recomputed on the global batch. In one process:
+        ``(groups, out)``."""
+        if self.world == 1:
+            return groups, out
+        everyone = self.gather_groups(groups)
+        mine = self._mine(len(everyone))
+        jobs = [replace(j, group=mine[j.group]) for j in out.jobs]  # local → global group index
+        parts = self.gather([(out.experiences, out.merges, jobs)])
+        position = {g.record.id: i for i, g in enumerate(everyone)}
+        experiences = sorted((e for p in parts for e in p[0][0]), key=lambda e: position[e.prompt_id])
+        merges = sorted((m for p in parts for m in p[0][1]), key=lambda m: position[m.prompt_id])
+        jobs = sorted((j for p in parts for j in p[0][2]), key=lambda j: j.group)
+        return everyone, HindsightOutput(
+            experiences, merges, hindsight_metrics(everyone, jobs, experiences, merges), jobs
+        )
+
+    def share_batch(self, batch: B) -> B:
+        """This rank's rows of the global training batch (``batch.select`` of its groups; mini-batch m keeps its
+        global normalisers), ``batch`` itself in one process."""
+        if self.world == 1:
+            return batch
+        return batch.select(self._mine(batch.n_groups))
+
+    def accumulate(self, model: Any, micros: list[list[int]], pad_token_id: int) -> Iterator[list[int]]:
+        """The micro-batches of one optimizer step, each yielded inside its gradient-sync context: DDP all-reduces on
+        the last one only (``no_sync`` before it); FSDP reduce-scatters on every one, and a rank with fewer
+        micro-batches than the busiest then runs zero-weighted forward/backward passes (each is a collective, so the
+        ranks must run the same number). In one process: ``micros`` as they are."""
+        if self.world == 1:
+            yield from micros
+            return
+        padding = 0
+        if self.sharded:  # agreed before any forward: the all-reduce must not interleave with FSDP's collectives
+            most = torch.tensor([len(micros)], dtype=torch.int64)
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+            padding = int(most.item()) - len(micros)
+        for k, micro in enumerate(micros):
+            with self.no_sync(model, sync=k == len(micros) - 1):
+                yield micro
+        pad = torch.full((1, 1), pad_token_id, device=next(model.parameters()).device)
+        for _ in range(padding):
+            (model(input_ids=pad).logits.sum() * 0.0).backward()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss`` (this rank's share of a global token-mean) times W: DDP and FSDP average the
+        gradients over the W ranks, so the result is the one-process gradient (module doc, 4.)."""
+        (loss * self.world).backward()
+
+    @staticmethod
+    def whole(value: Any) -> Any:
+        """A tensor computed over sharded (DTensor) parameters, as a plain tensor with every shard's contribution
+        (FSDP: the gradient norm); ``value`` itself otherwise."""
+        return value.full_tensor() if hasattr(value, "full_tensor") else value
 
     # ------------------------------------------------------------------------------------------------ FSDP state
     def full_model_state(self, model: Any) -> dict[str, torch.Tensor] | None:
@@ -271,6 +360,20 @@ class DataParallel:
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         torch.distributed.all_reduce(t)
         return dict(zip(keys, t.tolist(), strict=True))
+
+    def map(self, fn: Callable[[list[T]], list[Any]], items: Sequence[T]) -> list[Any]:
+        """``fn`` (one result per item) over a round-robin share of ``items`` on each rank (``items[rank::W]``), the
+        results gathered on every rank in the order of ``items``: ``fn(items)`` in one process."""
+        if self.world == 1:
+            return fn(list(items))
+        out: list[Any] = [None] * len(items)
+        for rank, part in enumerate(self.gather(fn(list(items[self.rank :: self.world])))):
+            out[rank :: self.world] = part
+        return out
+
+    def min(self, value: float) -> float:
+        """The smallest ``value`` over ranks."""
+        return min(v for part in self.gather([value]) for v in part)
 
     def no_sync(self, model: Any, sync: bool) -> contextlib.AbstractContextManager:
         """DDP: skip the gradient all-reduce of this backward unless ``sync`` (the last micro-batch of a mini-batch)."""

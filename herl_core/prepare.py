@@ -7,7 +7,10 @@ herl builds an offline stand-in (offline_models_and_data §1.1, §1.6):
   instruction ids and kwargs (``None`` kwargs dropped, as the reference reward does, §4.1);
 * train: base instructions (AlpacaEval's 805, a local / hub file, or a built-in synthetic set), each with
   ``k ∈ [min, max]`` IFEval constraints sampled from the registry and appended as sentences, IFEval style;
-* a disjointness proof: no training prompt or base instruction occurs in IFEval / IFBench.
+* val: ``val_prompts`` base instructions (at most a fifth of them) held out of training at random (seeded), with
+  constraints drawn the same way: prompts from the training distribution whose instructions never occur in training,
+  for validation during training (``train.eval_set``, herl_core/validate.py);
+* a disjointness proof: no training prompt or base instruction occurs in IFEval / IFBench or in val.
 
 Departures from the authors' data: the training set is IFEval-type constraints on AlpacaEval instructions, not
 HIR-16K; base instructions that overlap the held-out prompts are dropped (AlpacaEval's "What is the meaning of
@@ -36,6 +39,8 @@ from herl_core.records import PromptRecord, Rubric
 IFEVAL_FILE = "tasks/ifeval/data/input_data.jsonl"
 IFBENCH_FILE = "tasks/ifbench/data/IFBench_test.jsonl"
 ALPACA_FILE = "tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json"
+VAL_SEED_OFFSET = 1_000_003
+"""The validation prompts' constraints are drawn from ``random.Random(seed + VAL_SEED_OFFSET)``."""
 MAX_DRAW_ATTEMPTS = 50
 """Constraint draws per slot before giving up (a draw is redone when ``validate_rubric`` rejects it)."""
 
@@ -374,11 +379,32 @@ def _base_instructions(cfg: PrepareConfig) -> list[str]:
     return load_alpaca_instructions() if cfg.train_source == "alpaca_eval" else synthetic_instructions()
 
 
+def split_validation(instructions: Sequence[str], k: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train, val) base instructions: ``min(k, len // 5)`` instructions drawn at random (``random.Random`` seeded
+    by ``seed``, a stream of its own) are held out for validation; both keep the input order. Instructions are
+    assumed distinct (``_unique``)."""
+    n_val = min(k, len(instructions) // 5)
+    held = set(random.Random(f"{seed}/val").sample(range(len(instructions)), n_val))
+    train = [text for i, text in enumerate(instructions) if i not in held]
+    return train, [text for i, text in enumerate(instructions) if i in held]
+
+
+def build_val_set(
+    instructions: Sequence[str], seed: int, min_constraints: int, max_constraints: int
+) -> list[PromptRecord]:
+    """The validation prompts: ``build_train_set`` over the held-out instructions with a constraint stream of their
+    own (seeded by ``seed``), ids ``val-<sha1(prompt)[:12]>``, source ``val``."""
+    records = build_train_set(instructions, seed + VAL_SEED_OFFSET, min_constraints, max_constraints)
+    return [r.model_copy(update={"id": "val-" + r.id.removeprefix("train-"), "source": "val"}) for r in records]
+
+
 def run_prepare(cfg: PrepareConfig) -> dict:
-    """Write ``train.jsonl``, ``ifeval.jsonl``, ``ifbench.jsonl`` and ``report.json`` (last) under ``cfg.out_dir``.
+    """Write ``train.jsonl``, ``val.jsonl``, ``ifeval.jsonl``, ``ifbench.jsonl`` and ``report.json`` (last) under
+    ``cfg.out_dir``.
 
     Every file is written atomically. Base instructions that overlap a held-out prompt are dropped before sampling
-    (counted in the report); the result is then checked with ``assert_disjoint``.
+    (counted in the report); ``cfg.val_prompts`` of the rest are held out for validation (``split_validation``). The
+    training set is then checked against IFEval, IFBench and val with ``assert_disjoint``.
     """
     from herl_core.rewards.constraints import validate_rubric
 
@@ -389,8 +415,11 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             validate_rubric(rubric, prompt=rec.prompt, allow_replaced=True, allow_ifbench=True)
     heldout = [rec for recs in splits.values() for rec in recs]
     kept, dropped = drop_overlapping(_unique(_base_instructions(cfg)), heldout)
+    kept, held_out = split_validation(kept, cfg.val_prompts, cfg.seed)
     train = build_train_set(kept, cfg.seed, cfg.min_constraints, cfg.max_constraints, cfg.n_train)
-    assert_disjoint(train, heldout)
+    splits["val"] = build_val_set(held_out, cfg.seed, cfg.min_constraints, cfg.max_constraints)
+    assert_disjoint(train, [rec for recs in splits.values() for rec in recs])
+    assert_disjoint(splits["val"], heldout)
     out = Path(cfg.out_dir)
     write_jsonl_atomic(out / "train.jsonl", train)
     for name, recs in splits.items():

@@ -40,7 +40,7 @@ def _by_prompt(rows: Sequence[RolloutRecord]) -> dict[str, list[RolloutRecord]]:
     return out
 
 
-def _type_pass_rates(verdict_lists: Sequence[Sequence[Verdict]]) -> dict[str, dict[str, float | int]]:
+def type_pass_rates(verdict_lists: Sequence[Sequence[Verdict]]) -> dict[str, dict[str, float | int]]:
     """{type: {n, passed, rate}} over every scorable verdict."""
     out: dict[str, dict[str, float | int]] = {}
     for verdicts in verdict_lists:
@@ -62,7 +62,7 @@ def rollout_summary(rows: Sequence[RolloutRecord]) -> dict:
     flat = 0
     for members in groups.values():
         s = [r.reward.score for r in members if r.reward.score is not None]
-        flat += len(s) < 2 or max(s) - min(s) < 1e-12  # same rule as train.frac_zero_std
+        flat += len(s) < 2 or max(s) - min(s) < 1e-12  # same rule as rollout.groups.frac_zero_std
     n = len(groups)
     return {
         "prompts": n,
@@ -74,7 +74,7 @@ def rollout_summary(rows: Sequence[RolloutRecord]) -> dict:
         "failed_group_frac": sum(is_failed([r.reward.dense for r in m], REFERENCE_THRESHOLD) for m in groups.values())
         / n,
         "truncated_frac": sum(not r.finished for r in rows) / len(rows),
-        "per_type": _type_pass_rates([r.reward.verdicts for r in rows]),
+        "per_type": type_pass_rates([r.reward.verdicts for r in rows]),
     }
 
 

@@ -11,7 +11,8 @@ the tracking run that wrote it. ``resume_point(cfg)`` reads the newest checkpoin
 
 The fingerprint hashes what a training step depends on: the sections train reads (``TRAIN_SECTIONS``) minus the
 fields marked ``RESUME_NEUTRAL`` in herl_core/config.py (run length, paths, threads), the bytes of ``train.data``
-and the herl_core source.
+(and of ``train.eval_set`` when validation is on: a run's logged ``val/*`` belong to one validation set) and the
+herl_core source.
 """
 
 from __future__ import annotations
@@ -54,8 +55,13 @@ def train_fingerprint(cfg: Config) -> str:
         values = getattr(cfg, section)
         neutral = resume_neutral(type(values))
         tree[section] = {k: v for k, v in values.model_dump(mode="json").items() if k not in neutral}
+    if not cfg.train.eval_every:  # validation off: its other knobs change nothing the run computes or logs
+        tree["train"] = {k: v for k, v in tree["train"].items() if not k.startswith("eval_")}
     data = Path(cfg.train.data)
     tree["data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest() if data.is_file() else None
+    if cfg.train.eval_every:  # the validation metrics the run logs depend on the validation prompts
+        val = Path(cfg.train.eval_set)
+        tree["eval_set_sha256"] = hashlib.sha256(val.read_bytes()).hexdigest() if val.is_file() else None
     code = hashlib.sha256()
     package = Path(__file__).parent
     for source in sorted(package.rglob("*.py")):

@@ -5,12 +5,12 @@ subcommands, flows/, dvc.yaml and the MLflow child runs). Each function returns 
 half-written output; each stage folder holds ``metrics.json``, its headline numbers (``headline``: the stage's DVC
 metric), beside the detailed summary. Outputs (docs/pipeline.md):
 
-* prepare   → ``prepare.out_dir``/{train,ifeval,ifbench}.jsonl, report.json, metrics.json
+* prepare   → ``prepare.out_dir``/{train,val,ifeval,ifbench}.jsonl, report.json, metrics.json
 * rollout   → ``probe.rollout_dir``/rollouts.jsonl (RolloutRecord), summary.json, metrics.json    (spec §3.2-3.3)
 * hindsight → ``probe.hindsight_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json, metrics.json
   (spec §3.4-3.9)
-* train     → ``train.out_dir`` (policy), ``train.report_dir``/*.jsonl, steps.csv (the DVC plot), summary.json,
-  metrics.json (spec §3.15)
+* train     → ``train.out_dir`` (policy), ``train.report_dir``/*.jsonl, steps.csv (the DVC plots), val.csv (with
+  validation), summary.json, metrics.json (spec §3.15)
 * evaluate  → ``evaluate.out_dir``/<benchmark>/{metrics,per_type}.json, samples.jsonl, metrics.json (flat, the
   headline itself)  (spec §3.14)
 
@@ -81,7 +81,8 @@ def check_prompt_lengths(path: str | Path, prompts: list[PromptRecord], tokenize
 def check_inputs(cfg: Config, stages: list[str] | tuple[str, ...]) -> None:
     """Validate what ``stages`` (run in this order) read from outside, before any tracking run is opened, so that bad
     input writes nothing (not even a FAILED run): the model sources (``check_model_source``), the training prompts
-    (``load_prompts``) and their encoded lengths (``check_prompt_lengths``), the rollouts the hindsight stage reads,
+    (``load_prompts``) and their encoded lengths (``check_prompt_lengths``), train's validation prompts
+    (``train.eval_set``, when ``train.eval_every`` is on), the rollouts the hindsight stage reads,
     the benchmark files evaluate scores. What an earlier stage of the list writes is not checked (the pipeline's
     prepare writes ``train.data``, its train the policy evaluate scores). Raises ``DataError`` / ``ModelSourceError``.
     """
@@ -97,6 +98,7 @@ def check_inputs(cfg: Config, stages: list[str] | tuple[str, ...]) -> None:
         return model_cfg
 
     prepared = "prepare" in stages and Path(cfg.train.data).parent == Path(cfg.prepare.out_dir)
+    val_prepared = "prepare" in stages and Path(cfg.train.eval_set).parent == Path(cfg.prepare.out_dir)
     for stage in stages:
         if stage in ("rollout", "hindsight", "train"):
             model_cfg = model(cfg.model if stage == "train" else policy_config(cfg, cfg.probe.policy))
@@ -104,6 +106,9 @@ def check_inputs(cfg: Config, stages: list[str] | tuple[str, ...]) -> None:
                 prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
                 used = prompts if stage == "train" else prompts[: cfg.probe.prompts]
                 check_prompt_lengths(cfg.train.data, used, load_tokenizer(model_cfg), cfg.rollout)
+            if stage == "train" and cfg.train.eval_every and not val_prepared:
+                val = load_val_prompts(cfg)[: cfg.train.eval_prompts]
+                check_prompt_lengths(cfg.train.eval_set, val, load_tokenizer(model_cfg), cfg.rollout)
             if stage == "hindsight" and "rollout" not in made:
                 source = Path(cfg.probe.rollout_dir) / "rollouts.jsonl"
                 if not source.is_file():
@@ -122,7 +127,7 @@ HEADLINE_FILE = "metrics.json"
 """Each stage's headline numbers in its output folder: its DVC metric (``dvc metrics show``, ``dvc exp show``)."""
 
 HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
-    "prepare": ("train/prompts", "train/constraints", "ifeval/prompts", "ifbench/prompts",
+    "prepare": ("train/prompts", "train/constraints", "val/prompts", "ifeval/prompts", "ifbench/prompts",
                 "dropped_overlapping_instructions", "disjoint"),
     "rollout": ("prompts", "samples", "reward/mean", "reward/frac_zero_std", "reward/failed_calls", "pass_at_G",
                 "failed_group_frac", "truncated_frac"),
@@ -130,7 +135,7 @@ HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
                   "herl/over_prev_best_rate", "herl/bonus_mean", "herl/rewrite_fully_correct_rate"),
     "train": ("steps", "reward/mean_first", "reward/mean", "reward/frac_zero_std_first", "reward/frac_zero_std",
               "herl/rewrite_success_rate_first", "herl/rewrite_success_rate", "herl/bonus_mean", "actor/loss",
-              "perf/step_s_mean"),
+              "val/reward_mean_first", "val/reward_mean", "perf/step_s_mean"),
 }  # fmt: skip
 """The headline numbers of each stage (evaluate: ``EVAL_HEADLINE`` per benchmark). A name means the same thing in
 every stage that has it: train's unsuffixed ``reward/mean`` etc. are the last step's values (``_first``: step 0's),
@@ -156,6 +161,7 @@ def headline(stage: str, summary: dict) -> dict:
             "herl/rewrite_success_rate",
             "herl/bonus_mean",
             "actor/loss",
+            "val/reward_mean",
         ):
             flat[key] = summary.get(f"{key}_last")
     elif stage == "evaluate":
@@ -164,27 +170,53 @@ def headline(stage: str, summary: dict) -> dict:
     return {k: flat[k] for k in HEADLINE_KEYS[stage] if flat.get(k) is not None}
 
 
-def write_step_table(steps_jsonl: Path, out: Path) -> None:
-    """``reports/train/steps.jsonl`` as a CSV (``step`` first, then every metric in order of first appearance): the
-    train stage's DVC plot file (DVC plots read CSV, JSON, YAML and TSV, not JSON lines)."""
+STEP_TABLE, VAL_TABLE = "steps.csv", "val.csv"
+"""The train stage's per-step tables in ``train.report_dir`` (DVC plots read CSV, JSON, YAML and TSV, not JSON lines):
+every step with every metric (a ``val/*`` cell is empty on a step that did not validate), and the validation steps
+only with their ``val/*`` metrics (written when ``train.eval_every`` is on), so that their curves are unbroken lines."""
+
+
+def write_step_tables(report_dir: Path) -> None:
+    """``report_dir``/steps.jsonl as ``STEP_TABLE`` and ``VAL_TABLE`` (``step`` first, then every metric in order of
+    first appearance). Without validation points no ``VAL_TABLE`` is left behind (an earlier run's is removed)."""
+    rows = _read_history(report_dir / "steps.jsonl")
+    write_text_atomic(report_dir / STEP_TABLE, _csv(rows))
+    val = [{k: v for k, v in row.items() if k == "step" or k.startswith("val/")} for row in rows]
+    val = [row for row in val if len(row) > 1]
+    if val:
+        write_text_atomic(report_dir / VAL_TABLE, _csv(val))
+    else:
+        (report_dir / VAL_TABLE).unlink(missing_ok=True)
+
+
+def _csv(rows: list[dict]) -> str:
     import csv
     import io
 
-    rows = _read_history(steps_jsonl)
     columns = list(dict.fromkeys(["step", *(k for row in rows for k in row)]))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(out, text.getvalue())
+    return text.getvalue()
+
+
+def load_val_prompts(cfg: Config) -> list[PromptRecord]:
+    """The validation prompts of the train stage (``train.eval_set``; the trainer keeps the first
+    ``train.eval_prompts``), none when ``train.eval_every`` is 0. Any constraint id is accepted (IFBench's too):
+    validation never trains on them."""
+    if not cfg.train.eval_every:
+        return []
+    return load_prompts(cfg.train.eval_set, allow_ifbench=True)
 
 
 def summarise(history: list[dict]) -> dict[str, float]:
-    """First / last / mean over the steps of the main per-step metrics: the train stage's summary.json (its
-    ``metrics.json`` is ``headline("train", ...)`` of it)."""
+    """First / last / mean over the steps of the main per-step metrics (validation metrics over the steps that
+    validated): the train stage's summary.json (its ``metrics.json`` is ``headline("train", ...)`` of it)."""
     if not history:
         return {}
-    keys = ["reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate", "herl/bonus_mean", "actor/loss"]
+    keys = ["reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate", "herl/bonus_mean", "actor/loss",
+            "val/reward_mean", "val/all_met_frac", "val/greedy/reward_mean", "val/greedy/all_met_frac"]  # fmt: skip
     out: dict[str, float] = {"steps": float(len(history))}
     for k in keys:
         vals = [h[k] for h in history if k in h]
@@ -219,10 +251,12 @@ def run_train(
     kwargs = dict(trainer_kwargs or {})
     dp = kwargs.pop("dp", None) or DataParallel.from_env(cfg.train.parallel)
     prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
+    val_prompts = load_val_prompts(cfg)
     report = JsonlSink(cfg.train.report_dir) if dp.is_main else None  # rank 0 writes reports and tracks
     sinks = [x for x in (report, sink if dp.is_main else None) if x is not None]
-    trainer = Trainer(cfg, prompts, sink=MultiSink(*sinks), dp=dp, **kwargs)
+    trainer = Trainer(cfg, prompts, sink=MultiSink(*sinks), dp=dp, val_prompts=val_prompts, **kwargs)
     check_prompt_lengths(cfg.train.data, prompts, trainer.tokenizer, cfg.rollout)  # before anything is written
+    check_prompt_lengths(cfg.train.eval_set, trainer.val_prompts, trainer.tokenizer, cfg.rollout)
     point = resume_point(cfg, resume)  # the same decision the tracker made when it chose the run
     resumed = point.checkpoint is not None and trainer.resume(cfg.train.checkpoint_dir)
     with dp.main_first() as main:  # every rank has decided before rank 0 drops anything
@@ -242,7 +276,7 @@ def run_train(
             with atomic_dir(cfg.train.out_dir) as tmp:
                 save_checkpoint_weights(trainer.model, trainer.tokenizer, tmp, state_dict=weights)
             report_dir = Path(cfg.train.report_dir)
-            write_step_table(report_dir / "steps.jsonl", report_dir / "steps.csv")
+            write_step_tables(report_dir)
             write_json_atomic(report_dir / "summary.json", summary)
             write_json_atomic(report_dir / HEADLINE_FILE, headline("train", summary))
     return summary

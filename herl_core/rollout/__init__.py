@@ -12,7 +12,8 @@ __all__ = ["Generation", "RolloutEngine", "SamplingParams", "make_engine"]
 
 
 def make_engine(cfg: EngineConfig, model: Any, tokenizer: Any, seed: int = 0) -> RolloutEngine:
-    """The engine of ``cfg.backend``: ``hf`` shares ``model``; ``vllm`` serves a saved copy of it (GPU only).
+    """The engine of ``cfg.backend``: ``hf`` shares ``model``; ``vllm`` serves a copy of it in vLLM's processes,
+    kept in step with ``model`` by ``sync_weights`` (CPU or GPU; herl_core/rollout/vllm.py).
     ``cfg.workers > 0``: a ``RayEngine`` whose workers each run that backend on a saved copy of ``model``."""
     if cfg.backend not in ("hf", "vllm"):
         raise ValueError(f"rollout.engine.backend: unknown engine {cfg.backend!r} (known: hf, vllm)")
@@ -26,10 +27,4 @@ def make_engine(cfg: EngineConfig, model: Any, tokenizer: Any, seed: int = 0) ->
         return HFEngine.from_config(cfg, model, tokenizer)
     from herl_core.rollout.vllm import VLLMEngine
 
-    return VLLMEngine(
-        model,
-        tokenizer,
-        gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
-        tensor_parallel_size=cfg.vllm.tensor_parallel_size,
-        seed=seed,
-    )
+    return VLLMEngine.from_config(cfg, model, tokenizer, seed=seed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 def stable_key(*parts: object) -> int:
@@ -18,6 +18,17 @@ def stable_key(*parts: object) -> int:
     (unlike ``hash``): the random key of a prompt (its record id) or of a rewrite job (prompt id, draft index)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def default_eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids an engine stops on: the tokenizer's EOS and the model's generation-config EOS (one or a list)."""
+    ids = [tokenizer.eos_token_id]
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token; pass eos_token_ids")
+    return ids
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Groups of G sampled responses with their rewards (spec §3.1-3.3): sampled through an engine, or rebuilt from a
-rollouts JSONL. One implementation for the online loop (``Trainer.rollout``) and the offline ``rollout`` /
-``hindsight`` stages.
+rollouts JSONL, and the ``reward/*`` metrics of a batch of groups. One implementation for the online loop
+(``Trainer.step``), its validation (herl_core/validate.py) and the offline ``rollout`` / ``hindsight`` stages.
 
 Rebuilding a group from ``rollouts.jsonl`` (the ``hindsight`` stage): the prompt ids are re-encoded with the chat
 template (§3.1) and the completion ids are re-tokenised from the response text, plus EOS when the sample finished.
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from herl_core.config import RolloutConfig
 from herl_core.io import DataError
 from herl_core.models import encode_prompt
@@ -21,10 +23,13 @@ from herl_core.rewards.base import RewardFn
 from herl_core.rollout.base import RolloutEngine, SamplingParams, stable_key
 from herl_core.samples import Group, Sample
 
+ROLLOUT_PHASE, HINDSIGHT_PHASE, VALIDATION_PHASE = 0, 1, 2
+"""The ``phase`` of ``call_seed``: a step's rollout, its hindsight rewrites, and validation (herl_core/validate.py)."""
+
 
 def call_seed(seed: int, step: int, phase: int) -> int:
     """A distinct, reproducible sampling seed per (run seed, step, phase): resume replays the same samples.
-    Phases: 0 = rollout, 1 = hindsight rewrites."""
+    Phases: 0 = rollout, 1 = hindsight rewrites, 2 = validation (no (step, phase) pair shares a seed)."""
     return (seed * 1_000_003 + step * 16 + phase) % (2**31 - 1)
 
 
@@ -68,6 +73,32 @@ def sample_groups(
         ]  # fmt: skip
         groups.append(Group(rec, list(prompt_ids[i]), samples))
     return groups
+
+
+def frac_zero_std(groups: Sequence[Group]) -> float:
+    """Fraction of groups whose scored rewards are all equal (no GRPO signal; TRL's frac_reward_zero_std)."""
+    flat = 0
+    for g in groups:
+        scores = [s for s in g.scores if s is not None]
+        flat += len(scores) < 2 or max(scores) - min(scores) < 1e-12
+    return flat / max(len(groups), 1)
+
+
+def reward_metrics(groups: Sequence[Group]) -> dict[str, float]:
+    """``reward/*`` and ``rollout/*`` of a step's sampled groups (docs/metrics.md)."""
+    scores = [s.score for g in groups for s in g.samples if s.score is not None]
+    n_all = sum(len(g.samples) for g in groups)
+    return {
+        "reward/mean": float(np.mean(scores)) if scores else float("nan"),
+        "reward/max_group_mean": float(
+            np.mean([max((x for x in g.scores if x is not None), default=0) for g in groups])
+        ),
+        "reward/frac_zero_std": frac_zero_std(groups),
+        "reward/all_met_frac": float(np.mean([s >= 1.0 for s in scores])) if scores else 0.0,
+        "reward/failed_calls": float(n_all - len(scores)),
+        "rollout/response_len": float(np.mean([len(s.completion_ids) for g in groups for s in g.samples])),
+        "rollout/truncated_frac": float(np.mean([not s.finished for g in groups for s in g.samples])),
+    }
 
 
 def rollout_records(groups: Sequence[Group], step: int | None) -> list[RolloutRecord]:

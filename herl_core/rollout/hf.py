@@ -65,7 +65,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from herl_core.rollout.base import Generation, SamplingParams, stable_key
+from herl_core.rollout.base import Generation, SamplingParams, default_eos_ids, stable_key
 from herl_core.rollout.packed import packed_linears
 
 
@@ -250,13 +250,10 @@ class HFEngine:
         )
 
     def _default_eos(self) -> list[int]:
-        ids = [self.tokenizer.eos_token_id]
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
-        ids = list(dict.fromkeys(i for i in ids if i is not None))
-        if not ids:
-            raise ValueError("HFEngine: the tokenizer has no EOS token; pass eos_token_ids")
-        return ids
+        try:
+            return default_eos_ids(self.model, self.tokenizer)
+        except ValueError as exc:
+            raise ValueError(f"HFEngine: {exc}") from exc
 
     def sync_weights(self) -> None:
         """No-op: the engine samples from the training model itself."""

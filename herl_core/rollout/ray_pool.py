@@ -17,12 +17,12 @@ rebuilds its engine from ``load_policy`` on that folder, the driver waits for al
 previous version's folder. ``rollout.engine.weights_dir`` must be storage every node can read when the cluster has
 more than one node; None = a temporary folder, removed by ``shutdown()`` (or at exit). Cost: one save per sync plus
 one load per worker (a few seconds for SmolLM2-135M); NCCL or object-store transfer would be faster but ties the
-workers to the trainer's process layout. With vLLM the worker's ``VLLMEngine`` saves the loaded model once more into
-its own folder (its only public constructor takes a model), so a vLLM sync writes the weights twice.
+workers to the trainer's process layout. With vLLM the worker keeps its ``VLLMEngine`` and loads each new version into
+it in place (``VLLMEngine.sync_weights``, through shared memory on the worker's node), so vLLM starts once per worker.
 
 Ray is imported lazily: herl_core imports without it; building a ``RayEngine`` without it raises ImportError with the
-install hint. ``rollout.engine.ray_address`` joins an existing cluster (the workers must be able to import herl
-there); None starts a local one sized for the workers, unless Ray is already initialised in this process.
+install hint. ``rollout.engine.ray_address`` joins an existing cluster (the workers must be able to import herl there);
+None starts a local one sized for the workers, unless Ray is already initialised in this process.
 """
 
 from __future__ import annotations
@@ -77,47 +77,39 @@ class RolloutWorker:
 
     def __init__(self, cfg: EngineConfig, seed: int, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.cfg, self.seed, self.engine, self.vllm_dir = cfg, seed, None, None
+        self.cfg, self.seed, self.engine = cfg, seed, None
 
     def load(self, folder: str, dtype: str) -> str:
         """Drop the current engine, then build one from the checkpoint in ``folder``. Returns ``folder``."""
         from herl_core.config import ModelConfig
         from herl_core.models import load_policy
 
-        self.engine = None
+        vllm = self.cfg.backend == "vllm"
+        if not (vllm and self.engine is not None):
+            self.engine = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        vllm = self.cfg.backend == "vllm"
         device = "cuda" if self.cfg.worker_gpus > 0 and torch.cuda.is_available() and not vllm else "cpu"
         model, tok = load_policy(ModelConfig(name_or_path=folder, dtype=dtype), device=device)
-        if vllm:
-            self.engine = self._vllm_engine(model, tok)
+        if vllm and self.engine is not None:  # the running vLLM engine takes the new weights in place
+            self.engine.model = model
+            self.engine.sync_weights()
+        elif vllm:
+            from herl_core.rollout.vllm import VLLMEngine
+
+            self.engine = VLLMEngine.from_config(self.cfg, model, tok, seed=self.seed)
         else:
             from herl_core.rollout.hf import HFEngine
 
             self.engine = HFEngine.from_config(self.cfg, model, tok)
         return folder
 
-    def _vllm_engine(self, model: Any, tok: Any) -> Any:
-        """A ``VLLMEngine`` in a fresh worker-local folder; the previous engine's folder is deleted."""
-        from herl_core.rollout.vllm import VLLMEngine
-
-        if self.vllm_dir is not None:
-            shutil.rmtree(self.vllm_dir, ignore_errors=True)
-        self.vllm_dir = tempfile.mkdtemp(prefix="herl-ray-vllm-")
-        c = self.cfg
-        return VLLMEngine(
-            model, tok, c.vllm.gpu_memory_utilization, c.vllm.tensor_parallel_size, seed=self.seed,
-            work_dir=self.vllm_dir,
-        )  # fmt: skip
-
     def close(self) -> None:
-        """Drop the engine and the worker-local vLLM folder (before the actor is killed)."""
-        self.engine = None
-        if self.vllm_dir is not None:
-            shutil.rmtree(self.vllm_dir, ignore_errors=True)
-            self.vllm_dir = None
+        """Drop the engine, stopping a vLLM engine's processes (before the actor is killed)."""
+        engine, self.engine = self.engine, None
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Generation]:
         """The worker engine's generations of its shard, prompt-major."""

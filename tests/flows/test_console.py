@@ -26,6 +26,11 @@ def test_a_step_line_has_the_0_based_step_the_progress_and_the_headline_metrics(
     assert len(line) < 100
     grpo = {k: v for k, v in STEP.items() if not k.startswith("herl/")}  # hindsight off: no rewrite column
     assert con.step_line(1, 4, grpo) == "[1/4] step 0  reward 0.208  zero-std 1.000  loss 0.00123  52.1 s/step"
+    # a validation step (train.eval_every) adds the validation reward; the other val/* stay in the logs
+    val = {**STEP, "val/reward_mean": 0.3125, "val/greedy/reward_mean": 0.5, "val/all_met_frac": 0.0}
+    line = con.step_line(1, 4, val)
+    assert line == ("[1/4] step 0  reward 0.208  zero-std 1.000  rewrite-success 0.250  loss 0.00123  val-reward 0.312"
+                    "  52.1 s/step")  # fmt: skip
 
 
 def test_progress_in_a_log_file_is_one_plain_line_per_step_with_its_eta(monkeypatch):
@@ -82,9 +87,10 @@ def test_evaluate_progress_is_per_benchmark_and_batch():
 @pytest.mark.parametrize(
     "stage, headline, expected",
     [
-        ("prepare", {"train/prompts": 16, "train/constraints": 36, "ifeval/prompts": 541, "ifbench/prompts": 300,
-                     "dropped_overlapping_instructions": 0, "disjoint": True},
-         "16 training prompts (36 constraints); held out: IFEval 541, IFBench 300 prompts; disjoint: yes"),
+        ("prepare", {"train/prompts": 16, "train/constraints": 36, "val/prompts": 4, "ifeval/prompts": 541,
+                     "ifbench/prompts": 300, "dropped_overlapping_instructions": 0, "disjoint": True},
+         "16 training prompts (36 constraints); held out: validation 4, IFEval 541, IFBench 300 prompts; "
+         "disjoint: yes"),
         ("rollout", {"prompts": 8, "samples": 32, "reward/mean": 0.25, "reward/frac_zero_std": 0.5, "pass_at_G": 0.125,
                      "failed_group_frac": 1.0, "truncated_frac": 0.0},
          "8 prompts × 4 samples: reward 0.250, pass@G 0.125, groups without signal 0.500, truncated 0.000"),
@@ -95,6 +101,11 @@ def test_evaluate_progress_is_per_benchmark_and_batch():
                    "reward/frac_zero_std": 0.5, "herl/rewrite_success_rate_first": 0.2,
                    "herl/rewrite_success_rate": 0.667, "perf/step_s_mean": 53.04},
          "4 steps, reward 0.200 → 0.300, rewrite success 0.200 → 0.667, groups without signal 1.000 → 0.500, "
+         "53.0 s/step"),
+        ("train", {"steps": 4.0, "reward/mean_first": 0.2, "reward/mean": 0.3, "reward/frac_zero_std_first": 1.0,
+                   "reward/frac_zero_std": 0.5, "val/reward_mean_first": 0.125, "val/reward_mean": 0.25,
+                   "perf/step_s_mean": 53.04},
+         "4 steps, reward 0.200 → 0.300, groups without signal 1.000 → 0.500, validation reward 0.125 → 0.250, "
          "53.0 s/step"),
         ("evaluate", {"policy": "models/policy", "policy_fallback": False, "ifbench/prompt_strict": 0.025,
                       "ifbench/inst_strict": 0.047, "ifbench/n_prompts_scored": 38, "ifeval/prompt_strict": 0.15,

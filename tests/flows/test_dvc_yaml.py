@@ -127,8 +127,8 @@ def test_the_closure_follows_lazy_imports_helpers_and_packages():
     train = stage_closure("train")
     # inside functions: the Ray pool and vLLM engines are imported lazily by make_engine
     assert {"herl_core/rollout/ray_pool.py", "herl_core/rollout/vllm.py"} <= train
-    # the trainer's own imports: clipping and memory trimming
-    assert {"herl_core/distributed.py", "herl_core/memory.py", "herl_core/resume.py"} <= train
+    # the trainer's own imports: the update (with the clipping), the data-parallel seam, memory trimming
+    assert {"herl_core/update.py", "herl_core/distributed.py", "herl_core/memory.py", "herl_core/resume.py"} <= train
     # a helper of stages.py: load_prompts imports the constraint checkers lazily
     assert "herl_core/rewards/constraints.py" in stage_closure("evaluate")
     # package files run on import

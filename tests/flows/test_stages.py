@@ -192,6 +192,26 @@ def test_train_fingerprint_ignores_run_length_but_not_hindsight_settings(tmp_pat
     assert train_fingerprint(load_params(ROOT / "params.yaml", overrides=base)) != fp
 
 
+def test_train_fingerprint_holds_the_validation_settings_only_when_validation_is_on(tmp_path):
+    """A run's val/* curves belong to one validation setup: with train.eval_every > 0 its knobs and the bytes of
+    train.eval_set are part of the fingerprint (another setup starts fresh); with validation off they change
+    nothing."""
+    data, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    data.write_text("{}\n")
+    val.write_text("{}\n")
+    base = ["profile=tiny", f"train.data={data}", f"train.eval_set={val}"]
+
+    def fingerprint(*over: str) -> str:
+        return train_fingerprint(load_params(ROOT / "params.yaml", overrides=[*base, *over]))
+
+    off = fingerprint()
+    assert fingerprint("train.eval_samples=2") == fingerprint("train.eval_prompts=3") == off
+    on = fingerprint("train.eval_every=2")
+    assert on != off and fingerprint("train.eval_every=2", "train.eval_samples=2") != on
+    val.write_text("{}\n{}\n")  # another validation set
+    assert fingerprint("train.eval_every=2") != on and fingerprint() == off
+
+
 def test_stage_names_agree_between_dvc_yaml_cli_and_params():
     import yaml
 

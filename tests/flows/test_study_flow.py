@@ -185,7 +185,9 @@ def test_register_adds_the_study_command():
     def other() -> None:  # a second command, so typer keeps subcommand names
         pass
 
-    fs.register(app)
+    from flows.study_cli import register
+
+    register(app)
     result = CliRunner().invoke(app, ["study", "--help"])
     assert result.exit_code == 0
     for option in ("--study", "--profile", "--arms", "--seeds"):

@@ -1,7 +1,7 @@
 """Data-parallel training (herl_core/distributed.py): the share arithmetic by hand, and the real thing —
 ``herl train`` under ``accelerate launch --config_file configs/accelerate/ddp.yaml`` (2 processes; on CPU with
 ACCELERATE_USE_CPU=true accelerate picks gloo) against one process on the same global batch: same per-step metrics,
-same final weights (equal up to float rounding: see RUN_MARGIN).
+same final weights (equal up to float rounding: see RUN_MARGIN), the same validation metrics.
 
 Run: .venv/bin/pytest tests/herl_core/test_distributed.py
 """
@@ -21,16 +21,25 @@ import torch
 
 from herl_core.config import load_params
 from herl_core.distributed import DataParallel, interleave, share_indices
+from herl_core.records import PromptRecord, Rubric
 from herl_core.stages import run_train
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # 4 prompts per step in 2 mini-batches of 2 (so π_old comes from a no-grad pass and each step makes 2 updates);
-# micro-batches of 3 sequences: ranks hold 4-5 sequences per mini-batch, so they run unequal micro-batch splits
+# micro-batches of 3 sequences: ranks hold 4-5 sequences per mini-batch, so they run unequal micro-batch splits;
+# validation at every step on 3 held-out prompts (the ranks answer 2 and 1 of them: an uneven share, gathered back)
 OVERRIDES = [
     "train.steps=2", "train.prompts_per_step=4", "train.mini_batch_prompts=2", "train.micro_batch_size=3",
     "train.lr=1e-3", "rollout.n=4", "rollout.max_new_tokens=8", "hindsight.rewrite_max_new_tokens=8",
-    "tracking.log_model=false", "train.seed=7",
+    "tracking.log_model=false", "train.seed=7", "train.eval_every=1", "train.eval_samples=2",
+]  # fmt: skip
+VAL_PROMPTS = [
+    PromptRecord(id=f"v{i}", prompt=p, rubrics=[Rubric(id=c)])
+    for i, (p, c) in enumerate(
+        [("Write about snow.", "change_case:english_lowercase"), ("Name a bird.", "punctuation:no_comma"),
+         ("Describe a mountain.", "change_case:english_capital")]
+    )
 ]  # fmt: skip
 
 
@@ -47,10 +56,22 @@ def test_share_indices_and_interleave_by_hand():
 
 
 def test_single_process_is_the_identity():
+    """Every seam the step and the update call is the identity in one process (so they need no process test)."""
     dp = DataParallel.single()
+    dp.plan_batches(prompts_per_step=3, mini_batch_prompts=2)  # would not share over 2 ranks; one process takes all
     model = torch.nn.Linear(2, 2)
     assert (dp.rank, dp.world, dp.is_main) == (0, 1, True) and dp.wrap(model) is model
     assert dp.gather([1, 2]) == [[1, 2]] and dp.sum({"a": 1.5}) == {"a": 1.5}
+    items = ["a", "b", "c"]
+    assert dp.share(items) == items and dp.map(lambda xs: [x * 2 for x in xs], items) == ["aa", "bb", "cc"]
+    groups, out, batch = [object()], object(), object()
+    assert dp.gather_groups(groups) is groups and dp.gather_hindsight(groups, out) == (groups, out)
+    assert dp.share_batch(batch) is batch
+    assert list(dp.accumulate(model, [[0, 1], [2]], pad_token_id=0)) == [[0, 1], [2]]
+    assert dp.min(0.5) == 0.5 and dp.whole(torch.tensor(2.0)) == 2.0
+    assert dp.metrics(model) == {} and dp.load_device is None
+    dp.backward((model.weight**2).sum())  # the plain gradient: d/dw Σ w² = 2w
+    assert torch.equal(model.weight.grad, 2 * model.weight.detach())
 
 
 def free_port() -> int:
@@ -72,6 +93,7 @@ def policy_weights(folder: Path) -> dict[str, torch.Tensor]:
 KEYS = [
     "reward/mean", "reward/frac_zero_std", "herl/drafts", "herl/rewrites", "herl/rewrite_success_rate",
     "herl/guided_merged", "actor/loss", "actor/pg_loss", "actor/grad_norm", "actor/clipfrac", "actor/updates",
+    "val/reward_mean", "val/pass_at_k", "val/response_len", "val/greedy/reward_mean", "val/greedy/response_len",
 ]  # fmt: skip
 
 
@@ -79,7 +101,7 @@ def run_dir(root: Path, name: str) -> list[str]:
     return [
         f"train.data={root / 'train.jsonl'}", f"train.out_dir={root / name / 'policy'}",
         f"train.checkpoint_dir={root / name / 'ckpt'}", f"train.report_dir={root / name / 'reports'}",
-        f"model.name_or_path={root / 'peaked'}",
+        f"model.name_or_path={root / 'peaked'}", f"train.eval_set={root / 'val.jsonl'}",
     ]  # fmt: skip
 
 
@@ -116,6 +138,7 @@ def one_process(tmp_path_factory, four_prompts) -> Path:
     root = tmp_path_factory.mktemp("dp")
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
     (root / "train.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in four_prompts))
+    (root / "val.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in VAL_PROMPTS))
     peaked_tiny(root / "peaked")
     cfg = load_params(root / "params.yaml", profile="tiny", overrides=OVERRIDES + run_dir(root, "one"))
     run_train(cfg, trainer_kwargs={"dp": DataParallel.single()})
@@ -143,6 +166,7 @@ def assert_same_run(root: Path, name: str) -> None:
     """Per-step metrics, the logged global batch and the final weights of run ``name`` equal the one-process run."""
     one, two = steps_of(root / "one" / "reports"), steps_of(root / name / "reports")
     assert all(s["rollout/min_draw_margin"] > RUN_MARGIN for s in one), [s["rollout/min_draw_margin"] for s in one]
+    assert all(s["val/min_draw_margin"] > RUN_MARGIN for s in one), [s["val/min_draw_margin"] for s in one]
     assert [s["step"] for s in two] == [0, 1]  # rank 0 alone wrote the report: no duplicated lines
     for a, b in zip(one, two, strict=True):
         for k in KEYS:

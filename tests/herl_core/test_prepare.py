@@ -171,11 +171,43 @@ def test_run_prepare_writes_readable_files(tmp_path):
     out = tmp_path / "prepared"
     cfg = PrepareConfig(seed=1, train_source="synthetic", n_train=12, out_dir=str(out))
     report = prep.run_prepare(cfg)
-    assert sorted(p.name for p in out.iterdir()) == ["ifbench.jsonl", "ifeval.jsonl", "report.json", "train.jsonl"]
-    train = read_jsonl(out / "train.jsonl", PromptRecord)
+    names = ["ifbench.jsonl", "ifeval.jsonl", "report.json", "train.jsonl", "val.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    train, val = read_jsonl(out / "train.jsonl", PromptRecord), read_jsonl(out / "val.jsonl", PromptRecord)
     assert len(train) == 12 and len(read_jsonl(out / "ifeval.jsonl", PromptRecord)) == 541
     assert len(read_jsonl(out / "ifbench.jsonl", PromptRecord)) == 300
     assert json.loads((out / "report.json").read_text()) == report
     assert report["disjoint"] is True and report["splits"]["train"]["prompts"] == 12 and report["seed"] == 1
+    assert report["disjoint_checked_against"] == ["ifbench", "ifeval", "val"]
     assert report["dropped_overlapping_instructions"] == 0
-    assert train == prep.build_train_set(prep.synthetic_instructions(), 1, 1, 3, n=12)  # same seed → same set
+    # val: 64 asked, at most a fifth of the 40 instructions = 8 held out
+    assert report["splits"]["val"]["prompts"] == len(val) == 8
+    assert all(r.id.startswith("val-") and r.source == "val" for r in val)
+    # no instruction is shared: the val prompts' base instructions never occur in training, and no text overlaps
+    assert not {prep.base_text(r) for r in val} & {prep.base_text(r) for r in train}
+    assert prep.find_overlaps(train, val) == [] and prep.find_overlaps(val, train) == []
+    kept, held = prep.split_validation(prep.synthetic_instructions(), 64, 1)
+    assert train == prep.build_train_set(kept, 1, 1, 3, n=12)  # same seed → same set
+    assert val == prep.build_val_set(held, 1, 1, 3)
+
+
+def test_validation_split_is_seeded_disjoint_and_keeps_the_order():
+    texts = [f"Instruction number {i}." for i in range(50)]
+    train, val = prep.split_validation(texts, 7, seed=0)
+    assert len(val) == 7 and len(train) == 43 and not set(train) & set(val) and set(train) | set(val) == set(texts)
+    assert train == [t for t in texts if t in set(train)] and val == [t for t in texts if t in set(val)]  # order
+    assert prep.split_validation(texts, 7, seed=0) == (train, val)
+    assert prep.split_validation(texts, 7, seed=1)[1] != val  # the seed picks the instructions
+    assert prep.split_validation(texts, 64, seed=0)[1] == prep.split_validation(texts, 10, seed=0)[1]  # 50 // 5
+    assert prep.split_validation(texts, 0, seed=0) == (texts, [])
+
+
+def test_the_default_val_split_shares_no_alpaca_instruction_with_training():
+    """The default data (AlpacaEval, val_prompts 64): 64 instructions held out, none of them (normalised) equal to,
+    inside or containing a training instruction."""
+    kept, dropped = prep.drop_overlapping(prep._unique(prep.load_alpaca_instructions()), [])
+    train, val = prep.split_validation(kept, PrepareConfig().val_prompts, PrepareConfig().seed)
+    assert len(val) == 64 and len(train) == len(kept) - 64
+    norm_train = [prep.normalise(t) for t in train]
+    for text in map(prep.normalise, val):
+        assert not any(text == t or text in t or t in text for t in norm_train), text

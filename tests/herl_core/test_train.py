@@ -1,5 +1,6 @@
 """The online loop end to end on the tiny model: HeRL and GRPO through one code path, determinism, resume,
-the old-log-prob shortcut, the reference model only when β > 0, and the non-finite guard."""
+the old-log-prob shortcut, the reference model only when β > 0, the non-finite guard, and validation during
+training that changes no training number."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from herl_core.config import Config
 from herl_core.models import load_policy
 from herl_core.records import PromptRecord, Rubric
 from herl_core.stages import run_train
-from herl_core.train import NonFiniteError, Trainer
+from herl_core.train import Trainer
+from herl_core.update import NonFiniteError
 
 PROMPTS = [
     PromptRecord(
@@ -71,11 +73,18 @@ def test_two_herl_steps_change_the_policy_and_report_every_metric(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_grpo_flag_uses_the_same_loop_without_hindsight(tmp_path):
+def test_grpo_flag_uses_the_same_loop_without_hindsight(tmp_path, monkeypatch):
+    import herl_core.train
+
+    batches = []
+    real_update = herl_core.train.update
+    monkeypatch.setattr(
+        herl_core.train, "update", lambda policy, batch, *a: batches.append(batch) or real_update(policy, batch, *a)
+    )
     t = trainer(tiny_cfg(tmp_path, hindsight={"enabled": False}))
     history = t.train()
     assert not any(k.startswith("herl/") for k in history[0])
-    assert all(not s.guided for s in t._samples)
+    assert len(batches) == 2 and all(not s.guided for b in batches for s in b.samples)
 
 
 def test_same_seed_same_rollouts_and_losses(tmp_path):
@@ -87,21 +96,20 @@ def test_same_seed_same_rollouts_and_losses(tmp_path):
                 assert a[k] == b[k], k
 
 
-def test_single_pass_takes_old_logprobs_from_the_training_forward(tmp_path):
+def test_single_pass_takes_old_logprobs_from_the_training_forward(tmp_path, monkeypatch):
+    import herl_core.update
+
+    calls = []
+    orig = herl_core.update.no_grad_logprobs
+    monkeypatch.setattr(herl_core.update, "no_grad_logprobs", lambda *a, **k: calls.append(1) or orig(*a, **k))
     # one mini-batch, one epoch: ρ ≡ 1, so nothing can be clipped and the ratio mean is exactly 1
     t = trainer(tiny_cfg(tmp_path, train={"mini_batch_prompts": 2}))
-    calls = []
-    orig = t._no_grad_logprobs
-    t._no_grad_logprobs = lambda *a, **k: calls.append(1) or orig(*a, **k)
     m = t.step()
     assert calls == [] and m["actor/clipfrac"] == 0.0 and m["actor/updates"] == 1
     # two mini-batches: one no-grad pass for π_old over the whole batch
     t2 = trainer(tiny_cfg(tmp_path / "2"))
-    calls2 = []
-    orig2 = t2._no_grad_logprobs
-    t2._no_grad_logprobs = lambda *a, **k: calls2.append(1) or orig2(*a, **k)
     t2.step()
-    assert calls2 == [1]
+    assert calls == [1]
 
 
 def test_reference_model_only_when_kl_is_on(tmp_path):
@@ -131,13 +139,13 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, train={"max_nonfinite_steps": 2, "mini_batch_prompts": 2})
     t = trainer(cfg)
     before = weights(t.model)
-    orig = t.loss_fn
+    orig = t.policy.loss_fn
 
     def nan_loss(*a, **k):
         per_token, m = orig(*a, **k)
         return per_token * float("nan"), m
 
-    t.loss_fn = nan_loss
+    t.policy.loss_fn = nan_loss
     m = t.step()  # first non-finite update: skipped and counted
     assert m["actor/nonfinite_skipped"] == 1 and t.state.nonfinite_total == 1
     assert all(torch.equal(before[k], v) for k, v in weights(t.model).items())
@@ -180,7 +188,7 @@ def test_one_herl_step_on_smollm2_with_real_ifeval_rubrics(tmp_path):
 
 
 def test_padded_split_minimises_padded_tokens_by_hand():
-    from herl_core.train import padded_split
+    from herl_core.update import padded_split
 
     # (prompt, completion) lengths, max 2 per micro-batch, 32 token-equivalents per forward:
     #   [0,1) [1,3) [3,4): (80+10)+32 + 2·(80+64)+32 + (400+90)+32 = 122 + 320 + 522 = 964   ← best
@@ -191,3 +199,34 @@ def test_padded_split_minimises_padded_tokens_by_hand():
     assert padded_split(shapes, max_size=1) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     # equal shapes: one micro-batch saves the per-forward overhead
     assert padded_split([(10, 10)] * 4, max_size=4) == [(0, 4)]
+
+
+VAL_PROMPTS = [
+    PromptRecord(id=f"v{i}", prompt=p, rubrics=[Rubric(id=c)])
+    for i, (p, c) in enumerate(
+        [("Write about snow.", "change_case:english_lowercase"), ("Name a bird.", "punctuation:no_comma")]
+    )
+]
+
+
+def test_validation_logs_val_metrics_and_changes_no_training_number(tmp_path):
+    """3 steps with validation every 2 steps: val/* and perf/val_s at steps 0 and 2 (2 is also the last step), none
+    at step 1; every training metric and the final weights equal those of the same run without validation."""
+    off = trainer(tiny_cfg(tmp_path / "off", train={"steps": 3}))
+    h_off = off.train()
+    cfg = tiny_cfg(tmp_path / "on", train={"steps": 3, "eval_every": 2, "eval_samples": 2})
+    model, tok = load_policy(cfg.model)
+    on = Trainer(cfg, PROMPTS, model=model, tokenizer=tok, val_prompts=VAL_PROMPTS)
+    h_on = on.train()
+    assert [s for s, h in enumerate(h_on) if "val/reward_mean" in h] == [0, 2]
+    assert all("val/greedy/reward_mean" in h and h["perf/val_s"] > 0 for h in (h_on[0], h_on[2]))
+    for a, b in zip(h_off, h_on, strict=True):
+        trained = {k: v for k, v in b.items() if not k.startswith(("val/", "perf/"))}
+        assert trained == {k: v for k, v in a.items() if not k.startswith("perf/")}
+    a, b = weights(off.model), weights(on.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_needs_its_prompts(tmp_path):
+    with pytest.raises(ValueError, match="train.eval_every = 2 needs validation prompts"):
+        trainer(tiny_cfg(tmp_path, train={"eval_every": 2}))

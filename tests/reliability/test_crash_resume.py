@@ -66,9 +66,25 @@ def _kill_mid_step(proc: subprocess.Popen, ws: Path, step: int, timeout: float =
     proc.wait(timeout=30)
 
 
+VAL_PROMPTS = [
+    {"id": "v0", "prompt": "Write about snow.", "rubrics": [{"id": "change_case:english_lowercase"}]},
+    {"id": "v1", "prompt": "Name a bird.", "rubrics": [{"id": "punctuation:no_comma"}]},
+]
+VALIDATION = "  eval_every: 2\n  eval_set: data/val.jsonl\n  eval_samples: 2\n"
+"""Validation on: steps 0 and 2 (every 2 steps; 2 is also the last) score the policy on ``VAL_PROMPTS``."""
+
+
+def _workspace_with_validation(herl, root: Path) -> Path:
+    ws = herl.make_workspace(root, params=herl.params.replace("  save_every: 1\n", "  save_every: 1\n" + VALIDATION))
+    herl.write_prompts(ws / "data" / "val.jsonl", VAL_PROMPTS)
+    return ws
+
+
 def test_sigkill_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, herl):
-    full = herl.make_workspace(tmp_path / "full")
-    crash = herl.make_workspace(tmp_path / "crash")
+    """With validation on: step 2 validates before its rollouts, so the kill also drops a validation point, which
+    the resumed run computes again, once."""
+    full = _workspace_with_validation(herl, tmp_path / "full")
+    crash = _workspace_with_validation(herl, tmp_path / "crash")
     full_proc = herl.start(full, "train", "--params", "params.yaml")  # both run at once (one torch thread each)
     crash_proc = herl.start(crash, "train", "--params", "params.yaml")
     _kill_mid_step(crash_proc, crash, step=2)
@@ -94,6 +110,7 @@ def test_sigkill_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, herl
     # not recomputed by a fresh start (run_train starts fresh when herl_core's code or the settings changed)
     assert b[:2] == before, "the second run started from scratch instead of resuming"
     assert [_without_timings(r) for r in b] == [_without_timings(r) for r in a]
+    assert [r["step"] for r in b if "val/reward_mean" in r] == [0, 2]  # each validation point once
     assert a[2]["actor/updates"] == 2  # step 2 really trained (2 prompts, 1 per mini-batch): not a vacuous match
     # the records of every step (samples, rewards, hindsight rewrites, merges) are the same, each once
     for name in REPORTS[1:]:
@@ -110,7 +127,8 @@ def test_sigkill_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path, herl
 
 
 def _assert_one_mlflow_run_with_each_step_once(crash: Path, full: Path) -> None:
-    """The resume re-attached to the killed run: one train run, FINISHED, every step's metrics logged once."""
+    """The resume re-attached to the killed run: one train run, FINISHED, every step's metrics and every validation
+    point logged once."""
     from mlflow import MlflowClient
 
     def runs(ws: Path):
@@ -120,11 +138,12 @@ def _assert_one_mlflow_run_with_each_step_once(crash: Path, full: Path) -> None:
 
     client, (run,) = runs(crash)
     assert run.info.status == "FINISHED" and run.data.tags.get("herl.resumed_at_step") == "2"
-    history = client.get_metric_history(run.info.run_id, "reward/mean")
     full_client, (full_run,) = runs(full)
-    want = full_client.get_metric_history(full_run.info.run_id, "reward/mean")
-    assert sorted((m.step, m.value) for m in history) == sorted((m.step, m.value) for m in want)
-    assert sorted(m.step for m in history) == [0, 1, 2]
+    for key, steps in (("reward/mean", [0, 1, 2]), ("val/reward_mean", [0, 2]), ("val/greedy/reward_mean", [0, 2])):
+        history = client.get_metric_history(run.info.run_id, key)
+        want = full_client.get_metric_history(full_run.info.run_id, key)
+        assert sorted((m.step, m.value) for m in history) == sorted((m.step, m.value) for m in want), key
+        assert sorted(m.step for m in history) == steps, key
 
 
 TINY_NET = textwrap.dedent(
@@ -313,7 +332,7 @@ def test_repeated_nonfinite_updates_stop_the_stage_without_a_corrupted_checkpoin
     import herl_core.train as train_mod
     from herl_core.config import load_params
     from herl_core.stages import run_train
-    from herl_core.train import NonFiniteError
+    from herl_core.update import NonFiniteError
 
     real = train_mod.get_policy_loss
 

@@ -1,0 +1,50 @@
+"""``herl study``: the typer command over ``flows.study`` (the study flow).
+
+Kept apart from flows/study.py so that ``flows.cli`` imports no Prefect: the stage commands (``herl train``,
+``rollout``, ``hindsight``, ``evaluate``) also run in the vLLM environment, where Prefect is not installed
+(docs/scaling.md, "vLLM"). Prefect is imported when ``herl study`` runs.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``herl study`` to the typer ``app`` (flows/cli.py calls ``register(app)``)."""
+
+    @app.command("study")
+    def study_command(
+        study_file: Annotated[str, typer.Option("--study", help="Study file (arms, seeds, budget).")] = "study.yaml",
+        profile: Annotated[str | None, typer.Option("--profile", help="Study profile: tiny, cpu, gpu.")] = None,
+        arms: Annotated[str | None, typer.Option(help="Comma-separated subset of the arms.")] = None,
+        seeds: Annotated[str | None, typer.Option(help="Comma-separated subset of the seeds.")] = None,
+        report_only: Annotated[
+            bool, typer.Option("--report-only", help="Rewrite the report from the finished runs; run nothing.")
+        ] = False,
+    ) -> None:
+        """HeRL vs GRPO (+ no-bonus ablation, + base) over seeds at equal rollout budget → reports/study.md."""
+        from flows.study import CommandError, rerender, study
+
+        try:
+            if report_only:
+                summary = rerender(study_file, profile)
+                typer.echo(f"report: {summary['meta']['report']} (re-rendered, nothing run)")
+                return
+            summary = study(
+                study_file=study_file,
+                profile=profile,
+                arms=arms.split(",") if arms else None,
+                seeds=[int(s) for s in seeds.split(",")] if seeds else None,
+                command=shlex.join(["herl", *sys.argv[1:]]),
+            )
+        except (ValueError, CommandError) as exc:  # StudyError, ConfigError, DataError are ValueErrors
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        meta = summary["meta"]
+        reused = sum(bool(r.get("reused")) for r in meta["runs"])
+        typer.echo(f"report: {meta['report']} ({len(meta['runs'])} runs, {reused} reused)")
