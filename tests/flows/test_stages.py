@@ -27,6 +27,10 @@ RUNNER = CliRunner()
 TINY = ["--profile", "tiny"]
 
 
+VALIDATION = ["--set", "train.eval_every=1", "--set", "train.eval_prompts=2", "--set", "train.eval_samples=2"]
+"""Validation on in the workspace's train (step 0 validates on the first 2 prompts of data/prepared/val.jsonl)."""
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, mlflow_uri):
     """A workspace where every stage ran once (train: one step); returns the results by stage."""
@@ -37,7 +41,7 @@ def ws(tmp_path_factory, mlflow_uri):
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
         for stage in STAGES:
-            extra = ["--set", "train.steps=1"] if stage == "train" else []
+            extra = ["--set", "train.steps=1", *VALIDATION] if stage == "train" else []
             results[stage] = RUNNER.invoke(app, [stage, *TINY, *extra, "--json"])
     return root, results
 
@@ -137,6 +141,32 @@ def test_train_writes_policy_step_log_and_summary(ws):
     steps = [json.loads(x) for x in (root / "reports/train/steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [0] and summary["steps"] == 1.0
     assert summary["reward/mean_last"] == pytest.approx(steps[0]["reward/mean"])
+
+
+def test_train_tables_metrics_and_mlflow_carry_the_validation_metrics(ws, mlflow_uri):
+    """Validation on: step 0's val/* are columns of steps.csv, the rows of val.csv, headline numbers of metrics.json
+    and metric points of the MLflow train run, all with the values of steps.jsonl."""
+    import csv
+
+    from mlflow import MlflowClient
+
+    root, results = ws
+    (step,) = [json.loads(x) for x in (root / "reports/train/steps.jsonl").read_text().splitlines()]
+    val_keys = sorted(k for k in step if k.startswith("val/"))
+    assert {"val/reward_mean", "val/all_met_frac", "val/pass_at_k", "val/greedy/reward_mean"} <= set(val_keys)
+    (row,) = list(csv.DictReader((root / "reports/train/steps.csv").open()))
+    assert float(row["val/reward_mean"]) == pytest.approx(step["val/reward_mean"])
+    (val_row,) = list(csv.DictReader((root / "reports/train/val.csv").open()))
+    assert sorted(val_row) == sorted(["step", *val_keys]) and val_row["step"] == "0"
+    assert float(val_row["val/greedy/reward_mean"]) == pytest.approx(step["val/greedy/reward_mean"])
+    headline = json.loads((root / "reports/train/metrics.json").read_text())
+    assert headline["val/reward_mean"] == headline["val/reward_mean_first"] == pytest.approx(step["val/reward_mean"])
+    assert len(headline) <= 12
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'train'")
+    for key in ("val/reward_mean", "val/greedy/reward_mean", "val/all_met_frac"):
+        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        assert history == [(0, pytest.approx(step[key]))], key
 
 
 def test_a_stage_prints_progress_a_summary_line_and_where_to_look(ws, mlflow_uri):
