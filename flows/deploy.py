@@ -1,4 +1,4 @@
-"""Scheduled (cron) deployments of the ``pipeline`` flow (issue 3 "scheduled deployment", issue 7 item 3).
+"""Scheduled (cron) deployments of the ``pipeline`` flow (docs/tracking.md).
 
 Both ways need a running Prefect server, because an ephemeral one cannot schedule (stack_notes §2 "serve")::
 

@@ -1,4 +1,4 @@
-"""Prefect orchestration of the DVC pipeline: Prefect outside, DVC inside (issue 3 "Orchestration", issue 5 item 6).
+"""Prefect orchestration of the DVC pipeline: Prefect outside, DVC inside (docs/tracking.md).
 
 * One flow per stage (``prepare``, ``rollout``, ``hindsight``, ``train``, ``evaluate``; names as in dvc.yaml), each
   running ONE task: ``dvc repro --single-item <stage>``. One execution path: every stage Prefect runs goes through

@@ -1,4 +1,4 @@
-"""``herl pipeline``, ``herl deploy`` and ``herl ui``: the orchestration commands (issue 3; docs/tracking.md).
+"""``herl pipeline``, ``herl deploy`` and ``herl ui``: the orchestration commands (docs/tracking.md).
 
 ``register(app)`` adds them to the ``herl`` Typer app (flows/cli.py). Every server they start binds 127.0.0.1.
 """

@@ -1,4 +1,4 @@
-"""MLflow tracking of the stages: one run per stage, children of a pipeline run (issue 3 "MLflow", issue 5 items 1, 5).
+"""MLflow tracking of the stages: one run per stage, children of a pipeline run (docs/tracking.md).
 
 Every CLI stage command wraps its work in ``stage_run(cfg, stage)``::
 
@@ -210,7 +210,7 @@ def prefect_flow_run_id() -> str | None:
 
 
 def lineage_tags(cfg: Config, stage: str, root: str | Path) -> dict[str, str]:
-    """The tags every run carries (issue 3 "lineage tags on every run")."""
+    """The tags every run carries: where its code, data and settings came from (lineage)."""
     tags = {
         **git_info(root),
         "herl.config_hash": cfg.hash(),

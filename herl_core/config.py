@@ -191,7 +191,7 @@ class RewardConfig(StrictModel):
 
 
 class PrepareConfig(StrictModel):
-    """The prepare stage: training prompts with drawn constraints, held-out IFEval/IFBench (issue 3)."""
+    """The prepare stage: training prompts with drawn constraints, held-out IFEval/IFBench."""
 
     seed: Annotated[int, Field(description="Seed of the constraint draw and the split.")] = 0
     train_source: Annotated[
@@ -492,7 +492,7 @@ class TrainConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    """The evaluate stage (issue 4): IFEval / IFBench official metrics, greedy by default."""
+    """The evaluate stage: IFEval / IFBench official metrics, greedy by default."""
 
     benchmarks: Annotated[list[Literal["ifeval", "ifbench"]], Field(description="Held-out benchmarks to score.")] = [
         "ifeval",
@@ -525,7 +525,7 @@ class ProbeConfig(StrictModel):
 
 
 class TrackingConfig(StrictModel):
-    """MLflow tracking (issue 3). MLFLOW_TRACKING_URI in the environment overrides tracking_uri."""
+    """MLflow tracking. MLFLOW_TRACKING_URI in the environment overrides tracking_uri."""
 
     experiment: Annotated[str, Field(description="MLflow experiment name.")] = "herl"
     tracking_uri: Annotated[str, Field(description="Default backend: a sqlite file in the project.")] = (

@@ -1,5 +1,5 @@
 """flows/pipeline.py with the real tools: Prefect (test harness and a real `prefect server`), DVC in a temp git repo,
-MLflow on a temp sqlite store (issue 3 "Orchestration", issue 5 item 6).
+MLflow on a temp sqlite store.
 
 The temp repo has its own two-stage dvc.yaml (stages ``prepare`` and ``rollout``) whose commands call
 flows.tracking.stage_run like the real stage commands do; this keeps the tests to seconds and independent of the

@@ -1,6 +1,6 @@
 """flows/tracking.py on a real temp sqlite MLflow store: parent/child runs, lineage tags, flattened params, step
 metrics, the experiences table, the reward curve, the model and its registered version, resume re-attach, and the
-judge API key never reaching MLflow (issue 3 "MLflow", issue 5 items 1 and 5)."""
+judge API key never reaching MLflow."""
 
 from __future__ import annotations
 

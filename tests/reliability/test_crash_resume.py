@@ -1,4 +1,4 @@
-"""Issue 5 item 1: a real ``herl train`` process killed with SIGKILL mid-step resumes to the same result.
+"""A real ``herl train`` process killed with SIGKILL mid-step resumes to the same result.
 
 The killed run is stopped after step 2's rollouts were logged and before its metrics were (the middle of a step:
 hindsight and the update are still running). ``herl train`` again (resume is the default) must then reproduce the
@@ -327,7 +327,7 @@ def _assert_each_step_once_in_mlflow(ws: Path, resumed_at: int) -> None:
 
 
 def test_repeated_nonfinite_updates_stop_the_stage_without_a_corrupted_checkpoint(tmp_path, herl, monkeypatch):
-    """Issue 5 item 4 at the stage level: NaN losses are skipped, counted and logged; the run then stops with a
+    """Non-finite updates at the stage level: NaN losses are skipped, counted and logged; the run then stops with a
     clear message, and nothing written holds a non-finite weight (no policy folder at all)."""
     import herl_core.train as train_mod
     from herl_core.config import load_params
