@@ -168,6 +168,26 @@ def test_an_over_long_prompt_is_refused_by_file_and_line_before_anything_is_writ
     assert _outputs(ws) == [] and os.listdir(ws / "data") == ["prompts.jsonl"]
 
 
+def test_an_over_long_validation_prompt_is_refused_by_its_file_and_line_before_anything_is_written(tmp_path, herl):
+    """With validation on (``train.eval_every``), the validation prompts are checked as the training prompts are: an
+    over-long one would otherwise stop the run at its first validation point, after the run was opened."""
+    from herl_core.stages import check_inputs
+
+    name = "prompt_too_long.jsonl"
+    ws = herl.make_workspace(tmp_path / "ws")  # its data/prompts.jsonl: 4 short prompts
+    val = ws / "data" / "val.jsonl"
+    val.write_bytes((CORPUS / name).read_bytes())
+    cfg = _cfg(ws, prompts_per_step=2, mini_batch_prompts=2, eval_every=1, eval_set=str(val))
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"max_prompt_tokens": 64})})
+    expected = _too_long_message(val, name)
+    check_inputs(cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_prompts": 1})}), ["train"])
+    for run in (lambda: check_inputs(cfg, ["train"]), lambda: run_train(cfg)):  # the command's check, the stage
+        with pytest.raises(DataError) as err:
+            run()
+        assert str(err.value).startswith(expected), str(err.value)
+    assert _outputs(ws) == [] and sorted(os.listdir(ws / "data")) == ["prompts.jsonl", "val.jsonl"]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("stage", ["train", "rollout"])
 def test_herl_on_an_over_long_prompt_exits_1_and_writes_nothing_not_even_a_failed_run(tmp_path, herl, stage):
