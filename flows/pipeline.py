@@ -331,11 +331,12 @@ def tag_child(client, parent_run_id: str, stage: str, root: Path, output: str) -
 
 
 PARENT_METRICS = {
-    "train": ("reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate"),
+    "train": ("reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate", "val/reward_mean"),
     "evaluate": ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose"),
 }
 """What the parent run shows in the runs table: the train run's final values of these step metrics (the last step's,
-as its own row shows them) and evaluate's scores of every benchmark (``<benchmark>/<score>``)."""
+as its own row shows them; ``val/reward_mean``: the last validation's, with ``train.eval_every`` on) and evaluate's
+scores of every benchmark (``<benchmark>/<score>``)."""
 
 
 def stage_result(client, parent_run_id: str, cfg, stage: str):
@@ -378,5 +379,6 @@ def evaluate_metrics(client, parent_run_id: str, cfg) -> dict[str, float]:
 
 
 def headline_metrics(client, parent_run_id: str, cfg) -> dict[str, float]:
-    """The parent run's metrics: train's final reward, zero-std fraction and rewrite success, evaluate's scores."""
+    """The parent run's metrics: train's final reward, zero-std fraction, rewrite success and validation reward,
+    evaluate's scores."""
     return {**stage_metrics(client, parent_run_id, cfg, "train"), **evaluate_metrics(client, parent_run_id, cfg)}

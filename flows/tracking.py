@@ -98,10 +98,11 @@ RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
 
 def runs_view(cfg: Config) -> dict[str, Any]:
     """The runs table herl's links open (``?viewStateShareKey=herl``): the Models column, the pipeline's headline
-    metrics (train's final reward and rewrite success, each benchmark's strict scores), whether hindsight was on and
-    the profile, newest run first. The MLflow UI reads it from the experiment tag ``RUNS_VIEW_TAG``, the form of its
-    own "share view"; a user can keep it ("Override saved view") or leave it."""
-    metrics = ["reward/mean", "herl/rewrite_success_rate"]
+    metrics (train's final reward and rewrite success, the last validation reward when ``train.eval_every`` is on,
+    each benchmark's strict scores), whether hindsight was on and the profile, newest run first. The MLflow UI reads
+    it from the experiment tag ``RUNS_VIEW_TAG``, the form of its own "share view"; a user can keep it ("Override
+    saved view") or leave it."""
+    metrics = ["reward/mean", "herl/rewrite_success_rate", *(["val/reward_mean"] if cfg.train.eval_every else [])]
     metrics += [f"{b}/{m}" for b in cfg.evaluate.benchmarks for m in ("prompt_strict", "inst_strict")]
     columns = ["attributes.`Models`", *(f"metrics.`{m}`" for m in metrics)]
     columns += ["params.`hindsight.enabled`", "tags.`herl.profile`"]

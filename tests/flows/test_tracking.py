@@ -311,6 +311,41 @@ def test_the_experiment_carries_the_runs_table_view_herls_links_open(project):
         pass
     view = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.herl"])
     assert "metrics.`ifbench/prompt_strict`" not in view["selectedColumns"]
+    assert "metrics.`val/reward_mean`" not in view["selectedColumns"]  # validation off (the default)
+    validating = load_params(project / "params.yaml", overrides=["train.eval_every=2"])
+    with stage_run(validating, "prepare"):
+        pass
+    view = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.herl"])
+    assert view["selectedColumns"][:4] == [
+        "attributes.`Models`", "metrics.`reward/mean`", "metrics.`herl/rewrite_success_rate`",
+        "metrics.`val/reward_mean`",
+    ]  # fmt: skip
+
+
+def test_the_parent_run_carries_trains_last_values_and_the_last_validation(project):
+    """The pipeline parent's metrics (its runs-table row): the train child's last reward, zero-std fraction, rewrite
+    success and validation reward (validation ran at steps 0 and 2 of 3), evaluate's scores per benchmark."""
+    from flows.pipeline import headline_metrics
+
+    cfg = load_params(project / "params.yaml")
+    client = MlflowClient()
+    exp = client.create_experiment("parent-metrics")
+    parent = client.create_run(exp, run_name="pipeline").info.run_id
+    child = {"mlflow.parentRunId": parent}
+    train = client.create_run(exp, run_name="train", tags=child).info.run_id
+    for step, reward, val in ((0, 0.25, 0.125), (1, 0.5, None), (2, 0.75, 0.375)):
+        client.log_metric(train, "reward/mean", reward, step=step)
+        client.log_metric(train, "reward/frac_zero_std", 1.0 - reward, step=step)
+        client.log_metric(train, "actor/loss", 0.5, step=step)
+        if val is not None:
+            client.log_metric(train, "val/reward_mean", val, step=step)
+    evaluate = client.create_run(exp, run_name="evaluate", tags=child).info.run_id
+    for key, value in {"ifeval/prompt_strict": 0.5, "ifeval/n_prompts": 4.0, "ifbench/inst_strict": 0.25}.items():
+        client.log_metric(evaluate, key, value)
+    assert headline_metrics(client, parent, cfg) == {
+        "reward/mean": 0.75, "reward/frac_zero_std": 0.25, "val/reward_mean": 0.375,
+        "ifeval/prompt_strict": 0.5, "ifbench/inst_strict": 0.25,
+    }  # fmt: skip
 
 
 def test_experiments_open_in_the_model_training_view(project):
