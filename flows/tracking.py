@@ -455,9 +455,26 @@ class StageTracker:
                 )
             self.client.set_registered_model_alias(name, alias, version.version)
             self.client.set_tag(self.run_id, "herl.model_version", f"{name}/{version.version}@{alias}")
+            link_model_version(self.client, model_id, name, version.version)
         except Exception as exc:  # the run's data is already logged; registry trouble must not lose it
             warnings.warn(f"registering {name} failed: {exc}", stacklevel=2)
             self.client.set_tag(self.run_id, "herl.register_error", str(exc)[:1000])
+
+
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"
+"""The logged model's tag that the MLflow UI reads for its "Registered models" cell (the run page's Model attributes
+table, the experiment's Models tab). ``mlflow.register_model`` sets it; ``MlflowClient.create_model_version`` does
+not."""
+
+
+def link_model_version(client: MlflowClient, model_id: str, name: str, version: str | int) -> None:
+    """Add ``name`` version ``version`` to the logged model's ``MODEL_VERSIONS_TAG`` (a JSON list, as MLflow's
+    ``register_model`` writes it)."""
+    tagged = client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG)
+    versions = json.loads(tagged) if tagged else []
+    entry = {"name": name, "version": version}
+    if entry not in versions:
+        client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps([*versions, entry])})
 
 
 @contextmanager

@@ -250,6 +250,9 @@ def test_train_logs_curve_and_the_policy_as_a_logged_model_of_the_run_with_a_reg
     version = client.get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.model_alias)
     assert version.run_id == tracker.run_id and version.source == f"models:/{output.model_id}"
     assert run.data.tags["herl.model_version"] == f"herl-policy/{version.version}@candidate"
+    # the logged model names its registered version (the UI's "Registered models" cell of the model)
+    tagged = json.loads(client.get_logged_model(output.model_id).tags["mlflow.modelVersions"])
+    assert tagged == [{"name": "herl-policy", "version": version.version}]
     # and it loads back with MLflow's transformers flavor, with the trained weights (safetensors, nothing pickled)
     loaded = mlflow.transformers.load_model("models:/herl-policy@candidate", return_type="components")
     want = load_file(str(tiny_policy / "model.safetensors"))
