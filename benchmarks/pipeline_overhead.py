@@ -95,6 +95,8 @@ def make_repo(tmp: Path, profile: str, env: dict[str, str]) -> Path:
         raise SystemExit("params.yaml must have one top-level `profile:` line")
     (repo / "params.yaml").write_text(params)
     shutil.copytree(ROOT / "herl_core", repo / "herl_core", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "scripts").mkdir()
+    shutil.copy2(ROOT / "scripts" / "herl", repo / "scripts" / "herl")  # dvc.yaml's stage command
     (repo / ".gitignore").write_text("/runs/\n/.herl/\n/mlartifacts/\n")
     for cmd in (
         ["git", "init", "-q"],

@@ -1,4 +1,4 @@
-"""Prefect orchestration of the DVC pipeline: Prefect outside, DVC inside (issue 3 "Orchestration", issue 5 item 6).
+"""Prefect orchestration of the DVC pipeline: Prefect outside, DVC inside (docs/tracking.md).
 
 * One flow per stage (``prepare``, ``rollout``, ``hindsight``, ``train``, ``evaluate``; names as in dvc.yaml), each
   running ONE task: ``dvc repro --single-item <stage>``. One execution path: every stage Prefect runs goes through
@@ -9,14 +9,21 @@
 * ``pipeline`` takes an exclusive workspace lock (``.herl/pipeline.lock``, ``flows.proc.exclusive_lock``), opens
   the MLflow parent run, runs the stage flows in order as subflows, tags each stage's child run with the fresh
   dvc.lock md5s (the lock is written after the stage command, so the stage itself only sees the previous one) and
-  ends the parent with the evaluate metrics.
+  ends the parent with the headline numbers (train's final reward and rewrite success, evaluate's scores), so the
+  runs table says how the pipeline went without opening a run.
+* Console: a header per stage (``[2/5] rollout``), the stage's own lines (progress, its one-line summary) without
+  DVC's per-stage chatter (``console_line``), the whole output in ``.herl/logs/pipeline-<time>.log`` and in the
+  task's Prefect log; ``herl pipeline`` (flows/pipeline_cli.py) ends with one closing block.
 * Profiles: the pipeline never edits params.yaml. ``profile:`` in params.yaml (or ``dvc exp run -S profile=tiny``)
   selects it; a ``profile`` argument that disagrees with params.yaml is refused with that advice.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,10 +31,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.console import say
 from flows.proc import child_env, exclusive_lock, stream
 
 STAGES = ("prepare", "rollout", "hindsight", "train", "evaluate")  # == herl_core.stages.STAGES (tested)
 LOCK_FILE = ".herl/pipeline.lock"
+LOG_DIR = ".herl/logs"
 RETRY_DELAYS = [10, 30]
 TAIL_LINES = 40
 TRANSIENT_MARKERS = (
@@ -105,6 +114,34 @@ def retry_if_transient(task, task_run, state) -> bool:
     return False
 
 
+DVC_CHATTER = (
+    re.compile(r"^Running stage '\w+':$"),
+    re.compile(r"^> "),
+    re.compile(r"^Updating lock file "),
+    re.compile(r"^To track the changes with git, run:$"),
+    re.compile(r"^To enable auto staging, run:$"),
+    re.compile(r"^git add "),
+    re.compile(r"^dvc config core\.autostage true$"),
+    re.compile(r"^Use `dvc push` to send your updates to remote storage\.$"),
+    re.compile(r"^WARNING: '[^']+' is empty\.$"),
+)
+"""DVC's lines that the pipeline's console leaves out (they stay in the full log and the Prefect log): the stage
+header and command (the pipeline prints its own), the lock update, and the advice to `git add dvc.lock`, to turn on
+autostaging and to `dvc push`, which DVC repeats after every stage (the pipeline says it once, at the end)."""
+
+
+def console_line(line: str) -> str | None:
+    """What the pipeline's console shows of one line of ``dvc repro`` output (None: nothing)."""
+    text = line.rstrip()
+    bare = text.strip()
+    if not bare or any(p.search(bare) for p in DVC_CHATTER):
+        return None
+    skipped = re.fullmatch(r"Stage '(\w+)' didn't change, skipping", bare)
+    if skipped:
+        return "skipped: nothing it reads changed since the last run (dvc.lock)"
+    return text
+
+
 @task(
     name="dvc-repro",
     task_run_name="dvc repro {stage}",
@@ -113,20 +150,40 @@ def retry_if_transient(task, task_run, state) -> bool:
     retry_condition_fn=retry_if_transient,
     cache_policy=NO_CACHE,
 )
-def dvc_repro(stage: str, root: str, parent_run_id: str | None = None, tracking_uri: str | None = None) -> str:
-    """``dvc repro --single-item <stage>`` in ``root``, output streamed to the Prefect log; returns the output."""
+def dvc_repro(
+    stage: str,
+    root: str,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    log_file: str | None = None,
+) -> str:
+    """``dvc repro --single-item <stage>`` in ``root``; returns the output. Every line goes to the task's Prefect log
+    and to ``log_file`` (appended); the console gets ``console_line`` of it, indented under the stage's header."""
     from prefect.runtime import flow_run
 
-    logger = get_run_logger()
+    api_log = logging.getLogger("prefect.extra")  # the Prefect API only: the console gets the short form below
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     env = child_env(parent_run_id, tracking_uri, flow_run_id=flow_run.id)
     lines: list[str] = []
+    sink = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115 (closed below)
 
     def log(line: str) -> None:
-        logger.info("%s", line.rstrip())
+        api_log.info("%s", line.rstrip())
         lines.append(line)
+        if sink is not None:
+            sink.write(line)
+            sink.flush()
+        shown = console_line(line)
+        if shown is not None:
+            say(f"  {shown}")
 
-    returncode, tail = stream(cmd, root, env, log, tail=TAIL_LINES)
+    try:
+        if sink is not None:
+            sink.write(f"==> {stage}: {' '.join(cmd[1:])}\n")
+        returncode, tail = stream(cmd, root, env, log, tail=TAIL_LINES)
+    finally:
+        if sink is not None:
+            sink.close()
     if returncode != 0:
         raise StageError(stage, returncode, tail, is_transient(returncode, tail))
     return "".join(lines)
@@ -140,8 +197,10 @@ def make_stage_flow(stage: str):
     """The Prefect flow of one stage (flow name = stage name)."""
 
     @flow(name=stage, flow_run_name=stage, log_prints=True)
-    def stage_flow(root: str = ".", parent_run_id: str | None = None, tracking_uri: str | None = None) -> str:
-        return dvc_repro(stage, root, parent_run_id, tracking_uri)
+    def stage_flow(
+        root: str = ".", parent_run_id: str | None = None, tracking_uri: str | None = None, log_file: str | None = None
+    ) -> str:
+        return dvc_repro(stage, root, parent_run_id, tracking_uri, log_file)
 
     stage_flow.__doc__ = f"Run `dvc repro --single-item {stage}` as one task."
     return stage_flow
@@ -190,20 +249,40 @@ def pipeline(
     with workspace_lock(root_path):
         cfg = load_params(root_path / params)
         check_profile(cfg.profile, profile, params)
+        chosen = ordered_stages(stages)
+        check_inputs_in(root_path, cfg, chosen)  # before the parent run is opened: bad input leaves no FAILED run
         with prefect_tags(*(tags or [])):
-            return run_stages(cfg, root_path, params, ordered_stages(stages))
+            return run_stages(cfg, root_path, params, chosen)
+
+
+def check_inputs_in(root: Path, cfg, stages: list[str]) -> None:
+    """``herl_core.stages.check_inputs`` with the workspace's relative paths (the stages run in ``root``)."""
+    from contextlib import chdir
+
+    from herl_core.stages import check_inputs
+
+    with chdir(root):
+        check_inputs(cfg, stages)
 
 
 def run_stages(cfg, root: Path, params: str, stages: list[str]) -> dict:
-    """Parent run → stage subflows in order → fresh dvc.lock tags on each child → parent ends with evaluate metrics."""
+    """Parent run → stage subflows in order → fresh dvc.lock tags on each child → parent ends with the headline
+    numbers. The console gets a header per stage (``[2/5] rollout``) and the short form of its output; the whole
+    output goes to ``.herl/logs/pipeline-<time>.log`` (``log_file`` of the result)."""
     from flows.tracking import pipeline_dvc_tags, set_tags, stage_run, tracking_uri
 
     uri = tracking_uri(cfg, root)
     logger = get_run_logger()
+    log_file = root / LOG_DIR / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
     with stage_run(cfg, "pipeline", root / params) as parent:
         outcome = {}
-        for stage in stages:
-            output = STAGE_FLOWS[stage](str(root), parent.run_id, uri)
+        for number, stage in enumerate(stages, start=1):
+            say(f"[{number}/{len(stages)}] {stage}")
+            started = time.monotonic()
+            output = STAGE_FLOWS[stage](str(root), parent.run_id, uri, str(log_file))
+            seconds[stage] = time.monotonic() - started
             outcome[stage] = tag_child(parent.client, parent.run_id, stage, root, output)
             logger.info("stage %s: %s", stage, outcome[stage])
         set_tags(
@@ -211,10 +290,19 @@ def run_stages(cfg, root: Path, params: str, stages: list[str]) -> dict:
             parent.run_id,
             {**pipeline_dvc_tags(root), **{f"herl.stage.{k}": v for k, v in outcome.items()}},
         )
-        metrics = evaluate_metrics(parent.client, parent.run_id, cfg)
+        metrics = headline_metrics(parent.client, parent.run_id, cfg)
         outputs = [p for p in (params, "dvc.lock") if (root / p).is_file()]
         parent.finish(metrics, outputs=outputs)
-    return {"parent_run_id": parent.run_id, "stages": outcome, "metrics": metrics}
+    experiment = parent.client.get_run(parent.run_id).info.experiment_id
+    return {
+        "parent_run_id": parent.run_id,
+        "experiment_id": experiment,
+        "tracking_uri": uri,
+        "stages": outcome,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "metrics": metrics,
+        "log_file": str(log_file.relative_to(root)),
+    }
 
 
 def find_child(client, parent_run_id: str, stage: str):
@@ -242,25 +330,55 @@ def tag_child(client, parent_run_id: str, stage: str, root: Path, output: str) -
     return child.info.run_id
 
 
-def evaluate_metrics(client, parent_run_id: str, cfg) -> dict[str, float]:
-    """Metrics of this pipeline's evaluate child, else (DVC skipped evaluate) of the newest finished evaluate run made
-    under the same settings of what evaluate reads (``herl.stage_config_hash``: a probe or tracking edit does not
-    rerun evaluate, so the whole-config hash would find none)."""
+PARENT_METRICS = {
+    "train": ("reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate", "val/reward_mean"),
+    "evaluate": ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose"),
+}
+"""What the parent run shows in the runs table: the train run's final values of these step metrics (the last step's,
+as its own row shows them; ``val/reward_mean``: the last validation's, with ``train.eval_every`` on) and evaluate's
+scores of every benchmark (``<benchmark>/<score>``)."""
+
+
+def stage_result(client, parent_run_id: str, cfg, stage: str):
+    """The ``stage`` run whose numbers this pipeline reports: its child of this pipeline, else (DVC skipped the stage)
+    the newest finished run of it made under the same settings of what it reads (``herl.stage_config_hash``: a probe
+    or tracking edit does not rerun evaluate, so the whole-config hash would find none). None if there is none."""
     from herl_core.config import STAGE_SECTIONS
 
-    child = find_child(client, parent_run_id, "evaluate")
-    if child is None:
-        exp = client.get_run(parent_run_id).info.experiment_id
-        runs = client.search_runs(
-            [exp],
-            filter_string="attributes.run_name = 'evaluate' and "
-            f"tags.`herl.stage_config_hash` = '{cfg.hash(STAGE_SECTIONS['evaluate'])}' "
-            "and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        child = runs[0] if runs else None
-    if child is None:
+    child = find_child(client, parent_run_id, stage)
+    if child is not None:
+        return child
+    exp = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [exp],
+        filter_string=f"attributes.run_name = '{stage}' and "
+        f"tags.`herl.stage_config_hash` = '{cfg.hash(STAGE_SECTIONS[stage])}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def stage_metrics(client, parent_run_id: str, cfg, stage: str) -> dict[str, float]:
+    """``PARENT_METRICS[stage]`` of ``stage_result`` (train: exact names; evaluate: ``<benchmark>/<name>``); the run is
+    named in the parent's tag ``herl.<stage>_run_id``."""
+    run = stage_result(client, parent_run_id, cfg, stage)
+    if run is None:
         return {}
-    client.set_tag(parent_run_id, "herl.evaluate_run_id", child.info.run_id)
-    return dict(child.data.metrics)
+    client.set_tag(parent_run_id, f"herl.{stage}_run_id", run.info.run_id)
+    keep = PARENT_METRICS[stage]
+    if stage == "evaluate":
+        return {k: v for k, v in run.data.metrics.items() if k.partition("/")[2] in keep}
+    return {k: run.data.metrics[k] for k in keep if k in run.data.metrics}
+
+
+def evaluate_metrics(client, parent_run_id: str, cfg) -> dict[str, float]:
+    """evaluate's scores for the parent run (``stage_metrics``)."""
+    return stage_metrics(client, parent_run_id, cfg, "evaluate")
+
+
+def headline_metrics(client, parent_run_id: str, cfg) -> dict[str, float]:
+    """The parent run's metrics: train's final reward, zero-std fraction, rewrite success and validation reward,
+    evaluate's scores."""
+    return {**stage_metrics(client, parent_run_id, cfg, "train"), **evaluate_metrics(client, parent_run_id, cfg)}

@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from herl_core.config import Config, StrictModel, deep_merge, line_of, parse_overrides
+from herl_core.config import Config, StrictModel, deep_merge, duplicate_keys, line_of, parse_overrides
 
 ArmName = Literal["base", "grpo", "grpo_equal_tokens", "herl", "herl_no_bonus"]
 ARMS: dict[str, list[str]] = {
@@ -197,6 +197,9 @@ def load_study(path: str | Path = "study.yaml", profile: str | None = None) -> S
         raise StudyError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: top level must be a mapping")
+    repeated = [f"{path}:{line}: {key}: duplicate key (first at line {n})" for key, line, n in duplicate_keys(root)]
+    if repeated:
+        raise StudyError("duplicate keys:\n  " + "\n  ".join(repeated))
     profiles = raw.pop("profiles", {}) or {}
     chosen = profile if profile is not None else raw.pop("profile", None)
     raw.pop("profile", None)

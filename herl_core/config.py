@@ -6,8 +6,10 @@ Rules:
 * every model is ``extra="forbid"`` and ``frozen=True``: a misspelt key anywhere, nested or not, is an error;
 * ``params.yaml`` holds base sections plus ``profiles.<name>`` overrides; ``profile`` picks one. The resolved
   tree is what runs, is logged and is hashed;
-* errors name the file, the line and the dotted field (``load_params``); a key that moved (``MOVED_KEYS``, e.g.
-  ``herl.bonus_alpha`` → ``hindsight.bonus_alpha``) is an error naming its new place.
+* errors name the file, the line of the value and the dotted field (``load_params``): the active profile's entry
+  when the profile sets the key (the message says so, and names the base line it overrides), else the base entry;
+  a key repeated in one mapping is an error (YAML would keep the last value silently); a key that moved
+  (``MOVED_KEYS``, e.g. ``herl.bonus_alpha`` → ``hindsight.bonus_alpha``) is an error naming its new place.
 
 Sections: the shared ``model``, ``reward`` and ``tracking``; one per stage (``prepare``, ``rollout``, ``hindsight``,
 ``train``, ``evaluate``: the knobs of that step, which train reads too for rollout and hindsight); ``probe``, what
@@ -198,7 +200,7 @@ class RewardConfig(StrictModel):
 
 
 class PrepareConfig(StrictModel):
-    """The prepare stage: training prompts with drawn constraints, held-out IFEval/IFBench (issue 3)."""
+    """The prepare stage: training prompts with drawn constraints, held-out IFEval/IFBench."""
 
     seed: Annotated[int, Field(description="Seed of the constraint draw and the split.")] = 0
     train_source: Annotated[
@@ -332,7 +334,13 @@ class HindsightConfig(StrictModel):
         True
     )
     threshold: Annotated[
-        float, Field(description="A group is failed when its best dense score < threshold (§3.4, §9-A7: 1.0).")
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description="A group is failed when its best dense score < threshold (§3.4, §9-A7: 1.0). Scores lie in "
+            "[0, 1]: above 1 every group would count as failed, at 0 none.",
+        ),
     ] = 1.0
     candidate_limit: Annotated[int, Field(ge=1, description="Max drafts per failed group (§3.4: 16).")] = 16
     rewrite_samples: Annotated[int, Field(ge=1, description="Rewrites per draft (§3.6 num_samples: 1).")] = 1
@@ -543,7 +551,7 @@ class TrainConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    """The evaluate stage (issue 4): IFEval / IFBench official metrics, greedy by default."""
+    """The evaluate stage: IFEval / IFBench official metrics, greedy by default."""
 
     benchmarks: Annotated[list[Literal["ifeval", "ifbench"]], Field(description="Held-out benchmarks to score.")] = [
         "ifeval",
@@ -607,7 +615,7 @@ class ProbeConfig(StrictModel):
 
 
 class TrackingConfig(StrictModel):
-    """MLflow tracking (issue 3). MLFLOW_TRACKING_URI in the environment overrides tracking_uri."""
+    """MLflow tracking. MLFLOW_TRACKING_URI in the environment overrides tracking_uri."""
 
     experiment: Annotated[str, Field(description="MLflow experiment name.")] = "herl"
     tracking_uri: Annotated[str, Field(description="Default backend: a sqlite file in the project.")] = (
@@ -809,6 +817,72 @@ def line_of(root: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
     return line
 
 
+def duplicate_keys(root: yaml.Node | None) -> list[tuple[str, int, int]]:
+    """(dotted key, line, line of its first occurrence) of every key that a YAML mapping repeats (1-based lines).
+    ``yaml.safe_load`` keeps the last value silently; a repeated key in a config file is almost always an edit that
+    went to the wrong place, so the loaders refuse it."""
+    found: list[tuple[str, int, int]] = []
+
+    def walk(node: yaml.Node | None, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k_node, v_node in node.value:
+                key, line = str(k_node.value), k_node.start_mark.line + 1
+                if key in first:
+                    found.append((f"{prefix}{key}", line, first[key]))
+                else:
+                    first[key] = line
+                walk(v_node, f"{prefix}{key}.")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{prefix}{i}.")
+
+    walk(root, "")
+    return found
+
+
+def check_duplicate_keys(path: str | Path, root: yaml.Node | None) -> None:
+    """``ConfigError`` naming ``path``, the line of each repeated key and the line of its first occurrence."""
+    lines = [
+        f"{path}:{line}: {key}: duplicate key (first at line {first}; YAML would keep only the last value)"
+        for key, line, first in duplicate_keys(root)
+    ]
+    if lines:
+        raise ConfigError("\n  ".join(["duplicate keys:", *lines]))
+
+
+def _has_path(tree: Any, path: tuple[Any, ...]) -> bool:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
+def value_origin(
+    root: yaml.Node | None, raw: dict[str, Any], over: dict[str, Any] | None, profile: str | None, loc: tuple
+) -> tuple[int | None, str]:
+    """(line, note) of where the value at ``loc`` came from: the active profile's entry when it sets ``loc`` (note:
+    "set in profile '<name>'", plus the line of the base value it overrides), else the base entry, else the deepest
+    entry along ``loc`` that the file has (a missing key: its section)."""
+    in_profile = over is not None and _has_path(over, loc)
+    base_line = line_of(root, loc) if _has_path(raw, loc) else None
+    if in_profile:
+        line = line_of(root, ("profiles", profile, *loc))
+        note = f"set in profile {profile!r}" + (f", over the base value at line {base_line}" if base_line else "")
+        return line, note
+    if base_line:
+        return base_line, ""
+    # neither sets it: point at the deepest entry on the way (the profile's when it goes deeper)
+    depth = max((n for n in range(len(loc), 0, -1) if _has_path(raw, loc[:n])), default=0)
+    p_depth = 0
+    if over is not None:
+        p_depth = max((n for n in range(len(loc), 0, -1) if _has_path(over, loc[:n])), default=0)
+    if p_depth > depth:
+        return line_of(root, ("profiles", profile, *loc[:p_depth])), f"in profile {profile!r}"
+    return (line_of(root, loc[:depth]) if depth else None), ""
+
+
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """``["train.steps=5", "hindsight.enabled=false"]`` → nested dict, values parsed as YAML scalars."""
     tree: dict[str, Any] = {}
@@ -844,6 +918,7 @@ def load_params(
         raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    check_duplicate_keys(path, root)
 
     profiles = raw.pop("profiles", {}) or {}
     if not isinstance(profiles, dict):
@@ -853,7 +928,7 @@ def load_params(
         raise ConfigError(f"{path}:{line_of(root, ('profile',))}: profile: expected a profile name, got {chosen!r}")
     _check_moved(path, root, raw, profiles, overrides)
     tree = dict(raw)
-    origin: dict[str, tuple[Any, ...]] = {}
+    over: dict[str, Any] | None = None
     if chosen is not None:
         if chosen not in profiles:
             raise ConfigError(f"{path}: unknown profile {chosen!r}; known: {sorted(profiles)}")
@@ -861,8 +936,6 @@ def load_params(
         if not isinstance(over, dict):
             raise ConfigError(f"{path}: profiles.{chosen} must be a mapping")
         tree = deep_merge(tree, over)
-        for section in over:
-            origin[section] = ("profiles", chosen, section)
     tree["profile"] = chosen
     tree = deep_merge(tree, parse_overrides(overrides))
     overridden = {tuple(item.split("=", 1)[0].strip().split(".")) for item in overrides or []}
@@ -872,11 +945,11 @@ def load_params(
         lines = []
         for err in exc.errors():
             loc = tuple(err["loc"])
-            yaml_path = origin.get(loc[0], ()) + loc[1:] if loc and loc[0] in origin else loc
-            line = line_of(root, yaml_path) or line_of(root, loc)
+            line, note = value_origin(root, raw, over, chosen, loc)
             field = ".".join(str(p) for p in loc) or "<root>"
             where = f"{path}:{line}" if line else str(path)
             if any(loc[: len(o)] == o for o in overridden):
-                where = f"{path} (--set {field})"
-            lines.append(f"{where}: {field}: {err['msg']} (got {err.get('input')!r})")
+                where, note = f"{path} (--set {field})", ""
+            got = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+            lines.append(f"{where}: {field}: {err['msg']}{got}" + (f"; {note}" if note else ""))
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from exc

@@ -218,6 +218,9 @@ def generate_answers(
     system_prompt: str | None = None,
     chat: bool = True,
     first_pass_tokens: int = 0,
+    batch_size: int | None = None,
+    on_batch: Callable[[str, int, int, int], None] | None = None,
+    what: str = "answers",
 ) -> list[Answer]:
     """One answer per text from a rollout engine: ``truncated`` = cut at ``max_new_tokens`` without EOS.
 
@@ -228,7 +231,14 @@ def generate_answers(
     near-tie, as between any two batchings. Text = ``tokenizer.decode(all completion ids, skip_special_tokens=True)``
     (the HF engine's own decoding). Sampled answers (temperature > 0) take one pass: a second would reuse the random
     stream of the first.
+
+    ``batch_size``: each pass is asked of the engine in batches of this many prompts, shortest first, each prompt
+    keeping its random key of one call (its position in the pass), which is how the engine splits one call itself:
+    the answers are those of one call. ``on_batch(what, batch, batches, prompts)`` is called after each batch
+    (``what``: ``what`` in the first pass, ``"<what> to <limit> tokens"`` in later ones) for progress output.
     """
+    from dataclasses import replace
+
     from herl_core.rollout.base import SamplingParams
 
     prompts = [encode_eval_prompt(tokenizer, t, system_prompt, chat=chat) for t in texts]
@@ -240,10 +250,21 @@ def generate_answers(
         if not pending:
             break
         sampling = SamplingParams(temperature=temperature, max_new_tokens=limit - done, seed=seed)
-        gens = engine.generate([prompts[i] + completions[i] for i in pending], 1, sampling)
-        for i, g in zip(pending, gens, strict=True):
-            completions[i] += list(g.completion_ids)
-            finished[i] = g.finished
+        inputs = [prompts[i] + completions[i] for i in pending]
+        if batch_size and batch_size < len(inputs):  # the engine's own split of one call, asked batch by batch
+            order = sorted(range(len(inputs)), key=lambda k: len(inputs[k]))  # as the engine orders a call (stable)
+            chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        else:
+            chunks = [list(range(len(inputs)))]
+        label = what if done == 0 else f"{what} to {limit} tokens"
+        for batch, chunk in enumerate(chunks, start=1):
+            keyed = sampling if len(chunks) == 1 else replace(sampling, keys=tuple(chunk))
+            gens = engine.generate([inputs[k] for k in chunk], 1, keyed)
+            for k, g in zip(chunk, gens, strict=True):
+                completions[pending[k]] += list(g.completion_ids)
+                finished[pending[k]] = g.finished
+            if on_batch is not None:
+                on_batch(label, batch, len(chunks), len(inputs))
         pending, done = [i for i in pending if not finished[i]], limit
     return [
         Answer(text=tokenizer.decode(ids, skip_special_tokens=True), truncated=not fin, n_tokens=len(ids))

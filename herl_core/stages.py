@@ -1,16 +1,19 @@
 """Stage entry points: read inputs, validate, call one herl_core module, write outputs atomically. No math here.
 
 Stage names are the same everywhere: ``prepare``, ``rollout``, ``hindsight``, ``train``, ``evaluate`` (the CLI
-subcommands, flows/, dvc.yaml and the MLflow child runs). Each function returns a small summary dict (the stage's
-DVC metric) and never leaves a half-written output. Outputs (docs/pipeline.md):
+subcommands, flows/, dvc.yaml and the MLflow child runs). Each function returns its summary dict and never leaves a
+half-written output; each stage folder holds ``metrics.json``, its headline numbers (``headline``: the stage's DVC
+metric), beside the detailed summary. Outputs (docs/pipeline.md):
 
-* prepare   → ``prepare.out_dir``/{train,val,ifeval,ifbench}.jsonl, report.json
-* rollout   → ``probe.rollout_dir``/rollouts.jsonl (RolloutRecord), summary.json          (spec §3.2-3.3)
-* hindsight → ``probe.hindsight_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json  (spec §3.4-3.9),
-              and with ``probe.control`` control.jsonl, control.json, control_types.csv  (docs/probe.md)
-* train     → ``train.out_dir`` (policy), ``train.report_dir``/*.jsonl, summary.json     (spec §3.15); with
-              validation on, val_outcomes.jsonl (per prompt and point) and validation_final.json (trained policy)
-* evaluate  → ``evaluate.out_dir``/<benchmark>/{metrics,per_type}.json, samples.jsonl, metrics.json  (spec §3.14)
+* prepare   → ``prepare.out_dir``/{train,val,ifeval,ifbench}.jsonl, report.json, metrics.json
+* rollout   → ``probe.rollout_dir``/rollouts.jsonl (RolloutRecord), summary.json, metrics.json    (spec §3.2-3.3)
+* hindsight → ``probe.hindsight_dir``/experiences.jsonl (HindsightRecord), merges.jsonl, summary.json, metrics.json
+  (spec §3.4-3.9), and with ``probe.control`` control.jsonl, control.json, control_types.csv (docs/probe.md)
+* train     → ``train.out_dir`` (policy), ``train.report_dir``/*.jsonl, steps.csv (the DVC plots), val.csv (with
+  validation), summary.json, metrics.json (spec §3.15); with validation on, val_outcomes.jsonl (per prompt and
+  point) and validation_final.json (the trained policy)
+* evaluate  → ``evaluate.out_dir``/<benchmark>/{metrics,per_type}.json, samples.jsonl, metrics.json (flat, the
+  headline itself)  (spec §3.14)
 
 The rollout and hindsight stages run the functions of one training step once (the readiness probe,
 herl_core.probe; sized and placed by the ``probe`` section), with the seeds of step 0
@@ -61,6 +64,156 @@ def load_prompts(
     return rows
 
 
+def check_prompt_lengths(path: str | Path, prompts: list[PromptRecord], tokenizer, rollout) -> None:
+    """``DataError`` naming ``path``, the line and the id of every prompt whose encoded form (the prompt format the
+    rollout uses, system prompt included) is longer than ``rollout.max_prompt_tokens`` (spec §3.1: such prompts are
+    rejected). ``prompts[i]`` is line i + 1 of ``path`` (``load_prompts`` refuses empty lines)."""
+    from herl_core.models import encode_prompt
+
+    limit, long = rollout.max_prompt_tokens, []
+    for lineno, row in enumerate(prompts, start=1):
+        n = len(encode_prompt(tokenizer, row.prompt, rollout.system_prompt))
+        if n > limit:
+            long.append(f"{path}:{lineno}: field 'prompt': prompt {row.id!r} is {n} tokens once encoded, longer than "
+                        f"rollout.max_prompt_tokens ({limit})")  # fmt: skip
+    if long:
+        more = f"\n  … and {len(long) - 10} more" if len(long) > 10 else ""
+        advice = "\n  shorten these prompts or raise rollout.max_prompt_tokens"
+        raise DataError("\n  ".join(long[:10]) + more + advice)
+
+
+def check_inputs(cfg: Config, stages: list[str] | tuple[str, ...]) -> None:
+    """Validate what ``stages`` (run in this order) read from outside, before any tracking run is opened, so that bad
+    input writes nothing (not even a FAILED run): the model sources (``check_model_source``), the training prompts
+    (``load_prompts``) and their encoded lengths (``check_prompt_lengths``), train's validation prompts
+    (``train.eval_set``, when ``train.eval_every`` is on), the rollouts the hindsight stage reads,
+    the benchmark files evaluate scores. What an earlier stage of the list writes is not checked (the pipeline's
+    prepare writes ``train.data``, its train the policy evaluate scores). Raises ``DataError`` / ``ModelSourceError``.
+    """
+    from herl_core.models import check_model_source, load_tokenizer
+
+    made: set[str] = set()
+    checked: dict[str, ModelConfig] = {}
+
+    def model(model_cfg: ModelConfig) -> ModelConfig:
+        if model_cfg.name_or_path not in checked:
+            check_model_source(model_cfg)
+            checked[model_cfg.name_or_path] = model_cfg
+        return model_cfg
+
+    prepared = "prepare" in stages and Path(cfg.train.data).parent == Path(cfg.prepare.out_dir)
+    val_prepared = "prepare" in stages and Path(cfg.train.eval_set).parent == Path(cfg.prepare.out_dir)
+    for stage in stages:
+        if stage in ("rollout", "hindsight", "train"):
+            model_cfg = model(cfg.model if stage == "train" else policy_config(cfg, cfg.probe.policy))
+            if not prepared:
+                prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)
+                used = prompts if stage == "train" else prompts[: cfg.probe.prompts]
+                check_prompt_lengths(cfg.train.data, used, load_tokenizer(model_cfg), cfg.rollout)
+            if stage == "train" and cfg.train.eval_every and not val_prepared:
+                val = load_val_prompts(cfg)[: cfg.train.eval_prompts]
+                check_prompt_lengths(cfg.train.eval_set, val, load_tokenizer(model_cfg), cfg.rollout)
+            if stage == "hindsight" and "rollout" not in made:
+                hindsight_inputs(cfg)  # the rollout rows: schema, prompt ids known, sample indices consecutive
+        elif stage == "evaluate":
+            if not ("train" in made and cfg.evaluate.policy is None):
+                model(eval_policy(cfg)[0])
+            if "prepare" not in made:
+                for bench in cfg.evaluate.benchmarks:
+                    load_prompts(Path(cfg.prepare.out_dir) / f"{bench}.jsonl", validate_constraints=False)
+        made.add(stage)
+
+
+HEADLINE_FILE = "metrics.json"
+"""Each stage's headline numbers in its output folder: its DVC metric (``dvc metrics show``, ``dvc exp show``)."""
+
+HEADLINE_KEYS: dict[str, tuple[str, ...]] = {
+    "prepare": ("train/prompts", "train/constraints", "val/prompts", "ifeval/prompts", "ifbench/prompts",
+                "dropped_overlapping_instructions", "disjoint"),
+    "rollout": ("prompts", "samples", "reward/mean", "reward/frac_zero_std", "reward/failed_calls", "pass_at_G",
+                "failed_group_frac", "truncated_frac"),
+    "hindsight": ("groups", "herl/failed_groups", "herl/rewrites", "herl/rewrite_success_rate",
+                  "herl/over_prev_best_rate", "herl/bonus_mean", "herl/rewrite_fully_correct_rate",
+                  "control/drafts", "control/rewrite_beats", "control/resample_beats", "control/difference_lo",
+                  "control/difference_hi"),
+    "train": ("steps", "reward/mean_first", "reward/mean", "reward/frac_zero_std_first", "reward/frac_zero_std",
+              "herl/rewrite_success_rate_first", "herl/rewrite_success_rate", "herl/bonus_mean", "actor/loss",
+              "val/reward_mean_first", "val/reward_mean", "perf/step_s_mean"),
+}  # fmt: skip
+"""The headline numbers of each stage (evaluate: ``EVAL_HEADLINE`` per benchmark). A name means the same thing in
+every stage that has it: train's unsuffixed ``reward/mean`` etc. are the last step's values (``_first``: step 0's),
+the numbers a run ends with, as MLflow's runs table shows them for the train run."""
+
+EVAL_HEADLINE = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose", "truncated_frac")
+"""Per benchmark in evaluate's metrics.json (``<benchmark>/<key>``): the four scores and, beside them, the share of
+answers cut at ``evaluate.max_new_tokens`` (a score over truncated answers understates the model). The prompt and
+instruction counts (the scores' denominators) are in ``<benchmark>/metrics.json``."""
+
+
+def headline(stage: str, summary: dict) -> dict:
+    """About a dozen numbers that say how ``stage`` went (``HEADLINE_KEYS``): its ``metrics.json``, its MLflow run's
+    metrics and its console summary. The details (per constraint type, histograms, first/last/mean over steps) stay
+    in the stage's summary file."""
+    flat = dict(summary)
+    if stage == "prepare":
+        for name, split in summary["splits"].items():
+            flat.update({f"{name}/prompts": split["prompts"], f"{name}/constraints": split["constraints"]})
+    elif stage == "hindsight":  # the control's verdict numbers (probe.control; the whole row: control.json)
+        flat.update({f"control/{k}": v for k, v in (summary.get("control") or {}).items()})
+    elif stage == "train":  # the last step's values under the per-step names; step 0's as _first
+        for key in (
+            "reward/mean",
+            "reward/frac_zero_std",
+            "herl/rewrite_success_rate",
+            "herl/bonus_mean",
+            "actor/loss",
+            "val/reward_mean",
+        ):
+            flat[key] = summary.get(f"{key}_last")
+        if "final/val/reward_mean" in summary:  # the last validation is the trained policy's (VALIDATION_FINAL)
+            flat["val/reward_mean"] = summary["final/val/reward_mean"]
+    elif stage == "evaluate":
+        keep = [k for k in summary if k.partition("/")[2] in EVAL_HEADLINE]
+        return {k: summary[k] for k in ("policy", "policy_fallback", *keep) if k in summary}
+    return {k: flat[k] for k in HEADLINE_KEYS[stage] if flat.get(k) is not None}
+
+
+STEP_TABLE, VAL_TABLE = "steps.csv", "val.csv"
+"""The train stage's per-step tables in ``train.report_dir`` (DVC plots read CSV, JSON, YAML and TSV, not JSON lines):
+every step with every metric (a ``val/*`` cell is empty on a step that did not validate), and the validation steps
+only with their ``val/*`` metrics (written when ``train.eval_every`` is on), so that their curves are unbroken lines."""
+
+
+def write_step_tables(report_dir: Path) -> None:
+    """``report_dir``/steps.jsonl as ``STEP_TABLE`` and ``VAL_TABLE`` (``step`` first, then every metric in order of
+    first appearance). ``VAL_TABLE`` ends with the trained policy's point (``VALIDATION_FINAL``, at step
+    ``train.steps``) when there is one. Without validation points no ``VAL_TABLE`` is left behind (an earlier run's is
+    removed)."""
+    rows = _read_history(report_dir / "steps.jsonl")
+    write_text_atomic(report_dir / STEP_TABLE, _csv(rows))
+    val = [{k: v for k, v in row.items() if k == "step" or k.startswith("val/")} for row in rows]
+    val = [row for row in val if len(row) > 1]
+    final = report_dir / VALIDATION_FINAL
+    if val and final.is_file():
+        val.append({k: v for k, v in json.loads(final.read_text()).items() if k == "step" or k.startswith("val/")})
+    if val:
+        write_text_atomic(report_dir / VAL_TABLE, _csv(val))
+    else:
+        (report_dir / VAL_TABLE).unlink(missing_ok=True)
+
+
+def _csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(["step", *(k for row in rows for k in row)]))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 def load_val_prompts(cfg: Config) -> list[PromptRecord]:
     """The validation prompts of the train stage (``train.eval_set``; the trainer keeps the first
     ``train.eval_prompts``), none when ``train.eval_every`` is 0. Any constraint id is accepted (IFBench's too):
@@ -71,8 +224,8 @@ def load_val_prompts(cfg: Config) -> list[PromptRecord]:
 
 
 def summarise(history: list[dict]) -> dict[str, float]:
-    """Final/mean values of the headline metrics for the train stage's DVC metric file (validation metrics over the
-    steps that validated)."""
+    """First / last / mean over the steps of the main per-step metrics (validation metrics over the steps that
+    validated): the train stage's summary.json (its ``metrics.json`` is ``headline("train", ...)`` of it)."""
     if not history:
         return {}
     keys = ["reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate", "herl/bonus_mean", "actor/loss",
@@ -114,6 +267,8 @@ def run_train(
     report = JsonlSink(cfg.train.report_dir) if dp.is_main else None  # rank 0 writes reports and tracks
     sinks = [x for x in (report, sink if dp.is_main else None) if x is not None]
     trainer = Trainer(cfg, prompts, sink=MultiSink(*sinks), dp=dp, val_prompts=val_prompts, **kwargs)
+    check_prompt_lengths(cfg.train.data, prompts, trainer.tokenizer, cfg.rollout)  # before anything is written
+    check_prompt_lengths(cfg.train.eval_set, trainer.val_prompts, trainer.tokenizer, cfg.rollout)
     point = resume_point(cfg, resume)  # the same decision the tracker made when it chose the run
     resumed = point.checkpoint is not None and trainer.resume(cfg.train.checkpoint_dir)
     with dp.main_first() as main:  # every rank has decided before rank 0 drops anything
@@ -133,9 +288,14 @@ def run_train(
     trainer.save_policy(cfg.train.out_dir)  # in model.dtype; FSDP: gathered onto rank 0 (every rank takes part)
     with dp.main_first() as main:
         if main:
+            report_dir = Path(cfg.train.report_dir)
             if final:
-                write_json_atomic(Path(cfg.train.report_dir) / VALIDATION_FINAL, {"step": trainer.state.step, **final})
-            write_json_atomic(Path(cfg.train.report_dir) / "summary.json", summary)
+                write_json_atomic(report_dir / VALIDATION_FINAL, {"step": trainer.state.step, **final})
+            else:  # no stale final point of an earlier run beside this run's tables
+                (report_dir / VALIDATION_FINAL).unlink(missing_ok=True)
+            write_step_tables(report_dir)
+            write_json_atomic(report_dir / "summary.json", summary)
+            write_json_atomic(report_dir / HEADLINE_FILE, headline("train", summary))
     return summary
 
 
@@ -162,7 +322,9 @@ def run_prepare(cfg: Config, sink: MetricsSink | None = None) -> dict:
     Returns the data report (also ``prepare.out_dir``/report.json)."""
     from herl_core.prepare import run_prepare as prepare_data
 
-    return prepare_data(cfg.prepare)
+    report = prepare_data(cfg.prepare)
+    write_json_atomic(Path(cfg.prepare.out_dir) / HEADLINE_FILE, headline("prepare", report))
+    return report
 
 
 def policy_config(cfg: Config, policy: str | None) -> ModelConfig:
@@ -187,6 +349,7 @@ def run_rollout(cfg: Config, sink: MetricsSink | None = None) -> dict:
 
     prompts = load_prompts(cfg.train.data, allow_ifbench=cfg.train.allow_ifbench_constraints)[: cfg.probe.prompts]
     model, tok = load_policy(policy_config(cfg, cfg.probe.policy))
+    check_prompt_lengths(cfg.train.data, prompts, tok, cfg.rollout)
     engine = make_engine(cfg.rollout.engine, model, tok, seed=cfg.train.seed)
     seed = call_seed(cfg.train.seed, 0, 0)  # the seed of training step 0's rollout
     groups = sample_groups(prompts, engine, make_reward(cfg.reward), tok, cfg.rollout, seed)
@@ -196,6 +359,7 @@ def run_rollout(cfg: Config, sink: MetricsSink | None = None) -> dict:
     write_jsonl_atomic(out / "rollouts.jsonl", rows)
     summary = {**rollout_summary(rows), "policy": cfg.probe.policy or cfg.model.name_or_path}
     write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / HEADLINE_FILE, headline("rollout", summary))
     return summary
 
 
@@ -219,6 +383,7 @@ def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
     source = Path(cfg.probe.rollout_dir) / "rollouts.jsonl"
     rows, prompts = hindsight_inputs(cfg)
     model, tok = load_policy(policy_config(cfg, cfg.probe.policy))
+    check_prompt_lengths(cfg.train.data, prompts[: cfg.probe.prompts], tok, cfg.rollout)
     groups = groups_from_rollouts(prompts, rows, tok, cfg.rollout, source=str(source))[: cfg.probe.prompts]
     before = [replace(g, samples=[s.copy() for s in g.samples]) for g in groups]  # the merge edits groups in place
     engine = make_engine(cfg.rollout.engine, model, tok, seed=cfg.train.seed)
@@ -264,6 +429,7 @@ def run_hindsight(cfg: Config, sink: MetricsSink | None = None) -> dict:
         for name in CONTROL_FILES:  # no stale control from an earlier run beside this run's outputs
             (folder / name).unlink(missing_ok=True)
     write_json_atomic(folder / "summary.json", summary)
+    write_json_atomic(folder / HEADLINE_FILE, headline("hindsight", summary))
     return summary
 
 
@@ -308,12 +474,19 @@ def eval_policy(cfg: Config) -> tuple[ModelConfig, str, bool]:
     return cfg.model, cfg.model.name_or_path, True
 
 
-def run_evaluate(cfg: Config, sink: MetricsSink | None = None) -> dict:
+def run_evaluate(
+    cfg: Config, sink: MetricsSink | None = None, on_batch: Callable[[str, int, int, int], None] | None = None
+) -> dict:
     """The ``evaluate`` stage: greedy (``evaluate.temperature``) chat-template answers of the policy, at most
     ``evaluate.max_new_tokens`` each, on each of ``evaluate.benchmarks`` (``prepare.out_dir``/<benchmark>.jsonl, first
     ``evaluate.limit``), official IF metrics and the truncation rate, ``evaluate.self_improve_rounds`` of test-time
-    hindsight revision. Prompts are built as lm-eval builds them (``herl_core.evaluate.encode_eval_prompt``).
-    Returns the flat metrics.json."""
+    hindsight revision. Prompts are built as lm-eval builds them (``herl_core.evaluate.encode_eval_prompt``). Writes
+    the headline metrics.json (``headline``: each benchmark's scores and truncation rate); returns every benchmark's
+    flat metrics (counts, truncation, the cap) with the policy used.
+
+    ``on_batch(what, batch, batches, prompts)`` is called after every generation batch of ``evaluate.batch_size``
+    prompts (``what``: "ifeval", "ifeval to 512 tokens", "ifeval revision 1", ...); answering batch by batch gives
+    the answers of one call (``generate_answers``)."""
     from herl_core.evaluate import evaluate_policy, generate_answers, write_eval
     from herl_core.models import load_policy
     from herl_core.rollout import make_engine
@@ -323,22 +496,27 @@ def run_evaluate(cfg: Config, sink: MetricsSink | None = None) -> dict:
     model, tok = load_policy(model_cfg)
     engine = make_engine(cfg.rollout.engine.model_copy(update={"generation_batch_size": e.batch_size}), model, tok)
 
-    def answer(texts: list[str], chat: bool) -> list:
+    def answer(texts: list[str], chat: bool, what: str) -> list:
         return generate_answers(
             engine, tok, texts, e.max_new_tokens, temperature=e.temperature, seed=cfg.train.seed,
             system_prompt=cfg.rollout.system_prompt, chat=chat, first_pass_tokens=e.first_pass_tokens,
+            batch_size=e.batch_size, on_batch=on_batch, what=what,
         )  # fmt: skip
 
     metrics: dict = {"policy": policy, "policy_fallback": fallback, "max_new_tokens": e.max_new_tokens}
     for bench in e.benchmarks:
         records = load_prompts(Path(cfg.prepare.out_dir) / f"{bench}.jsonl", validate_constraints=False)[: e.limit]
+        # revise runs once per round while a prompt still fails; once none does, no later round calls it either
+        rounds = iter(range(1, e.self_improve_rounds + 1))
         result = evaluate_policy(
             records,
-            generate=lambda texts: answer(texts, chat=True),
+            generate=lambda texts, bench=bench: answer(texts, chat=True, what=bench),
             rounds=e.self_improve_rounds,
-            revise=lambda texts: answer(texts, chat=cfg.hindsight.hindsight_chat_template),
+            revise=lambda texts, bench=bench, rounds=rounds: answer(
+                texts, chat=cfg.hindsight.hindsight_chat_template, what=f"{bench} revision {next(rounds)}"
+            ),
         )
         write_eval(result, Path(e.out_dir) / bench)
         metrics.update({f"{bench}/{k}": v for k, v in result.metrics.items() if not isinstance(v, (list, dict))})
-    write_json_atomic(Path(e.out_dir) / "metrics.json", metrics)
+    write_json_atomic(Path(e.out_dir) / HEADLINE_FILE, headline("evaluate", metrics))
     return metrics

@@ -1,4 +1,4 @@
-"""flows/deploy.py on a real Prefect API (the session's test harness): `herl deploy --work-pool` (issue 7 item 3).
+"""flows/deploy.py on a real Prefect API (the session's test harness): `herl deploy --work-pool`.
 
 The served way (`herl deploy` without --work-pool) is tested end to end on a real `prefect server` in
 test_pipeline.py::test_cron_deployment_registers_and_runs_on_a_real_prefect_server.

@@ -215,3 +215,38 @@ def test_profile_interpolation_is_the_only_template_in_params():
     for stage in DVC["stages"].values():
         for param in stage["params"]:
             assert re.fullmatch(r"profile|[a-z_]+|profiles\.\$\{profile\}\.[a-z_]+", param), param
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the stage command: scripts/herl
+
+
+def test_stage_command_finds_herl_on_path_else_in_the_clones_venv(tmp_path):
+    """dvc.yaml runs ``scripts/herl <stage>``: the ``herl`` on PATH when there is one (an activated environment, or
+    the interpreter ``herl pipeline`` runs), else ``<clone>/.venv/bin/herl``, else exit 127 saying what to do."""
+    import shutil
+    import subprocess
+
+    clone = tmp_path / "clone"
+    (clone / "scripts").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "herl", clone / "scripts" / "herl")
+    for stage in DVC["stages"].values():
+        assert stage["cmd"].startswith("scripts/herl ")
+
+    def fake(folder: Path, says: str) -> None:
+        folder.mkdir(parents=True)
+        (folder / "herl").write_text(f'#!/bin/sh\necho "{says} $*"\n')
+        (folder / "herl").chmod(0o755)
+
+    def run(path: str) -> subprocess.CompletedProcess:
+        env = {"PATH": path, "HOME": str(tmp_path)}
+        return subprocess.run(["/bin/bash", "scripts/herl", "train", "--profile", "tiny"], cwd=clone, env=env,
+                              capture_output=True, text=True)  # fmt: skip
+
+    system = "/usr/bin:/bin"
+    missing = run(system)
+    assert missing.returncode == 127 and "run 'bash scripts/setup.sh'" in missing.stderr
+    fake(clone / ".venv" / "bin", "venv")
+    assert run(system).stdout == "venv train --profile tiny\n"  # not activated: the clone's .venv
+    fake(tmp_path / "env" / "bin", "path")
+    assert run(f"{tmp_path / 'env' / 'bin'}:{system}").stdout == "path train --profile tiny\n"  # activated

@@ -1,4 +1,4 @@
-"""Security default (issue 5 item 7): servers our commands start listen on 127.0.0.1 only."""
+"""Security default: servers our commands start listen on 127.0.0.1 only."""
 
 from __future__ import annotations
 

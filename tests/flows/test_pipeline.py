@@ -1,5 +1,5 @@
 """flows/pipeline.py with the real tools: Prefect (test harness and a real `prefect server`), DVC in a temp git repo,
-MLflow on a temp sqlite store (issue 3 "Orchestration", issue 5 item 6).
+MLflow on a temp sqlite store.
 
 The temp repo has its own two-stage dvc.yaml (stages ``prepare`` and ``rollout``) whose commands call
 flows.tracking.stage_run like the real stage commands do; this keeps the tests to seconds and independent of the
@@ -8,6 +8,7 @@ model stages.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -179,6 +180,41 @@ def test_pipeline_runs_stages_as_flows_with_mlflow_children_and_fresh_lock_tags(
     assert again["stages"] == {"prepare": "skipped (unchanged)", "rollout": "skipped (unchanged)"}
 
 
+def test_herl_pipeline_prints_stage_headers_the_stage_output_and_one_closing_block(repo, monkeypatch):
+    """The console of `herl pipeline`: a header per stage, the stage's own lines, DVC's advice (git add dvc.lock,
+    autostage, dvc push) once in the closing block instead of after every stage, and where to look next; the whole
+    output is in the log file the block names. No JSON on stdout without --json."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.chdir(repo)
+    result = CliRunner().invoke(app, ["pipeline", "--stages", "prepare,rollout"])
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert err.index("[1/2] prepare") < err.index("[2/2] rollout") < err.index("herl pipeline done in")
+    assert err.count("git add dvc.lock") == 1 and "autostage" not in err and err.count("dvc push") == 1
+    assert "Beginning flow run" not in err  # Prefect's own lines go to its API only (--verbose shows them)
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(
+        experiments, "attributes.run_name = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    table = f"#/experiments/{parent.info.experiment_id}/runs?viewStateShareKey=herl&workflowType=machine_learning"
+    assert table in err and f"row 'pipeline' {parent.info.run_id[:8]}" in err
+    (log,) = (repo / ".herl" / "logs").glob("pipeline-*.log")
+    assert f"full log  .herl/logs/{log.name}" in err
+    text = log.read_text()
+    assert text.count("To enable auto staging") == 2 and "==> prepare:" in text and "==> rollout:" in text
+    assert result.stdout == ""
+    subprocess.run(["git", "add", "dvc.lock"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "record the run"], cwd=repo, check=True)
+    again = CliRunner().invoke(app, ["pipeline", "--stages", "prepare,rollout", "--json"])
+    assert again.exit_code == 0 and "git add dvc.lock" not in again.stderr  # dvc.lock is committed: no advice
+    assert again.stderr.count("skipped: nothing it reads changed") == 2
+    assert json.loads(again.stdout)["stages"] == {"prepare": "skipped (unchanged)", "rollout": "skipped (unchanged)"}
+
+
 def test_tags_reach_every_stage_flow_and_task_run_under_a_tag_concurrency_limit(repo):
     """`herl pipeline --tag gpu-0` (docs/scaling.md L4): the tag is on the stage flow runs and on their dvc-repro
     task runs, which is what a tag-based concurrency limit counts; with such a limit of 1 the stages still run (one
@@ -331,6 +367,8 @@ def test_real_dvc_yaml_runs_all_five_stages_on_the_tiny_profile(tmp_path, mlflow
     (tmp_path / "params.yaml").write_text(params)
     shutil.copy(MAIN / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copytree(MAIN / "herl_core", tmp_path / "herl_core", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "scripts").mkdir()
+    shutil.copy2(MAIN / "scripts" / "herl", tmp_path / "scripts" / "herl")  # dvc.yaml's stage command
     (tmp_path / ".gitignore").write_text(".herl/\nmlartifacts/\n")
     init_dvc_repo(tmp_path, init_repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)

@@ -28,6 +28,10 @@ RUNNER = CliRunner()
 TINY = ["--profile", "tiny"]
 
 
+VALIDATION = ["--set", "train.eval_every=1", "--set", "train.eval_prompts=2", "--set", "train.eval_samples=2"]
+"""Validation on in the workspace's train (step 0 validates on the first 2 prompts of data/prepared/val.jsonl)."""
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, mlflow_uri):
     """A workspace where every stage ran once (train: one step); returns the results by stage."""
@@ -38,14 +42,14 @@ def ws(tmp_path_factory, mlflow_uri):
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
         for stage in STAGES:
-            extra = ["--set", "train.steps=1"] if stage == "train" else []
-            results[stage] = RUNNER.invoke(app, [stage, *TINY, *extra])
+            extra = ["--set", "train.steps=1", *VALIDATION] if stage == "train" else []
+            results[stage] = RUNNER.invoke(app, [stage, *TINY, *extra, "--json"])
     results["mlflow_uri"] = mlflow_uri
     return root, results
 
 
 def ok(result) -> dict:
-    """Exit code 0 and the summary JSON the command printed on stdout."""
+    """Exit code 0 and the summary JSON the command printed on stdout (``--json``)."""
     assert result.exit_code == 0, result.output + repr(result.exception)
     return json.loads(result.stdout)
 
@@ -207,7 +211,12 @@ def test_hindsight_control_budget_rule_and_unchanged_outputs(ws, tmp_path):
     )
     assert {name: (folder / name).read_bytes() for name in before} == before
     assert {k: v for k, v in on.items() if k != "control"} == off and "control" not in off
-    assert sorted(p.name for p in folder.iterdir()) == ["experiences.jsonl", "merges.jsonl", "summary.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "experiences.jsonl",
+        "merges.jsonl",
+        "metrics.json",
+        "summary.json",
+    ]
 
 
 def knobs_in(root: Path, knobs: list[str]) -> list[str]:
@@ -226,6 +235,61 @@ def test_train_writes_policy_step_log_and_summary(ws):
     assert summary["reward/mean_last"] == pytest.approx(steps[0]["reward/mean"])
 
 
+def test_train_tables_metrics_and_mlflow_carry_the_validation_metrics(ws, mlflow_uri):
+    """Validation on: step 0's val/* are columns of steps.csv, the first row of val.csv, headline numbers of
+    metrics.json and metric points of the MLflow train run, all with the values of steps.jsonl; the trained policy's
+    point (validation_final.json, at step 1 = train.steps) ends val.csv and the MLflow curves, and is the headline's
+    last val/reward_mean."""
+    import csv
+
+    from mlflow import MlflowClient
+
+    root, results = ws
+    (step,) = [json.loads(x) for x in (root / "reports/train/steps.jsonl").read_text().splitlines()]
+    val_keys = sorted(k for k in step if k.startswith("val/"))
+    assert {"val/reward_mean", "val/all_met_frac", "val/pass_at_k", "val/greedy/reward_mean"} <= set(val_keys)
+    (row,) = list(csv.DictReader((root / "reports/train/steps.csv").open()))
+    assert float(row["val/reward_mean"]) == pytest.approx(step["val/reward_mean"])
+    final = json.loads((root / "reports/train/validation_final.json").read_text())
+    assert final["step"] == 1 and set(val_keys) <= set(final)
+    val_row, final_row = list(csv.DictReader((root / "reports/train/val.csv").open()))
+    assert val_row["step"] == "0" and final_row["step"] == "1"
+    assert set(val_row) == {"step", *(k for k in final if k.startswith("val/"))} | set(val_keys)  # val/* only
+    assert float(val_row["val/greedy/reward_mean"]) == pytest.approx(step["val/greedy/reward_mean"])
+    assert float(final_row["val/greedy/reward_mean"]) == pytest.approx(final["val/greedy/reward_mean"])
+    headline = json.loads((root / "reports/train/metrics.json").read_text())
+    assert headline["val/reward_mean_first"] == pytest.approx(step["val/reward_mean"])
+    assert headline["val/reward_mean"] == pytest.approx(final["val/reward_mean"])
+    assert len(headline) <= 12
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'train'")
+    for key in ("val/reward_mean", "val/greedy/reward_mean", "val/all_met_frac"):
+        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        assert history == [(0, pytest.approx(step[key])), (1, pytest.approx(final[key]))], key
+
+
+def test_a_stage_prints_progress_a_summary_line_and_where_to_look(ws, mlflow_uri):
+    """What a person reads on stderr (a pipe here, so plain lines): train's step line (the 0-based step as MLflow
+    logs it, and how many steps are done), the one-line summary, and the closing block with the files and the run."""
+    root, results = ws
+    err = results["train"].stderr
+    assert "herl train · profile tiny · model tiny · 1 step of 4 prompts × G=4 · HeRL" in err
+    steps = [json.loads(x) for x in (root / "reports/train/steps.jsonl").read_text().splitlines()]
+    assert f"[1/1] step 0  reward {steps[0]['reward/mean']:.3f}" in err
+    assert "\ntrain: 1 step, reward " in err and "herl train done in" in err
+    for path in ("reports/train/metrics.json", "reports/train/steps.csv", "models/policy"):
+        assert path in err
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'train'")
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning" in err
+    evaluate = results["evaluate"].stderr
+    assert "evaluate ifeval: batch 1/1 (4 prompts)" in evaluate and "evaluate: IFEval prompt-strict " in evaluate
+    assert '"splits"' not in results["prepare"].stderr  # no JSON dump on the console: the summary is one line
+    assert len(results["prepare"].stderr.splitlines()) < 15
+
+
 def test_evaluate_scores_the_trained_policy(ws):
     root, results = ws
     metrics = ok(results["evaluate"])
@@ -239,7 +303,11 @@ def test_evaluate_scores_the_trained_policy(ws):
     cut = [s["truncated"] for s in samples]
     assert metrics["ifeval/n_truncated"] == sum(cut) and metrics["ifeval/truncated_frac"] == sum(cut) / 4
     assert all(s["response_tokens"] == 16 for s in samples if s["truncated"])
-    assert json.loads((root / "reports/evaluate/metrics.json").read_text()) == metrics
+    headline = json.loads((root / "reports/evaluate/metrics.json").read_text())  # the DVC metric: the headline
+    assert headline == {k: metrics[k] for k in ("policy", "policy_fallback")} | {
+        f"ifeval/{k}": metrics[f"ifeval/{k}"]
+        for k in ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose", "truncated_frac")
+    }
     assert "ifbench/prompt_strict" not in metrics  # tiny evaluates IFEval only
 
 
@@ -291,6 +359,6 @@ def test_stage_names_agree_between_dvc_yaml_cli_and_params():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert list(dvc["stages"]) == list(STAGES)
     for name, stage in dvc["stages"].items():
-        assert stage["cmd"] == f"herl {name}"
+        assert stage["cmd"] == f"scripts/herl {name}"  # `herl {name}` with or without an activated environment
         assert name in SECTIONS and name in Config.model_fields and name in params  # the section of the same name
         assert {"profile", name, f"profiles.${{profile}}.{name}"} <= set(stage["params"]), name

@@ -106,3 +106,11 @@ def test_load_study_errors_name_file_and_line(tmp_path):
     path.write_text("arms: [base, dpo]\n", encoding="utf-8")
     with pytest.raises(StudyError, match=r"arms\.1"):
         load_study(path)
+
+
+def test_a_repeated_key_in_study_yaml_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("params_profile: tiny\nseeds: [0, 1]\nseeds: [2]\n")
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    assert f"{path}:3: seeds: duplicate key (first at line 2)" in str(err.value)

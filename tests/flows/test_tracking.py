@@ -1,6 +1,6 @@
 """flows/tracking.py on a real temp sqlite MLflow store: parent/child runs, lineage tags, flattened params, step
 metrics, the experiences table, the reward curve, the model and its registered version, resume re-attach, and the
-judge API key never reaching MLflow (issue 3 "MLflow", issue 5 items 1 and 5)."""
+judge API key never reaching MLflow."""
 
 from __future__ import annotations
 
@@ -197,38 +197,178 @@ def tiny_model_folder(folder: Path) -> None:
     save_file({"w": torch.ones(2, 2)}, str(folder / "model.safetensors"))
 
 
-def test_train_logs_curve_model_and_registers_a_version_with_alias(project, tmp_path_factory):
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory) -> Path:
+    """A real (tiny, random) policy folder as the train stage writes it: safetensors, tokenizer, chat template."""
+    from herl_core.config import ModelConfig, TinyModelConfig
+    from herl_core.models import load_policy, save_checkpoint_weights
+
+    tiny = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=32)
+    model, tok = load_policy(ModelConfig(name_or_path="tiny", tiny=tiny))
+    return save_checkpoint_weights(model, tok, tmp_path_factory.mktemp("policy") / "policy")
+
+
+def test_train_logs_curve_and_the_policy_as_a_logged_model_of_the_run_with_a_registered_version(
+    project, tmp_path_factory, tiny_policy, monkeypatch
+):
+    import shutil
+
+    import mlflow.transformers
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # as `herl train` runs by default: the store named in params.yaml
     cfg = load_params(project / "params.yaml")
-    tiny_model_folder(project / "models/policy")
+    shutil.copytree(tiny_policy, project / "models/policy")
     with stage_run(cfg, "train") as tracker:
         for step in range(3):
             tracker.sink.log_metrics(
                 {"reward/mean": 0.1 * step, "reward/frac_zero_std": 0.5, "herl/rewrite_success_rate": 0.2}, step
             )
-        tracker.finish({"steps": 3})
+        tracker.finish({"steps": 3, "reward/mean_first": 0.0, "reward/mean_last": 0.2})
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # left as it was
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns.db'}")
     client = MlflowClient()
+    run = client.get_run(tracker.run_id)
     arts = {a.path for a in client.list_artifacts(tracker.run_id)}
-    assert {"config.json", "summary.json", "plots", "model"} <= arts
+    assert {"config.json", "summary.json", "plots"} <= arts and "model" not in arts  # the model is not a run folder
     png = Path(client.download_artifacts(tracker.run_id, "plots/reward_curve.png", str(tmp_path_factory.mktemp("p"))))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    model_files = {a.path for a in client.list_artifacts(tracker.run_id, "model")}
-    assert model_files == {"model/config.json", "model/model.safetensors"}
+    # the summary (first / last over the steps) is tags, not one-point metric charts beside the curves
+    assert run.data.tags["summary.reward/mean_first"] == "0" and run.data.tags["summary.steps"] == "3"
+    assert set(run.data.metrics) == {"reward/mean", "reward/frac_zero_std", "herl/rewrite_success_rate"}
+    assert run.data.metrics["reward/mean"] == pytest.approx(0.2)  # the runs table's column: the last step
+    # the policy is an MLflow logged model, output of the run at its last step (the runs table's Models column)
+    (output,) = run.outputs.model_outputs
+    assert output.step == 2 and run.data.tags["herl.model_id"] == output.model_id
+    model = client.get_logged_model(output.model_id)
+    assert model.source_run_id == tracker.run_id and model.status.to_proto() == 2  # READY
+    assert model.experiment_id == run.info.experiment_id and model.name == "policy"
+    files = {a.path for a in client.list_logged_model_artifacts(output.model_id)}
+    assert {"MLmodel", "model", "components", "requirements.txt"} <= files
+    # registered under tracking.registered_model with the alias, pointing at the logged model
     version = client.get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.model_alias)
-    assert version.run_id == tracker.run_id and version.source.endswith("/model")
-    assert client.get_run(tracker.run_id).data.tags["herl.model_version"] == f"herl-policy/{version.version}@candidate"
+    assert version.run_id == tracker.run_id and version.source == f"models:/{output.model_id}"
+    assert run.data.tags["herl.model_version"] == f"herl-policy/{version.version}@candidate"
+    # the logged model names its registered version (the UI's "Registered models" cell of the model)
+    tagged = json.loads(client.get_logged_model(output.model_id).tags["mlflow.modelVersions"])
+    assert tagged == [{"name": "herl-policy", "version": version.version}]
+    # and it loads back with MLflow's transformers flavor, with the trained weights (safetensors, nothing pickled)
+    loaded = mlflow.transformers.load_model("models:/herl-policy@candidate", return_type="components")
+    want = load_file(str(tiny_policy / "model.safetensors"))
+    got = loaded["model"].state_dict()
+    assert want.keys() <= got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    pickles = [p for p in Path(mlflow.artifacts.download_artifacts(f"models:/{output.model_id}")).rglob("*")
+               if p.suffix in (".bin", ".pkl", ".pt", ".pth")]  # fmt: skip
+    assert pickles == []
 
 
-def test_registry_failure_keeps_the_run_and_its_model_artifact(project, monkeypatch):
+def test_a_folder_the_flavor_cannot_load_is_logged_as_files_of_the_model(project):
+    cfg = load_params(project / "params.yaml")
+    tiny_model_folder(project / "models/policy")  # config.json without a loadable architecture
+    with pytest.warns(UserWarning, match="mlflow.transformers failed"):
+        with stage_run(cfg, "train") as tracker:
+            tracker.finish({"steps": 1})
+    client = MlflowClient()
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and "herl.model_flavor_error" in run.data.tags
+    (output,) = run.outputs.model_outputs
+    files = {a.path for a in client.list_logged_model_artifacts(output.model_id)}
+    assert files == {"config.json", "model.safetensors"}
+    version = client.get_model_version_by_alias(cfg.tracking.registered_model, "candidate")
+    assert version.source == f"models:/{output.model_id}"
+
+
+def test_registry_failure_keeps_the_run_and_its_logged_model(project, tiny_policy):
+    import shutil
+
     cfg = load_params(project / "params.yaml", overrides=["tracking.registered_model=''"])  # empty name: rejected
-    tiny_model_folder(project / "models/policy")
+    shutil.copytree(tiny_policy, project / "models/policy")
     with pytest.warns(UserWarning, match="registering"):
         with stage_run(cfg, "train") as tracker:
             tracker.finish({"steps": 1})
     run = MlflowClient().get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and "herl.register_error" in run.data.tags
-    assert {a.path for a in MlflowClient().list_artifacts(tracker.run_id, "model")} == {
-        "model/config.json", "model/model.safetensors"
+    (output,) = run.outputs.model_outputs
+    assert "MLmodel" in {a.path for a in MlflowClient().list_logged_model_artifacts(output.model_id)}
+
+
+def test_the_experiment_carries_the_runs_table_view_herls_links_open(project):
+    """The runs table herl links to (``?viewStateShareKey=herl``) shows the Models column and the headline numbers
+    (what the parent run carries), as MLflow's UI reads a shared view: JSON in the experiment tag
+    ``mlflow.sharedViewState.herl``; it follows evaluate.benchmarks."""
+    cfg = load_params(project / "params.yaml", overrides=["evaluate.benchmarks=[ifeval, ifbench]"])
+    with stage_run(cfg, "prepare") as tracker:
+        pass
+    client = MlflowClient()
+    exp = client.get_run(tracker.run_id).info.experiment_id
+    view = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.herl"])
+    assert view["selectedColumns"] == [
+        "attributes.`Models`", "metrics.`reward/mean`", "metrics.`herl/rewrite_success_rate`",
+        "metrics.`ifeval/prompt_strict`", "metrics.`ifeval/inst_strict`", "metrics.`ifbench/prompt_strict`",
+        "metrics.`ifbench/inst_strict`", "params.`hindsight.enabled`", "tags.`herl.profile`",
+    ]  # fmt: skip
+    assert (view["orderByKey"], view["orderByAsc"]) == ("attributes.start_time", False)
+    only_ifeval = load_params(project / "params.yaml", overrides=["evaluate.benchmarks=[ifeval]"])
+    with stage_run(only_ifeval, "prepare"):
+        pass
+    view = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.herl"])
+    assert "metrics.`ifbench/prompt_strict`" not in view["selectedColumns"]
+    assert "metrics.`val/reward_mean`" not in view["selectedColumns"]  # validation off (the default)
+    validating = load_params(project / "params.yaml", overrides=["train.eval_every=2"])
+    with stage_run(validating, "prepare"):
+        pass
+    view = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.herl"])
+    assert view["selectedColumns"][:4] == [
+        "attributes.`Models`", "metrics.`reward/mean`", "metrics.`herl/rewrite_success_rate`",
+        "metrics.`val/reward_mean`",
+    ]  # fmt: skip
+
+
+def test_the_parent_run_carries_trains_last_values_and_the_last_validation(project):
+    """The pipeline parent's metrics (its runs-table row): the train child's last reward, zero-std fraction, rewrite
+    success and validation reward (validation ran at steps 0 and 2 of 3), evaluate's scores per benchmark."""
+    from flows.pipeline import headline_metrics
+
+    cfg = load_params(project / "params.yaml")
+    client = MlflowClient()
+    exp = client.create_experiment("parent-metrics")
+    parent = client.create_run(exp, run_name="pipeline").info.run_id
+    child = {"mlflow.parentRunId": parent}
+    train = client.create_run(exp, run_name="train", tags=child).info.run_id
+    for step, reward, val in ((0, 0.25, 0.125), (1, 0.5, None), (2, 0.75, 0.375)):
+        client.log_metric(train, "reward/mean", reward, step=step)
+        client.log_metric(train, "reward/frac_zero_std", 1.0 - reward, step=step)
+        client.log_metric(train, "actor/loss", 0.5, step=step)
+        if val is not None:
+            client.log_metric(train, "val/reward_mean", val, step=step)
+    evaluate = client.create_run(exp, run_name="evaluate", tags=child).info.run_id
+    for key, value in {"ifeval/prompt_strict": 0.5, "ifeval/n_prompts": 4.0, "ifbench/inst_strict": 0.25}.items():
+        client.log_metric(evaluate, key, value)
+    assert headline_metrics(client, parent, cfg) == {
+        "reward/mean": 0.75, "reward/frac_zero_std": 0.25, "val/reward_mean": 0.375,
+        "ifeval/prompt_strict": 0.5, "ifbench/inst_strict": 0.25,
     }  # fmt: skip
+
+
+def test_experiments_open_in_the_model_training_view(project):
+    """MLflow 3 shows an experiment in its GenAI view unless it is tagged as a model-training one; an experiment made
+    before (untagged) gets the tag, one whose kind a user set keeps it."""
+    from flows.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, experiment_id
+
+    cfg = load_params(project / "params.yaml")
+    with stage_run(cfg, "prepare") as tracker:
+        pass
+    client = MlflowClient()
+    exp = client.get_experiment(client.get_run(tracker.run_id).info.experiment_id)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    old = client.create_experiment("made-by-hand-before")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert experiment_id(client, "made-by-hand-before", None) == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    chosen = client.create_experiment("genai-by-choice", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    experiment_id(client, "genai-by-choice", None)
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 
 def write_checkpoint(root: Path, step: int, run_id: str, fingerprint: str) -> None:
@@ -264,6 +404,37 @@ def test_resumed_train_reattaches_to_the_crashed_run(project, tmp_path_factory):
     with stage_run(cfg, "train", resume=False) as fresh:
         pass
     assert fresh.run_id != first.run_id
+
+
+def test_train_metrics_reach_mlflow_once_their_checkpoint_is_written(project):
+    """A train step's metrics are held back until a checkpoint covers the step: a kill before that checkpoint makes
+    the resume recompute the step, and MLflow (which cannot delete a metric point) then holds it once, with the
+    values the resumed run computed."""
+    cfg = load_params(project / "params.yaml")
+    client = MlflowClient()
+
+    def history(run_id: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "reward/mean"))
+
+    with pytest.raises(RuntimeError, match="killed"):
+        with stage_run(cfg, "train") as first:
+            first.sink.log_metrics({"reward/mean": 0.25}, 0)
+            assert history(first.run_id) == []  # no checkpoint holds step 0 yet
+            write_checkpoint(project, 1, first.run_id, train_fingerprint(cfg))  # the trainer's save after step 0
+            first.sink.flush_durable()  # what the train command does after every step
+            assert history(first.run_id) == [(0, 0.25)]
+            first.sink.log_metrics({"reward/mean": 0.5}, 1)  # step 1 computed; its checkpoint is never written
+            raise RuntimeError("killed before checkpoint 2")
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["herl.unlogged_steps"] == "1"
+    assert history(first.run_id) == [(0, 0.25)]
+    with stage_run(cfg, "train") as second:  # the resume re-attaches at step 1 and recomputes it
+        assert second.run_id == first.run_id
+        second.sink.log_metrics({"reward/mean": 0.75}, 1)
+        second.sink.log_metrics({"reward/mean": 1.0}, 2)
+        second.finish({"steps": 3})  # the stage completed: everything held is sent
+    assert history(first.run_id) == [(0, 0.25), (1, 0.75), (2, 1.0)]
+    assert client.get_run(first.run_id).data.tags["herl.resumed_at_step"] == "1"
 
 
 def test_a_checkpoint_of_other_settings_opens_a_new_run(project):
@@ -312,20 +483,29 @@ def test_a_skipped_evaluate_is_found_by_the_settings_it_reads(project, monkeypat
             assert evaluate_metrics(parent.client, parent.run_id, edited) == found
 
 
-def test_judge_api_key_never_reaches_mlflow(project, monkeypatch, tmp_path_factory):
+def test_judge_api_key_never_reaches_mlflow(project, monkeypatch, tmp_path_factory, tiny_policy):
+    import shutil
+
+    import mlflow
+
     monkeypatch.setenv("HERL_JUDGE_API_KEY", SECRET)
     cfg = load_params(project / "params.yaml", overrides=["reward.type=judge"])
-    tiny_model_folder(project / "models/policy")
+    shutil.copytree(tiny_policy, project / "models/policy")
     with stage_run(cfg, "train") as tracker:
         tracker.sink.log_metrics({"reward/mean": 0.5}, 0)
         tracker.sink.log_records("experiences", [experience(0)], 0)
         tracker.finish({"steps": 1}, outputs=["params.yaml"])
     client = MlflowClient()
     run = client.get_run(tracker.run_id)
-    texts = [*run.data.params.items(), *run.data.tags.items(), *run.data.metrics.items()]
+    (output,) = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    texts = [*run.data.params.items(), *run.data.tags.items(), *run.data.metrics.items(), *model.tags.items()]
     dst = Path(client.download_artifacts(tracker.run_id, "", str(tmp_path_factory.mktemp("all"))))
     files = [p for p in dst.rglob("*") if p.is_file()]
-    assert len(files) >= 6  # config, summary, records, table, plot, model files, outputs/params.yaml
+    assert len(files) >= 6  # config, summary, records, table, plot, outputs/params.yaml
+    logged = Path(mlflow.artifacts.download_artifacts(f"models:/{output.model_id}", dst_path=str(dst / "model")))
+    files += [p for p in logged.rglob("*") if p.is_file()]  # MLmodel, requirements, weights, tokenizer
+    assert any(p.name == "MLmodel" for p in files)
     blob = "\n".join(f"{k}={v}" for k, v in texts) + "\n".join(p.read_bytes().decode("latin-1") for p in files)
     assert "reward.judge.api_key_env=HERL_JUDGE_API_KEY" in blob  # the search sees the variable's NAME...
     assert SECRET not in blob  # ...and never its value

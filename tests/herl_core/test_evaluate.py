@@ -369,3 +369,52 @@ def test_length_mismatch_is_an_error():
         ev.score_responses(_records()[:2], ["x"])
     with pytest.raises(ValueError, match="generate returned 1 answers for 4 prompts"):
         ev.evaluate_policy(_records(), lambda prompts: ["x"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the evaluate stage answers batch by batch (for its progress display), with the answers of one engine call
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_run_evaluate_batch_by_batch_gives_the_answers_of_one_call(tmp_path, monkeypatch, temperature):
+    import herl_core.rollout as rollout
+    from herl_core.config import Config
+    from herl_core.io import write_jsonl_atomic
+    from herl_core.models import encode_prompt, load_policy
+    from herl_core.rollout.base import SamplingParams
+    from herl_core.stages import run_evaluate
+
+    texts = ["Say hi.", "Write a long note about the sea and the sky.", "Name a fruit.", "Count to three, please.",
+             "Describe rain in one short line."]  # fmt: skip
+    records = [_record(f"p{i}", ["punctuation:no_comma"], prompt=t) for i, t in enumerate(texts)]
+    write_jsonl_atomic(tmp_path / "prepared" / "ifeval.jsonl", records)
+    cfg = Config.model_validate(
+        {
+            "model": {"name_or_path": "tiny"},
+            "prepare": {"out_dir": str(tmp_path / "prepared")},
+            "train": {"out_dir": str(tmp_path / "none")},
+            "evaluate": {"benchmarks": ["ifeval"], "max_new_tokens": 6, "batch_size": 2, "temperature": temperature,
+                         "out_dir": str(tmp_path / "eval")},
+        }
+    )  # fmt: skip
+    calls: list[int] = []
+    real = rollout.make_engine
+
+    def counting(*args, **kwargs):
+        engine = real(*args, **kwargs)
+        generate = engine.generate
+        engine.generate = lambda prompts, n, sampling: calls.append(len(prompts)) or generate(prompts, n, sampling)
+        return engine
+
+    monkeypatch.setattr(rollout, "make_engine", counting)
+    progress: list[tuple] = []
+    run_evaluate(cfg, on_batch=lambda *a: progress.append(a))
+    assert calls == [2, 2, 1]  # 5 prompts, batch_size 2
+    assert progress == [("ifeval", 1, 3, 5), ("ifeval", 2, 3, 5), ("ifeval", 3, 3, 5)]
+    answers = [json.loads(x)["response"] for x in (tmp_path / "eval/ifeval/samples.jsonl").read_text().splitlines()]
+    # the same prompts in ONE call of an engine with generation_batch_size 2 (it sorts and cuts them the same way)
+    model, tok = load_policy(cfg.model)
+    engine = real(cfg.rollout.engine.model_copy(update={"generation_batch_size": 2}), model, tok)
+    ids = [encode_prompt(tok, t) for t in texts]
+    sampling = SamplingParams(temperature=temperature, max_new_tokens=6, seed=cfg.train.seed)
+    assert answers == [g.text for g in engine.generate(ids, 1, sampling)]

@@ -1,4 +1,4 @@
-"""Shared helpers of the reliability tests (issue 5): a tiny-model workspace and the ``herl`` command as a process."""
+"""Shared helpers of the reliability tests: a tiny-model workspace and the ``herl`` command as a process."""
 
 from __future__ import annotations
 

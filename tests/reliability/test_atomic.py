@@ -1,4 +1,4 @@
-"""Issue 5 item 2: every artifact appears whole or not at all, even when the writer is killed with SIGKILL.
+"""Every artifact appears whole or not at all, even when the writer is killed with SIGKILL.
 
 A child process starts writing through one of herl_core.io's writers, signals that it is midway (a marker file)
 and is killed. The target must then hold its previous content (or not exist), the partial data must sit only in a

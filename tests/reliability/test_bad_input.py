@@ -62,9 +62,14 @@ MALFORMED = {
 }
 
 
+# files that load_prompts accepts but a stage refuses once the prompts are encoded: file → (line, prompt id)
+TOO_LONG = {"prompt_too_long.jsonl": (2, "long")}
+SHORT_PROMPTS = "  n: 4\n  max_prompt_tokens: 64\n"  # the workspace's rollout section with a 64-token limit
+
+
 def test_the_corpus_is_complete():
     # every file in the corpus has an expectation, and every expectation a file (plus empty.jsonl, tested below)
-    assert sorted(p.name for p in CORPUS.glob("*.jsonl")) == sorted([*MALFORMED, "empty.jsonl"])
+    assert sorted(p.name for p in CORPUS.glob("*.jsonl")) == sorted([*MALFORMED, *TOO_LONG, "empty.jsonl"])
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))
@@ -125,6 +130,77 @@ def test_run_train_on_bad_prompts_writes_nothing(tmp_path, herl, name):
         run_train(_cfg(ws, prompts_per_step=2, mini_batch_prompts=2))
     assert str(err.value).startswith(f"{path}:{line}: {what}"), str(err.value)
     assert _outputs(ws) == [] and os.listdir(ws / "data") == ["prompts.jsonl"]
+
+
+def _too_long_message(path: Path, name: str) -> str:
+    """What the refusal of ``name`` says: the file, the line, the prompt id and its encoded length (counted here with
+    the tokenizer the tiny model uses and its chat template, as the rollout encodes it)."""
+    from herl_core.config import ModelConfig
+    from herl_core.models import encode_prompt, load_tokenizer
+
+    line, prompt_id = TOO_LONG[name]
+    row = json.loads((CORPUS / name).read_text().splitlines()[line - 1])
+    n = len(encode_prompt(load_tokenizer(ModelConfig(name_or_path="tiny")), row["prompt"]))
+    assert n > 64 and row["id"] == prompt_id
+    return (
+        f"{path}:{line}: field 'prompt': prompt {prompt_id!r} is {n} tokens once encoded, longer than "
+        "rollout.max_prompt_tokens (64)"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(TOO_LONG))
+def test_an_over_long_prompt_is_refused_by_file_and_line_before_anything_is_written(tmp_path, herl, name):
+    from herl_core.stages import check_inputs
+
+    ws = herl.make_workspace(tmp_path / "ws")
+    path = ws / "data" / "prompts.jsonl"
+    path.write_bytes((CORPUS / name).read_bytes())
+    cfg = _cfg(ws, prompts_per_step=2, mini_batch_prompts=2)
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"max_prompt_tokens": 64})})
+    expected = _too_long_message(path, name)
+    for stages in (["train"], ["rollout"], ["hindsight"]):  # the check the commands run before MLflow
+        with pytest.raises(DataError) as err:
+            check_inputs(cfg, stages)
+        assert str(err.value).startswith(expected), str(err.value)
+    with pytest.raises(DataError) as err:  # and the train stage itself
+        run_train(cfg)
+    assert str(err.value).startswith(expected) and "rollout.max_prompt_tokens" in str(err.value)
+    assert _outputs(ws) == [] and os.listdir(ws / "data") == ["prompts.jsonl"]
+
+
+def test_an_over_long_validation_prompt_is_refused_by_its_file_and_line_before_anything_is_written(tmp_path, herl):
+    """With validation on (``train.eval_every``), the validation prompts are checked as the training prompts are: an
+    over-long one would otherwise stop the run at its first validation point, after the run was opened."""
+    from herl_core.stages import check_inputs
+
+    name = "prompt_too_long.jsonl"
+    ws = herl.make_workspace(tmp_path / "ws")  # its data/prompts.jsonl: 4 short prompts
+    val = ws / "data" / "val.jsonl"
+    val.write_bytes((CORPUS / name).read_bytes())
+    cfg = _cfg(ws, prompts_per_step=2, mini_batch_prompts=2, eval_every=1, eval_set=str(val))
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"max_prompt_tokens": 64})})
+    expected = _too_long_message(val, name)
+    check_inputs(cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_prompts": 1})}), ["train"])
+    for run in (lambda: check_inputs(cfg, ["train"]), lambda: run_train(cfg)):  # the command's check, the stage
+        with pytest.raises(DataError) as err:
+            run()
+        assert str(err.value).startswith(expected), str(err.value)
+    assert _outputs(ws) == [] and sorted(os.listdir(ws / "data")) == ["prompts.jsonl", "val.jsonl"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", ["train", "rollout"])
+def test_herl_on_an_over_long_prompt_exits_1_and_writes_nothing_not_even_a_failed_run(tmp_path, herl, stage):
+    name = "prompt_too_long.jsonl"
+    ws = herl.make_workspace(tmp_path / "ws", params=herl.params.replace("  n: 4\n", SHORT_PROMPTS, 1))
+    (ws / "data" / "prompts.jsonl").write_bytes((CORPUS / name).read_bytes())
+    proc = herl.run(ws, stage, "--params", "params.yaml")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    message = " ".join(proc.stderr.split())
+    assert _too_long_message(Path("data/prompts.jsonl"), name) in message, message[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert _outputs(ws) == [] and os.listdir(ws / "data") == ["prompts.jsonl"]
+    assert not list(ws.glob("mlruns*")) and not (ws / "mlartifacts").exists()  # not even a FAILED MLflow run
 
 
 def test_ifbench_constraints_load_when_the_user_opts_in(tmp_path, herl):
@@ -199,6 +275,58 @@ def test_bad_params_exit_2_with_file_line_field(tmp_path, monkeypatch, herl, cas
     assert result.exit_code == 2, result.output
     assert expected in " ".join(result.output.split()), result.output
     assert _outputs(ws) == []
+
+
+# params files of the corpus (malformed/params/) → what the message says; each file's comment says what is wrong
+MALFORMED_PARAMS = {
+    # the value's own line, not the profile's section header
+    "base_value_under_a_profile.yaml": "params.yaml:8: hindsight.bonus_alpha: Input should be greater than or equal "
+    "to 0 (got -3)",
+    # the profile's line, and which profile set it over which base line
+    "profile_overrides_the_base.yaml": "params.yaml:11: hindsight.bonus_alpha: Input should be greater than or equal "
+    "to 0 (got -3); set in profile 'tiny', over the base value at line 6",
+    "threshold_above_1.yaml": "params.yaml:6: hindsight.threshold: Input should be less than or equal to 1 (got 2)",
+    "duplicate_key.yaml": "params.yaml:8: train.steps: duplicate key (first at line 6; YAML would keep only the last "
+    "value)",
+    "duplicate_key_in_a_profile.yaml": "params.yaml:11: profiles.tiny.rollout: duplicate key (first at line 7; YAML "
+    "would keep only the last value)",
+}
+
+
+def test_the_params_corpus_is_complete():
+    assert sorted(p.name for p in (CORPUS / "params").glob("*.yaml")) == sorted(MALFORMED_PARAMS)
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_PARAMS))
+def test_malformed_params_exit_2_naming_the_line_of_the_value(tmp_path, monkeypatch, herl, name):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    ws = herl.make_workspace(tmp_path / "ws", params=(CORPUS / "params" / name).read_text())
+    monkeypatch.chdir(ws)
+    result = CliRunner().invoke(app, ["train", "--params", "params.yaml"])
+    assert result.exit_code == 2, result.output
+    assert MALFORMED_PARAMS[name] in " ".join(result.output.split()), result.output
+    assert _outputs(ws) == [] and not list(ws.glob("mlruns*"))
+
+
+@pytest.mark.parametrize("profile", ["tiny", "cpu"])
+def test_a_bad_base_value_of_the_project_params_is_reported_at_its_line_under_every_profile(tmp_path, profile):
+    """The project's own params.yaml: a value written in the base section is reported at its line whichever profile
+    is active (not at the profile's `hindsight:` header)."""
+    from herl_core.config import ConfigError, load_params
+
+    text = (Path(__file__).resolve().parents[2] / "params.yaml").read_text()
+    assert text.count("  bonus_alpha: 0.05\n") == 1
+    line = text[: text.index("  bonus_alpha: 0.05\n")].count("\n") + 1
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("  bonus_alpha: 0.05\n", "  bonus_alpha: -3\n"))
+    with pytest.raises(ConfigError) as err:
+        load_params(path, profile=profile)
+    expected = f"{path}:{line}: hindsight.bonus_alpha: Input should be greater than or equal to 0 (got -3)"
+    assert expected in str(err.value)
+    assert "set in profile" not in str(err.value)
 
 
 @pytest.mark.integration
@@ -408,6 +536,52 @@ def test_a_broken_model_source_is_one_clear_error_and_nothing_is_written(tmp_pat
     assert _outputs(ws) == []
     cache = tmp_path / "cache" / "gguf"  # no conversion, whole or half
     assert not cache.exists() or [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] in ([], [".sha256"])
+
+
+def _broken_folder(ws: Path, tiny_folder: Path, case: str) -> tuple[Path, str]:
+    """An empty folder or the tiny model with its weights cut to 1000 bytes, and what the error says."""
+    import shutil
+
+    folder = ws / "policy"
+    if case == "empty":
+        folder.mkdir()
+        return folder, f"model.name_or_path: {folder} is not a model folder (no config.json)"
+    shutil.copytree(tiny_folder, folder)
+    _truncate(1000)(folder)
+    return folder, f"model.name_or_path: {folder}/model.safetensors is truncated: 1,000 bytes"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["empty", "weights_cut_to_1000_bytes"])
+def test_herl_train_on_a_broken_model_folder_exits_1_and_opens_no_mlflow_run(tmp_path, herl, tiny_folder, case):
+    ws = herl.make_workspace(tmp_path / "ws")
+    folder, expected = _broken_folder(ws, tiny_folder, case)
+    (ws / "params.yaml").write_text(herl.params.replace("name_or_path: tiny", f"name_or_path: {folder}", 1))
+    proc = herl.run(ws, "train", "--params", "params.yaml")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert expected in " ".join(proc.stderr.split()) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert _outputs(ws) == [] and not list(ws.glob("mlruns*")) and not (ws / "mlartifacts").exists()
+
+
+@pytest.mark.parametrize("case", ["empty", "weights_cut_to_1000_bytes"])
+def test_herl_pipeline_on_a_broken_model_folder_exits_1_before_the_parent_run(
+    tmp_path, monkeypatch, herl, tiny_folder, case
+):
+    """The pipeline checks what its stages read from outside before it opens the MLflow parent run (and before it
+    starts a Prefect server): a broken model folder leaves no FAILED parent run behind."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    ws = herl.make_workspace(tmp_path / "ws")
+    folder, expected = _broken_folder(ws, tiny_folder, case)
+    (ws / "params.yaml").write_text(herl.params.replace("name_or_path: tiny", f"name_or_path: {folder}", 1))
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlruns.db'}")
+    result = CliRunner().invoke(app, ["pipeline", "--params", "params.yaml"])
+    assert result.exit_code == 1, result.output
+    assert expected in " ".join(result.output.split()), result.output
+    assert _outputs(ws) == [] and not list(ws.glob("mlruns*")) and not (ws / "mlartifacts").exists()
 
 
 def test_the_tiny_folder_itself_passes_the_check(tiny_folder):

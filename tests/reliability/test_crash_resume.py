@@ -1,4 +1,4 @@
-"""Issue 5 item 1: a real ``herl train`` process killed with SIGKILL mid-step resumes to the same result.
+"""A real ``herl train`` process killed with SIGKILL mid-step resumes to the same result.
 
 The killed run is stopped after step 2's rollouts were logged and before its metrics were (the middle of a step:
 hindsight and the update are still running). ``herl train`` again (resume is the default) must then reproduce the
@@ -311,10 +311,28 @@ def test_sigkill_during_a_checkpoint_save_then_resume_leaves_no_temp_folder(tmp_
     assert [r["step"] for r in _rows(ws / "reports/train/steps.jsonl")] == [0, 1, 2]
     assert latest_checkpoint(root).name == "step-000003"
     assert _temps(ws) == []  # nothing of the killed save is left anywhere in the workspace
+    # step 1's metrics were computed before the kill, but its checkpoint (step-000002) was never written: the resume
+    # recomputed step 1, and MLflow holds it once, with the values the resumed run computed (those of steps.jsonl)
+    _assert_each_step_once_in_mlflow(ws, resumed_at=1)
+
+
+def _assert_each_step_once_in_mlflow(ws: Path, resumed_at: int) -> None:
+    """One train run (the killed one, re-attached at ``resumed_at``); every metric's history holds steps 0, 1, 2 once,
+    with the values of reports/train/steps.jsonl (what the resumed run computed)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns.db'}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    (run,) = client.search_runs(exps, "attributes.run_name = 'train'")
+    assert run.info.status == "FINISHED" and run.data.tags["herl.resumed_at_step"] == str(resumed_at)
+    rows = _rows(ws / "reports/train/steps.jsonl")
+    for key in ("reward/mean", "actor/loss", "perf/step_s", "herl/rewrites"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert history == [(r["step"], r[key]) for r in rows], key
 
 
 def test_repeated_nonfinite_updates_stop_the_stage_without_a_corrupted_checkpoint(tmp_path, herl, monkeypatch):
-    """Issue 5 item 4 at the stage level: NaN losses are skipped, counted and logged; the run then stops with a
+    """Non-finite updates at the stage level: NaN losses are skipped, counted and logged; the run then stops with a
     clear message, and nothing written holds a non-finite weight (no policy folder at all)."""
     import herl_core.train as train_mod
     from herl_core.config import load_params

@@ -1,4 +1,4 @@
-"""Issue 5 item 3, property-based (hypothesis): the loaders and the hindsight prompt builder on arbitrary input.
+"""Property-based (hypothesis): the loaders and the hindsight prompt builder on arbitrary input.
 
 * ``read_jsonl`` round-trips any valid list of PromptRecords, and on arbitrary bytes either returns records or
   raises ``DataError``, never another exception;
