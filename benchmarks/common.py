@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts (issue 6): machine facts, a quiet-machine gate, tables and JSON results.
+"""Shared helpers of the benchmark scripts: machine facts, a quiet-machine gate, tables and JSON results.
 
 Every script records, next to its numbers: the machine (CPU model, cores, memory), torch's thread count, the
 1-minute load average at start and end, the git commit (and whether the tree was dirty) and the exact command.

@@ -1,4 +1,4 @@
-"""Pipeline overhead (issue 6): what MLflow, DVC and Prefect add to a training run's wall time.
+"""Pipeline overhead: what MLflow, DVC and Prefect add to a training run's wall time.
 
     .venv/bin/python -m benchmarks.pipeline_overhead [--profile tiny] [--reps 1] [--reference-wall-s 374]
 

@@ -1,5 +1,5 @@
 """Rollout on a pool of Ray workers, each holding a copy of the policy (spec §3.2 rollout, §3.6 guided generation;
-issue 7: scale rollouts out by fanning prompts to workers). Built on Ray's core API (actors), not prefect-ray.
+rollouts scale out by fanning prompts to workers). Built on Ray's core API (actors), not prefect-ray.
 
 ``RayEngine`` implements the ``RolloutEngine`` protocol. ``generate(prompts, n, sampling)`` cuts the prompts into
 contiguous shards, one per worker (sizes differ by at most one), sends each shard with its slice of
