@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, tok = load_policy(ModelConfig(name_or_path=str(folder)))
         results: dict[str, Any] = {
             "model": args.model,
-            "model_folder": str(folder),
+            "model_folder": str(folder).replace(str(Path.home()), "~", 1),  # no one machine's home in results
             "benchmark": args.benchmark,
             "limit": len(records),
             "max_new_tokens": args.max_new_tokens,
