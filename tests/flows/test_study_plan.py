@@ -85,7 +85,7 @@ def test_equal_budget_check():
 # ---------------------------------------------------------------------------------------------------- study.yaml
 
 
-@pytest.mark.parametrize("profile", ["tiny", "cpu", "pilot", "ratio", "gpu"])
+@pytest.mark.parametrize("profile", ["tiny", "cpu", "pilot", "ratio", "targeted", "gpu"])
 def test_repo_study_yaml_profiles_validate_with_params(profile):
     study = load_study(ROOT / "study.yaml", profile)
     assert set(study.arms) <= set(ARMS)
