@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         study_file: Annotated[str, typer.Option("--study", help="Study file (arms, seeds, budget).")] = "study.yaml",
         profile: Annotated[
             str | None,
-            typer.Option("--profile", help="Study profile of the study file (tiny, cpu, pilot, ratio, targeted, gpu)."),
+            typer.Option("--profile", help="A profile of the study file (its profiles: keys; docs/study.md)."),
         ] = None,
         arms: Annotated[str | None, typer.Option(help="Comma-separated subset of the arms.")] = None,
         seeds: Annotated[str | None, typer.Option(help="Comma-separated subset of the seeds.")] = None,
