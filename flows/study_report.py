@@ -30,7 +30,18 @@ from herl_core.stats import mean_ci, min_detectable_difference, paired_bootstrap
 RUN_RECORD = "study_run.json"
 PRIMARY = "val/all_met_frac"
 """The primary metric (fixed before any run): share of the k sampled held-out answers that meet every constraint."""
-CURVE_KEYS = ("val/all_met_frac", "val/greedy/all_met_frac", "val/reward_mean", "reward/mean")
+CURVE_KEYS = ("val/all_met_frac", "val/greedy/all_met_frac", "val/reward_mean", "val/truncated_frac", "reward/mean")
+TRAIN_DIAGNOSTICS = (
+    "rollout/truncated_frac",
+    "rollout/response_len",
+    "herl/rewrite_success_rate",
+    "herl/rewrite_len",
+    "herl/rewrite_truncated_frac",
+    "herl/guided_truncated_frac",
+    "actor/guided_token_frac",
+)
+"""Per-step training values the report averages over each run's steps (then mean ± 95 % over seeds): what the
+policy was trained on, to read a difference in the primary metric against (docs/metrics.md)."""
 METRICS = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose")
 """The IFEval/IFBench metrics of the broad test."""
 ARM_PAIRS = (
@@ -109,6 +120,13 @@ def run_budget(result: Mapping[str, Any]) -> dict[str, float | None]:
         "val_s": total("perf/val_s", result["final"]),
         "wall_s": phase.get("wall_s"),
     }
+
+
+def run_mean(result: Mapping[str, Any], key: str) -> float | None:
+    """Mean of ``key`` over the run's training steps that logged it; None if none did (e.g. a GRPO run's herl/*,
+    or a metric newer than the run)."""
+    vals = [float(h[key]) for h in result["history"] if h.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
 
 
 def curve_points(result: Mapping[str, Any], key: str) -> dict[int, float]:
@@ -199,6 +217,7 @@ def build_report(
             "metrics": metrics,
             "budget": budget,
             "curves": curves,
+            "training": {k: mean_ci([run_mean(m, k) for m in members]) for k in TRAIN_DIAGNOSTICS},
         }
         for m in members:
             seed = m["run"]["seed"]
@@ -416,7 +435,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     lines += ["", f"Rendered from `{summary['results_dir']}` alone (`herl study --profile {summary['profile']} "
               "--report-only` reproduces this file).", ""]  # fmt: skip
     lines += _design_section(summary) + _primary_section(summary) + _paired_section(summary)
-    lines += _curve_section(summary) + _type_section(summary) + _budget_section(summary)
+    lines += _curve_section(summary) + _type_section(summary) + _diagnostic_section(summary) + _budget_section(summary)
     lines += _broad_section(summary) + _power_section(summary)
     if summary.get("plots"):
         lines += ["## Plots", ""] + [f"![{k}]({p})" for k, p in summary["plots"].items()] + [""]
@@ -534,6 +553,35 @@ def _type_section(summary: Mapping[str, Any]) -> list[str]:
     rows = [[t, *(fmt_ci(a["metrics"].get(f"val/type/{t}")) for a in arms.values())] for t in types]
     intro = "Pass rate per constraint type on the held-out prompts (sampled answers), %, mean ± 95 % over seeds."
     return ["## Per-type pass rates (held out, after training)", "", intro, "", *_table(["type", *arms], rows), ""]
+
+
+def _diagnostic_section(summary: Mapping[str, Any]) -> list[str]:
+    """Length and truncation of what each arm generated (held out, after training) and trained on (per step)."""
+    arms = summary["arms"]
+    held_out = [("val/truncated_frac", "held-out cut %", 100.0), ("val/response_len", "held-out length", 1.0)]
+    train = [(k, label, scale) for k, label, scale in (
+        ("rollout/truncated_frac", "rollouts cut %", 100.0), ("rollout/response_len", "rollout length", 1.0),
+        ("herl/rewrite_success_rate", "rewrite > draft %", 100.0), ("herl/rewrite_len", "rewrite length", 1.0),
+        ("herl/rewrite_truncated_frac", "rewrites cut %", 100.0),
+        ("herl/guided_truncated_frac", "merged rewrites cut %", 100.0),
+        ("actor/guided_token_frac", "guided tokens %", 100.0),
+    ) if any((a.get("training") or {}).get(k, {}).get("mean") is not None for a in arms.values())]  # fmt: skip
+    if not any(a["metrics"].get(k) for a in arms.values() for k, _, _ in held_out) and not train:
+        return []
+    rows = []
+    for group, a in arms.items():
+        cells = [fmt_ci(a["metrics"].get(k), scale) for k, _, scale in held_out]
+        cells += [fmt_ci((a.get("training") or {}).get(k), scale) for k, _, scale in train]
+        rows.append([group, *cells])
+    intro = (
+        "What each arm generated and trained on, mean ± 95 % over seeds. Held out: the final validation's sampled "
+        "answers (share cut at the token cap without EOS, mean length in tokens). Training: each run's mean over its "
+        "steps of the rollouts' and, for HeRL arms, the rewrites' length and truncation, the share of rewrites "
+        "scoring above their draft, and the share of trained tokens that came from guided rewrites (docs/metrics.md). "
+        "Not pre-registered: read these to explain the primary metric, not as results of their own."
+    )
+    head = ["arm", *(label for _, label, _ in held_out), *(label for _, label, _ in train)]
+    return ["## Diagnostics: length and truncation", "", intro, "", *_table(head, rows), ""]
 
 
 def _budget_section(summary: Mapping[str, Any]) -> list[str]:

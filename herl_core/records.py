@@ -120,6 +120,12 @@ class HindsightRecord(Record):
     verdicts: list[Verdict]
     hindsight_prompt: str
     rewrite: str
+    rewrite_tokens: int | None = Field(
+        default=None, ge=0, description="New tokens the rewrite drew, its EOS included when it stopped."
+    )
+    rewrite_finished: bool | None = Field(
+        default=None, description="The rewrite stopped at EOS; False: cut at hindsight.rewrite_max_new_tokens."
+    )
     rewrite_score: float | None
     rewrite_dense: float | None
     rewrite_verdicts: list[Verdict] = Field(default_factory=list)

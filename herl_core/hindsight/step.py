@@ -229,6 +229,7 @@ def hindsight_step(
         group_merges, chosen = merge_group(group, gjobs, hindsight, rng)
         merges += [m.model_copy(update={"step": step}) for m in group_merges]
         for ji, (job, snap) in enumerate(zip(gjobs, snaps, strict=True)):
+            drawn = {d.sample: d for d in job.drawn if d.sample is not None}
             for k, rw in enumerate(job.rewrites):
                 experiences.append(
                     HindsightRecord(
@@ -241,6 +242,8 @@ def hindsight_step(
                         verdicts=list(snap.reward.verdicts),
                         hindsight_prompt=job.hindsight_prompt,
                         rewrite=rw.text,
+                        rewrite_tokens=drawn[k].n_tokens if k in drawn else None,
+                        rewrite_finished=drawn[k].finished if k in drawn else None,
                         rewrite_score=rw.score,
                         rewrite_dense=rw.dense,
                         rewrite_verdicts=list(rw.reward.verdicts),
@@ -267,6 +270,8 @@ def hindsight_metrics(
     """The reference's rewrite/* scalars plus ours (docs/metrics.md)."""
     scored = [e for e in experiences if e.rewrite_dense is not None]
     n = max(len(scored), 1)
+    drawn = [d for j in jobs for d in j.drawn]
+    guided = [e for e in experiences if e.selected and e.rewrite_finished is not None]
     return {
         "herl/failed_groups": float(len({j.group for j in jobs})),
         "herl/failed_group_frac": len({j.group for j in jobs}) / max(len(groups), 1),
@@ -278,4 +283,7 @@ def hindsight_metrics(
         "herl/bonus_mean": sum(e.bonus for e in experiences) / max(len(experiences), 1),
         "herl/guided_merged": float(sum(m.outcome == "guided" for m in merges)),
         "herl/fallback_merged": float(sum(m.outcome == "fallback" for m in merges)),
+        "herl/rewrite_len": sum(d.n_tokens for d in drawn) / len(drawn) if drawn else 0.0,
+        "herl/rewrite_truncated_frac": sum(not d.finished for d in drawn) / len(drawn) if drawn else 0.0,
+        "herl/guided_truncated_frac": sum(not e.rewrite_finished for e in guided) / len(guided) if guided else 0.0,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.study_plan import ARMS, StudyConfig, StudyError, check_equal_budget, load_study, plan
 from herl_core.config import load_params
@@ -85,8 +86,16 @@ def test_equal_budget_check():
 # ---------------------------------------------------------------------------------------------------- study.yaml
 
 
-@pytest.mark.parametrize("profile", ["tiny", "cpu", "pilot", "ratio", "targeted", "gpu"])
+REPO_PROFILES = list(yaml.safe_load((ROOT / "study.yaml").read_text(encoding="utf-8"))["profiles"])
+
+
+def test_the_repo_profiles_are_all_checked():
+    assert {"tiny", "cpu", "pilot", "ratio", "targeted", "gpu-ratio", "gpu"} <= set(REPO_PROFILES)
+
+
+@pytest.mark.parametrize("profile", REPO_PROFILES)
 def test_repo_study_yaml_profiles_validate_with_params(profile):
+    """Every profile of the shipped study.yaml loads, and its runs' overrides validate against params.yaml."""
     study = load_study(ROOT / "study.yaml", profile)
     assert set(study.arms) <= set(ARMS)
     for run in plan(study)[:2]:

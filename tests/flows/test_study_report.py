@@ -204,3 +204,39 @@ def test_plots_are_png(study_results, tmp_path):
     made = plot_all(build_report(study, runs, root, "t", "study.yaml"), tmp_path / "plots")
     for path in made.values():
         assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diagnostics_average_each_run_over_its_steps_then_over_seeds(tmp_path):
+    """Training diagnostics: per run the mean over the steps that logged the metric, then mean ± 95 % over seeds;
+    a metric no run logged (GRPO's herl/*) is '–', a metric no arm logged gets no column."""
+    study = StudyConfig(arms=["grpo", "herl"], seeds=[0, 1], results_dir="results/s")
+    runs = plan(study)
+    results = tmp_path / "results/s"
+    cut = {("grpo", 0): [0.5, 0.25], ("grpo", 1): [0.25, 0.25], ("herl", 0): [0.75, 0.75], ("herl", 1): [1.0, 0.5]}
+    for run in runs:
+        key = (run["arm"], run["seed"])
+        write_run(results, run, STEP0[run["seed"]], FINAL[key], [100.0, 100.0])
+        path = results / run["name"] / "train" / "steps.jsonl"
+        history = [json.loads(x) for x in path.read_text().splitlines()]
+        for h, c in zip(history, cut[key], strict=True):
+            h["rollout/truncated_frac"] = c
+            if run["arm"] == "herl":
+                h["herl/rewrite_truncated_frac"] = 1.0 - c
+        path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        final_path = results / run["name"] / "train" / "validation_final.json"
+        final = json.loads(final_path.read_text()) | {"val/truncated_frac": 0.5 if run["arm"] == "herl" else 0.25}
+        final_path.write_text(json.dumps(final))
+    s = build_report(study, runs, tmp_path, "t", "study.yaml")
+    # grpo: run means 0.375 and 0.25 → 0.3125; herl: 0.75 and 0.75 → 0.75 (no spread)
+    assert s["arms"]["grpo"]["training"]["rollout/truncated_frac"]["mean"] == pytest.approx(0.3125)
+    assert s["arms"]["herl"]["training"]["rollout/truncated_frac"]["mean"] == pytest.approx(0.75)
+    assert s["arms"]["herl"]["training"]["rollout/truncated_frac"]["half"] == pytest.approx(0.0)
+    # herl's rewrites: 1 − c → run means 0.25 and 0.25
+    assert s["arms"]["herl"]["training"]["herl/rewrite_truncated_frac"]["mean"] == pytest.approx(0.25)
+    assert s["arms"]["grpo"]["training"]["herl/rewrite_truncated_frac"]["mean"] is None
+    text = render_markdown(s)
+    assert "| arm | held-out cut % | held-out length | rollouts cut % | rewrites cut % |" in text
+    # base = step 0 (no val/truncated_frac logged there in this fixture); grpo 25 %, herl 50 % held out
+    assert "| grpo | 25.0 ± 0.0 | – | 31.2 ± " in text and "| – |\n" in text
+    assert "| herl | 50.0 ± 0.0 | – | 75.0 ± 0.0 | 25.0 ± 0.0 |" in text
+    assert "rewrite length" not in text  # no run logged herl/rewrite_len

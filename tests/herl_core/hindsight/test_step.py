@@ -103,6 +103,39 @@ def test_guided_rewrite_replaces_one_seeded_slot_and_drafts_get_the_bonus(tok):
     assert (m["herl/failed_groups"], m["herl/rewrites"], m["herl/guided_merged"]) == (1, 2, 1)
     assert m["herl/rewrite_success_rate"] == 0.5 and m["herl/over_prev_best_rate"] == 0.5
     assert m["herl/bonus_mean"] == pytest.approx(0.0)  # (0.025 − 0.025) / 2
+    # the scripted rewrites end with EOS: their drawn length is the text's tokens + 1, none cut at the cap
+    texts = ["the sun is bright and warm today", "The sun is bright, and warm today"]
+    n = [len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]
+    assert (e1.rewrite_tokens, e2.rewrite_tokens) == tuple(n) and e1.rewrite_finished and e2.rewrite_finished
+    assert m["herl/rewrite_len"] == pytest.approx(sum(n) / 2)
+    assert m["herl/rewrite_truncated_frac"] == 0.0 and m["herl/guided_truncated_frac"] == 0.0
+
+
+class CutEngine(ScriptedEngine):
+    """As ScriptedEngine, but the first generation is cut at the cap: no EOS, ``finished`` False."""
+
+    def generate(self, prompts, n, sampling: SamplingParams):
+        out = super().generate(prompts, n, sampling)
+        out[0] = Generation(out[0].prompt_ids, out[0].completion_ids[:-1], finished=False)
+        return out
+
+
+def test_rewrite_cut_at_the_cap_is_counted_and_still_trained_with_eos(tok):
+    # rewrite 0 (the 1.0 one, merged) is cut at the cap; rewrite 1 ends with EOS
+    reward = ConstraintReward()
+    group = make_group(tok, reward)
+    texts = ["the sun is bright and warm today", "The sun is bright, and warm today"]
+    engine = CutEngine(tok, texts)
+    out = hindsight_step([group], engine, reward, tok, HindsightConfig(), RolloutConfig(max_new_tokens=8), (123,))
+    n0, n1 = (len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    e1, e2 = out.experiences
+    assert (e1.rewrite_tokens, e1.rewrite_finished, e1.selected) == (n0, False, True)
+    assert (e2.rewrite_tokens, e2.rewrite_finished, e2.selected) == (n1 + 1, True, False)
+    m = out.metrics
+    assert m["herl/rewrite_len"] == pytest.approx((n0 + n1 + 1) / 2)
+    assert m["herl/rewrite_truncated_frac"] == 0.5 and m["herl/guided_truncated_frac"] == 1.0
+    guided = next(s for s in group.samples if s.guided)
+    assert guided.completion_ids[-1] == tok.eos_token_id  # the reference appends EOS to a cut rewrite too (§3.9)
 
 
 def test_no_qualifying_rewrite_falls_back_to_a_copy_of_the_best_original(tok):
