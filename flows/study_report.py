@@ -485,14 +485,16 @@ def _primary_section(summary: Mapping[str, Any]) -> list[str]:
         greedy = a["metrics"].get("val/greedy/all_met_frac")
         pass_k = a["metrics"].get("val/pass_at_k")
         values = ", ".join(pts(v) for v in (ci or {}).get("values", []))
-        rows.append([group, str(len(a["seeds"])), fmt_ci(ci), values, fmt_ci(pass_k), fmt_ci(greedy)])
+        sd = pts((ci or {}).get("sd"))
+        rows.append([group, str(len(a["seeds"])), fmt_ci(ci), values, sd, fmt_ci(pass_k), fmt_ci(greedy)])
     intro = (
         "Held-out all-constraints-met rate in %: the share of the k sampled answers (rollout temperature) per "
         "held-out prompt that meet every constraint, after the last update; mean ± 95 % Student-t half-width over "
         "seeds. `base` = the untrained policy (step 0 of the trained runs, same validation seeds). pass@k = prompts "
-        "with at least one such answer; greedy = one greedy answer per prompt."
+        "with at least one such answer; greedy = one greedy answer per prompt. Seed sd: the sample standard deviation "
+        "over seeds (n − 1), the spread a power calculation has to assume before the seeds exist."
     )
-    head = ["arm", "seeds", "all-met (primary)", "per seed", "pass@k", "greedy all-met"]
+    head = ["arm", "seeds", "all-met (primary)", "per seed", "seed sd", "pass@k", "greedy all-met"]
     check = summary["step0_check"]
     note = (f"Pairing check: the step-0 primary metric of the runs of one seed differs by at most "
             f"{pts(check['max_spread'], 2)} points (same untrained policy, same validation seeds).")  # fmt: skip

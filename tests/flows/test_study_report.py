@@ -149,8 +149,9 @@ def test_markdown_report(study_results):
     assert "Status: train: 4 of 6 runs done; broad: 5 of 7 runs done." in text
     assert "Continue with `herl study --study study.yaml --profile t`" in text
     assert "- **primary**: held-out all-met" in text
-    assert "| grpo | 2 | 15.6 ± 39.7 | 18.8, 12.5 |" in text
-    assert "| base | 2 | 6.2 ± 0.0 | 6.2, 6.2 |" in text
+    # seed sd of grpo: |0.1875 − 0.125| / √2 = 0.0441942 → 4.4 points
+    assert "| grpo | 2 | 15.6 ± 39.7 | 18.8, 12.5 | 4.4 |" in text
+    assert "| base | 2 | 6.2 ± 0.0 | 6.2, 6.2 | 0.0 |" in text
     assert "| herl − grpo | +12.5 |" in text
     assert "below the pre-registered MDE of 20.0 points" in text or "herl is better" in text
     assert "- `grpo-s0` train: commit `abc1234def`" in text and "  - `herl train x`" in text
