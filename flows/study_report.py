@@ -444,7 +444,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     for run in summary["runs"]:
         for phase, p in run["phases"].items():
             host = p.get("host") or {}
-            load = host.get("load_avg_1_5_15") or [None]
+            load = [f"{x:.2f}" if isinstance(x, int | float) else x for x in host.get("load_avg_1_5_15") or [None]]
             dirty = " (uncommitted changes)" if p.get("dirty") else ""
             retrained = ", policy retrained on this machine" if p.get("retrained") else ""
             lines += [f"- `{run['name']}` {phase}: commit `{p.get('commit', '?')[:10]}`{dirty}, {p.get('started')} → "

@@ -155,6 +155,7 @@ def test_markdown_report(study_results):
     assert "| herl − grpo | +12.5 |" in text
     assert "below the pre-registered MDE of 20.0 points" in text or "herl is better" in text
     assert "- `grpo-s0` train: commit `abc1234def`" in text and "  - `herl train x`" in text
+    assert "30.0 s wall on 2 × EPYC (load 3.00)" in text  # the 1-minute load average, two decimals
     assert "| herl | 400 ± 0 | 2.00 / 1.00 |" in text
     assert render_markdown(summary) == text  # deterministic
 
