@@ -677,12 +677,14 @@ def plot_curves(summary: Mapping[str, Any], path: Path) -> Path | None:
             c = a["curves"].get(key) or {}
             if c.get("step"):
                 ax.plot(c["step"], c["mean"], marker="o", ms=3, label=group, color=color[group])
-                ax.fill_between(c["step"], c["low"], c["high"], alpha=0.2, color=color[group])
+                # every curve is a rate in [0, 1]; a t-interval over 2-3 seeds can reach past it
+                low, high = ([min(max(v, 0.0), 1.0) for v in c[k]] for k in ("low", "high"))
+                ax.fill_between(c["step"], low, high, alpha=0.2, color=color[group])
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     axes[-1, 0].set_xlabel("training step (validation: policy before that step's update)")
-    fig.suptitle("mean over seeds, band = 95% CI", fontsize=9)
+    fig.suptitle("mean over seeds, band = 95% CI (clipped to [0, 1])", fontsize=9)
     return _save(plt, fig, path)
 
 
