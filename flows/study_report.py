@@ -31,15 +31,15 @@ RUN_RECORD = "study_run.json"
 PRIMARY = "val/all_met_frac"
 """The primary metric (fixed before any run): share of the k sampled held-out answers that meet every constraint."""
 CURVE_KEYS = ("val/all_met_frac", "val/greedy/all_met_frac", "val/reward_mean", "val/truncated_frac", "reward/mean")
-TRAIN_DIAGNOSTICS = (
-    "rollout/truncated_frac",
-    "rollout/response_len",
-    "herl/rewrite_success_rate",
-    "herl/rewrite_len",
-    "herl/rewrite_truncated_frac",
-    "herl/guided_truncated_frac",
-    "actor/guided_token_frac",
-)
+TRAIN_DIAGNOSTICS = {
+    "rollout/truncated_frac": ("rollouts cut %", 100.0),
+    "rollout/response_len": ("rollout length", 1.0),
+    "herl/rewrite_success_rate": ("rewrite > draft %", 100.0),
+    "herl/rewrite_len": ("rewrite length", 1.0),
+    "herl/rewrite_truncated_frac": ("rewrites cut %", 100.0),
+    "herl/guided_truncated_frac": ("merged rewrites cut %", 100.0),
+    "actor/guided_token_frac": ("guided tokens %", 100.0),
+}
 """Per-step training values the report averages over each run's steps (then mean ± 95 % over seeds): what the
 policy was trained on, to read a difference in the primary metric against (docs/metrics.md)."""
 METRICS = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose")
@@ -561,13 +561,8 @@ def _diagnostic_section(summary: Mapping[str, Any]) -> list[str]:
     """Length and truncation of what each arm generated (held out, after training) and trained on (per step)."""
     arms = summary["arms"]
     held_out = [("val/truncated_frac", "held-out cut %", 100.0), ("val/response_len", "held-out length", 1.0)]
-    train = [(k, label, scale) for k, label, scale in (
-        ("rollout/truncated_frac", "rollouts cut %", 100.0), ("rollout/response_len", "rollout length", 1.0),
-        ("herl/rewrite_success_rate", "rewrite > draft %", 100.0), ("herl/rewrite_len", "rewrite length", 1.0),
-        ("herl/rewrite_truncated_frac", "rewrites cut %", 100.0),
-        ("herl/guided_truncated_frac", "merged rewrites cut %", 100.0),
-        ("actor/guided_token_frac", "guided tokens %", 100.0),
-    ) if any((a.get("training") or {}).get(k, {}).get("mean") is not None for a in arms.values())]  # fmt: skip
+    train = [(k, label, scale) for k, (label, scale) in TRAIN_DIAGNOSTICS.items()
+             if any((a.get("training") or {}).get(k, {}).get("mean") is not None for a in arms.values())]  # fmt: skip
     if not any(a["metrics"].get(k) for a in arms.values() for k, _, _ in held_out) and not train:
         return []
     rows = []
