@@ -102,6 +102,17 @@ def test_repo_study_yaml_profiles_validate_with_params(profile):
         load_params(ROOT / study.params, study.params_profile, run["overrides"])  # raises on a bad override
 
 
+@pytest.mark.parametrize("profile", ["targeted", "gpu"])
+def test_the_broad_phase_scores_the_whole_benchmarks(profile):
+    """The broad test is the paper's: all 541 IFEval and 300 IFBench prompts, greedy, lm-eval's 1280-token budget and
+    one revision round; a params profile's smoke-check sample (the cpu profile scores 40 prompts) must not leak in."""
+    study = load_study(ROOT / "study.yaml", profile)
+    for run in plan(study)[:2]:
+        e = load_params(ROOT / study.params, study.params_profile, run["overrides"]).evaluate
+        assert (e.limit, e.max_new_tokens, e.temperature, e.self_improve_rounds) == (None, 1280, 0.0, 1), run["name"]
+        assert e.benchmarks == ["ifeval", "ifbench"]
+
+
 def test_load_study_errors_name_file_and_line(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text("seeds: [0]\nprofiles:\n  a:\n    seedz: [1]\n", encoding="utf-8")
