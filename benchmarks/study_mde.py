@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from flows.study_report import collect_run
+from flows.study_report import collect_run, paired_table
 from herl_core.stats import min_detectable_difference
 
 
@@ -33,21 +33,18 @@ def final_outcomes(folder: Path) -> dict[str, float]:
 
 def study_mde(results: Path, a: str, b: str, seeds_for: tuple[int, ...] = (3, 5, 10)) -> dict[str, Any]:
     """Measured variances of the paired difference a − b and the MDE at 128-prompt designs of several seed counts."""
-    per_seed, prompt_vars, seeds = [], [], []
-    for folder_a in sorted(results.glob(f"{a}-s*")):
-        seed = folder_a.name.removeprefix(f"{a}-s")
-        folder_b = results / f"{b}-s{seed}"
-        if not (folder_a / "study_run.json").is_file() or not (folder_b / "study_run.json").is_file():
-            continue
-        fa, fb = final_outcomes(folder_a), final_outcomes(folder_b)
-        d = [fa[p] - fb[p] for p in sorted(set(fa) & set(fb))]
-        seeds.append(int(seed))
-        per_seed.append(statistics.mean(d))
-        prompt_vars.append(statistics.variance(d))
-        n_prompts = len(d)
-    if len(per_seed) < 2:
+
+    def finished(arm: str) -> dict[int, dict[str, float]]:  # {seed: final outcomes} of the arm's finished runs
+        folders = (f for f in results.glob(f"{arm}-s*") if (f / "study_run.json").is_file())
+        return {int(f.name.removeprefix(f"{arm}-s")): final_outcomes(f) for f in folders}
+
+    paired = paired_table(finished(a), finished(b))  # the pairing the report's paired differences use
+    if paired is None or len(paired[0]) < 2:
         raise SystemExit(f"{results}: {a} − {b} needs at least two seeds with both runs finished")
-    seed_var, prompt_var = statistics.variance(per_seed), statistics.mean(prompt_vars)
+    seeds, table = paired
+    per_seed = [statistics.mean(d) for d in table]
+    seed_var, prompt_var = statistics.variance(per_seed), statistics.mean(statistics.variance(d) for d in table)
+    n_prompts = len(table[0])
     return {
         "contrast": f"{a} − {b}",
         "seeds": seeds,

@@ -148,15 +148,26 @@ def _band(values: Sequence[float]) -> dict[str, Any]:
     return {**ci, "low": ci["mean"] - half, "high": ci["mean"] + half}
 
 
-def _paired(a: Mapping[int, Mapping[str, float]], b: Mapping[int, Mapping[str, float]]) -> dict[str, Any] | None:
-    """Bootstrap of the paired difference A − B over the seeds both have and the prompts every such run has."""
+def paired_table(
+    a: Mapping[int, Mapping[str, float]], b: Mapping[int, Mapping[str, float]]
+) -> tuple[list[int], list[list[float]]] | None:
+    """The paired differences A − B, ``{seed: {prompt id: value}}`` each: the seeds both have and, per seed, the
+    differences over the prompts every such run has (sorted by id); None when no seed or prompt is shared."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
     prompts = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds)))
     if not prompts:
         return None
-    table = [[a[s][p] - b[s][p] for p in prompts] for s in seeds]
+    return seeds, [[a[s][p] - b[s][p] for p in prompts] for s in seeds]
+
+
+def _paired(a: Mapping[int, Mapping[str, float]], b: Mapping[int, Mapping[str, float]]) -> dict[str, Any] | None:
+    """Bootstrap of the paired difference A − B over the seeds both have and the prompts every such run has."""
+    paired = paired_table(a, b)
+    if paired is None:
+        return None
+    seeds, table = paired
     return {**paired_bootstrap(table, BOOTSTRAP_REPS, seed=BOOTSTRAP_SEED), "seed_list": seeds}
 
 
