@@ -87,11 +87,30 @@ def collect_run(folder: Path) -> dict[str, Any]:
         if row["part"] == "val/" and row["scored"]:
             outcomes.setdefault(int(row["step"]), {})[row["prompt_id"]] = row["all_met"] / row["scored"]
     broad: dict[str, Any] = {}
+    broad_outcomes: dict[str, list[dict[str, float]]] = {}
     if "broad" in record.get("phases", {}):
         flat = _read_json(folder / "evaluate" / "metrics.json")
         for bench in sorted({k.split("/", 1)[0] for k in flat if "/" in k}):
             broad[bench] = _read_json(folder / "evaluate" / bench / "metrics.json")
-    return {"record": record, "history": history, "final": final, "outcomes": outcomes, "broad": broad}
+            rows = _read_jsonl(folder / "evaluate" / bench / "outcomes.jsonl")
+            rounds = range(len(broad[bench].get("rounds") or [None]))
+            broad_outcomes[bench] = [round_outcomes(rows, r) for r in rounds]
+    return {"record": record, "history": history, "final": final, "outcomes": outcomes, "broad": broad,
+            "broad_outcomes": broad_outcomes}  # fmt: skip
+
+
+def round_outcomes(rows: Sequence[Mapping[str, Any]], r: int) -> dict[str, float]:
+    """``{prompt id: 1.0 | 0.0}``: prompt-level strict accuracy after revision round ``r`` (0 = the policy's own
+    answer), from the kept answers of a broad-test run (``outcomes.jsonl``: the best answer of each prompt and the
+    round that produced it). A prompt is revised only while it fails and an answer is kept only when it meets more
+    instructions, so after round r the prompt is met iff its kept answer is from a round ≤ r and meets every
+    instruction; a kept answer from a later round means the prompt still failed after round r. Unscorable prompts
+    (``prompt_strict`` None) are left out."""
+    return {
+        row["id"]: float(row.get("round", 0) <= r and bool(row["prompt_strict"]))
+        for row in rows
+        if row["prompt_strict"] is not None
+    }
 
 
 def group_name(arm: str, variant: str | None) -> str:
@@ -255,17 +274,12 @@ def build_report(
     step0_check = _step0_agreement(trained)
 
     # ---- paired differences
+    have = {*outcomes, *(["base"] if base_outcomes else [])}
     paired = []
-    for a, b in ARM_PAIRS:  # in ARM_PAIRS order: the primary contrast first
-        for group in groups:
-            arm, variant = arms[group]["arm"], arms[group]["variant"]
-            other = group_name(b, variant)
-            if arm == a and other in outcomes and group in outcomes:
-                paired.append({"a": group, "b": other, **(_paired(outcomes[group], outcomes[other]) or {})})
-    for group in groups:
-        if group in outcomes and base_outcomes:
-            paired.append({"a": group, "b": "base", **(_paired(outcomes[group], base_outcomes) or {})})
-    paired = [p for p in paired if "estimate" in p]
+    for a, b in comparisons(arms, have):
+        result = _paired(outcomes[a], base_outcomes if b == "base" else outcomes[b])
+        if result is not None:
+            paired.append({"a": a, "b": b, **result})
 
     # ---- budget ratios: tokens per arm relative to grpo and to herl (same variant)
     for info in arms.values():
@@ -283,6 +297,7 @@ def build_report(
         group = group_name(res["run"]["arm"], res["run"]["variant"])
         broad.setdefault(group, []).append(res["broad"])
     broad_table = {group: _broad_rounds(rows) for group, rows in broad.items()}
+    broad_paired = _broad_paired(done.values())
 
     return {
         "profile": profile,
@@ -305,10 +320,50 @@ def build_report(
         "arms": arms,
         "paired": paired,
         "broad": broad_table,
+        "broad_paired": broad_paired,
         "step0_check": step0_check,
         "power": _power(study, outcomes, arms, base_outcomes) if study.power else None,
         "runs": [_run_row(done[r["name"]]) for r in runs if r["name"] in done],
     }
+
+
+def comparisons(arms: Mapping[str, Mapping[str, Any]], have: set[str]) -> list[tuple[str, str]]:
+    """The (A, B) groups a report compares, both in ``have``: the ARM_PAIRS in their order (same variant), then every
+    trained group against base. ``arms``: group → {"arm", "variant"}."""
+    pairs = [(g, group_name(b, info["variant"])) for a, b in ARM_PAIRS for g, info in arms.items() if info["arm"] == a]
+    pairs += [(g, "base") for g, info in arms.items() if info["arm"] != "base"]
+    return [(a, b) for a, b in pairs if a in have and b in have]
+
+
+def _broad_paired(results: Any) -> list[dict[str, Any]]:
+    """Paired differences of the broad test's prompt-level strict accuracy, per benchmark and round ("<bench>/<r>"):
+    the same comparisons as the primary metric's. Per seed and prompt, A − B; base ran once (greedy: no seed), so
+    its value stands for every seed of the other group. ``results``: the finished runs' ``collect_run`` dicts with
+    their plan entry (``run``), in plan order."""
+    values: dict[str, dict[str, dict[Any, dict[str, float]]]] = {}  # group → "<bench>/<r>" → seed → prompt → 0/1
+    kinds: dict[str, dict[str, Any]] = {}
+    for res in results:
+        run = res["run"]
+        group = group_name(run["arm"], run["variant"])
+        kinds[group] = {"arm": run["arm"], "variant": run["variant"]}
+        for bench, rounds in res.get("broad_outcomes", {}).items():
+            for r, outcome in enumerate(rounds):
+                values.setdefault(group, {}).setdefault(f"{bench}/{r}", {})[run["seed"]] = outcome
+    out = []
+    for a, b in comparisons(kinds, set(values)):
+        cells = {}
+        for key, mine in values[a].items():
+            theirs = values[b].get(key)
+            if theirs is None:
+                continue
+            if b == "base":
+                theirs = {seed: theirs[None] for seed in mine}
+            result = _paired(mine, theirs)
+            if result is not None:
+                cells[key] = result
+        if cells:
+            out.append({"a": a, "b": b, "cells": cells})
+    return out
 
 
 def _step0_agreement(trained: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -624,7 +679,34 @@ def _broad_section(summary: Mapping[str, Any]) -> list[str]:
         "generation, round 1 = after one revision with the strict checker verdicts visible (test-time "
         "self-improvement; the policy plus verifier feedback, not the policy alone)."
     )
-    return ["## Broad test (IFEval / IFBench)", "", intro, "", *_table(["arm", "round", *keys], rows), ""]
+    lines = ["## Broad test (IFEval / IFBench)", "", intro, "", *_table(["arm", "round", *keys], rows), ""]
+    return lines + _broad_paired_section(summary)
+
+
+def _broad_paired_section(summary: Mapping[str, Any]) -> list[str]:
+    pairs = summary.get("broad_paired") or []
+    keys = sorted({k for p in pairs for k in p["cells"]}, key=lambda k: (k.split("/")[0], int(k.split("/")[1])))
+    if not keys:
+        return []
+
+    def cell(c: Mapping[str, Any] | None) -> str:
+        if c is None:
+            return "–"
+        return f"{100 * c['estimate']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"
+
+    sizes = {k: next(f"{p['cells'][k]['seeds']} × {p['cells'][k]['prompts']}" for p in pairs if k in p["cells"])
+             for k in keys}  # fmt: skip
+    head = ["comparison", *(f"{k.split('/')[0]} round {k.split('/')[1]}" for k in keys)]
+    rows = [[f"{p['a']} − {p['b']}", *(cell(p["cells"].get(k)) for k in keys)] for p in pairs]
+    intro = (
+        "Paired differences of prompt-level strict accuracy (every instruction of the prompt met), in points: per "
+        "seed and prompt, A − B on the same greedy prompts; base ran once, so its answer stands for every seed. "
+        "Mean over seeds × prompts with the 95 % percentile interval of "
+        f"{BOOTSTRAP_REPS} bootstrap replicates resampling seeds and prompts (seeds × scored prompts: "
+        + ", ".join(f"{k.split('/')[0]} {v}" for k, v in sizes.items() if k.endswith("/0"))
+        + "). Exploratory: no power analysis."
+    )
+    return ["Broad test, paired differences:", "", intro, "", *_table(head, rows), ""]
 
 
 def _power_section(summary: Mapping[str, Any]) -> list[str]:

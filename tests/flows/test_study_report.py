@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flows.study_plan import StudyConfig, plan
-from flows.study_report import build_report, fmt_ci, plot_all, render_markdown, verdict
+from flows.study_report import build_report, fmt_ci, plot_all, render_markdown, round_outcomes, verdict
 
 PROMPTS = ["p0", "p1", "p2", "p3"]
 
@@ -242,3 +242,45 @@ def test_diagnostics_average_each_run_over_its_steps_then_over_seeds(tmp_path):
     assert "| grpo | 25.0 ± 0.0 | – | 31.2 ± " in text and "| – |\n" in text
     assert "| herl | 50.0 ± 0.0 | – | 75.0 ± 0.0 | 25.0 ± 0.0 |" in text
     assert "rewrite length" not in text  # no run logged herl/rewrite_len
+
+
+def _broad_outcomes(folder: Path, rows: list[tuple[str, int, bool | None]]) -> None:
+    """(prompt id, round of the kept answer, its prompt-level strict verdict) → evaluate/ifeval/outcomes.jsonl."""
+    lines = [json.dumps({"id": p, "round": r, "prompt_strict": ok, "instructions": []}) + "\n" for p, r, ok in rows]
+    (folder / "evaluate" / "ifeval" / "outcomes.jsonl").write_text("".join(lines))
+
+
+def test_round_outcomes_from_kept_answers():
+    """After round r a prompt is met iff its kept answer is from a round <= r and meets every instruction."""
+    rows = [{"id": "a", "round": 0, "prompt_strict": True}, {"id": "b", "round": 1, "prompt_strict": True},
+            {"id": "c", "round": 1, "prompt_strict": False}, {"id": "d", "round": 0, "prompt_strict": None},
+            {"id": "e", "prompt_strict": True}]  # fmt: skip
+    assert round_outcomes(rows, 0) == {"a": 1.0, "b": 0.0, "c": 0.0, "e": 1.0}  # no round recorded: round 0
+    assert round_outcomes(rows, 1) == {"a": 1.0, "b": 1.0, "c": 0.0, "e": 1.0}
+
+
+def test_broad_paired_differences_by_hand(tmp_path):
+    """grpo (two seeds) − base (one greedy run, standing for both seeds), per round, on the scored prompts."""
+    study = StudyConfig(arms=["base", "grpo"], seeds=[0, 1], results_dir="results/s")
+    runs = plan(study)
+    results = tmp_path / "results/s"
+    write_base(results, [0.25, 0.5])
+    for run in runs[1:]:
+        write_run(results, run, STEP0[run["seed"]], FINAL[("grpo", run["seed"])], [1.0, 1.0], broad={"rounds": [0, 0]})
+    # base: p0 met at round 0, p1 only after its revision, p2 never, p3 unscorable → r0 [1, 0, 0], r1 [1, 1, 0]
+    _broad_outcomes(results / "base", [("p0", 0, True), ("p1", 1, True), ("p2", 0, False), ("p3", 0, None)])
+    # seed 0: r0 [1, 1, 0], r1 [1, 1, 0] (p2's revision met more instructions, not all)
+    _broad_outcomes(results / "grpo-s0", [("p0", 0, True), ("p1", 0, True), ("p2", 1, False), ("p3", 0, None)])
+    # seed 1: r0 [0, 0, 1], r1 [1, 0, 1]
+    _broad_outcomes(results / "grpo-s1", [("p0", 1, True), ("p1", 0, False), ("p2", 0, True), ("p3", 0, None)])
+    s = build_report(study, runs, tmp_path, "t", "study.yaml")
+    (pair,) = s["broad_paired"]
+    assert (pair["a"], pair["b"]) == ("grpo", "base") and set(pair["cells"]) == {"ifeval/0", "ifeval/1"}
+    # r0: s0 [0, +1, 0], s1 [−1, 0, +1] → 1/6; r1: s0 [0, 0, 0], s1 [0, −1, +1] → 0
+    r0, r1 = pair["cells"]["ifeval/0"], pair["cells"]["ifeval/1"]
+    assert r0["estimate"] == pytest.approx(1 / 6) and (r0["seeds"], r0["prompts"]) == (2, 3)
+    assert r1["estimate"] == pytest.approx(0.0) and r1["lo"] < 0 < r1["hi"]
+    text = render_markdown(s)
+    assert "| comparison | ifeval round 0 | ifeval round 1 |" in text
+    assert f"| grpo − base | +16.7 [{100 * r0['lo']:+.1f}, {100 * r0['hi']:+.1f}] | +0.0 [" in text
+    assert "seeds × scored prompts: ifeval 2 × 3" in text
