@@ -225,7 +225,7 @@ def host_info() -> dict[str, Any]:
 
 def _outcome_row(sample: dict[str, Any]) -> dict[str, Any]:
     """One evaluated prompt without its texts: the verdicts a paired comparison needs."""
-    keep = ("id", "round", "prompt_strict", "prompt_loose", "instructions", "truncated", "n_tokens")
+    keep = ("id", "round", "prompt_strict", "prompt_loose", "instructions", "truncated", "response_tokens")
     return {k: sample[k] for k in keep if k in sample}
 
 

@@ -75,7 +75,8 @@ def fake_herl(calls: list[list[str]], score: dict[int | None, float]):
             (out / "ifeval" / "metrics.json").write_text(json.dumps({"rounds": rounds}))
             (out / "ifeval" / "per_type.json").write_text("{}")
             sample = {"id": "ifeval-1", "prompt": "long text", "response": "long text", "prompt_strict": True,
-                      "instructions": [{"id": "x", "strict": True, "loose": True}], "round": 0}  # fmt: skip
+                      "instructions": [{"id": "x", "strict": True, "loose": True}], "round": 0, "truncated": True,
+                      "response_tokens": 128}  # fmt: skip
             (out / "ifeval" / "samples.jsonl").write_text(json.dumps(sample) + "\n")
             (out / "metrics.json").write_text(json.dumps({"ifeval/prompt_strict": score[seed], "policy": "p"}))
 
@@ -101,7 +102,7 @@ def test_finished_runs_are_skipped_and_the_report_is_complete(project, monkeypat
         "steps.jsonl", "summary.json", "val_outcomes.jsonl", "validation_final.json"
     ]  # fmt: skip
     outcome = json.loads((res / "evaluate/ifeval/outcomes.jsonl").read_text())
-    assert outcome == {"id": "ifeval-1", "round": 0, "prompt_strict": True,
+    assert outcome == {"id": "ifeval-1", "round": 0, "prompt_strict": True, "truncated": True, "response_tokens": 128,
                        "instructions": [{"id": "x", "strict": True, "loose": True}]}  # fmt: skip
     record = json.loads((res / "study_run.json").read_text())
     assert record["arm"] == "grpo" and record["seed"] == 0 and set(record["phases"]) == {"train", "broad"}
