@@ -95,8 +95,16 @@ def collect_run(folder: Path) -> dict[str, Any]:
             rows = _read_jsonl(folder / "evaluate" / bench / "outcomes.jsonl")
             rounds = range(len(broad[bench].get("rounds") or [None]))
             broad_outcomes[bench] = [round_outcomes(rows, r) for r in rounds]
+    cap = None
+    if broad and (folder / "config.json").is_file():
+        cap = _read_json(folder / "config.json").get("evaluate", {}).get("max_new_tokens")
     return {"record": record, "history": history, "final": final, "outcomes": outcomes, "broad": broad,
-            "broad_outcomes": broad_outcomes}  # fmt: skip
+            "broad_outcomes": broad_outcomes, "broad_cap": cap}  # fmt: skip
+
+
+def bench_order(bench: str) -> tuple[int, str]:
+    """IFEval first (the paper's headline benchmark), then the others by name."""
+    return (bench != "ifeval", bench)
 
 
 def round_outcomes(rows: Sequence[Mapping[str, Any]], r: int) -> dict[str, float]:
@@ -297,6 +305,14 @@ def build_report(
         group = group_name(res["run"]["arm"], res["run"]["variant"])
         broad.setdefault(group, []).append(res["broad"])
     broad_table = {group: _broad_rounds(rows) for group, rows in broad.items()}
+    sizes: dict[str, set[tuple[Any, Any]]] = {}
+    for res in done.values():
+        for bench, m in res["broad"].items():
+            sizes.setdefault(bench, set()).add((m.get("n_prompts"), m.get("n_prompts_scored")))
+    broad_info = {
+        "caps": sorted({res["broad_cap"] for res in done.values() if res["broad"] and res["broad_cap"]}),
+        "prompts": {b: [list(x) for x in sorted(v, key=str)] for b, v in sorted(sizes.items())},
+    }
     broad_paired = _broad_paired(done.values())
 
     return {
@@ -321,6 +337,7 @@ def build_report(
         "paired": paired,
         "broad": broad_table,
         "broad_paired": broad_paired,
+        "broad_info": broad_info,
         "step0_check": step0_check,
         "power": _power(study, outcomes, arms, base_outcomes) if study.power else None,
         "runs": [_run_row(done[r["name"]]) for r in runs if r["name"] in done],
@@ -384,7 +401,7 @@ def _broad_rounds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for i in range(n):
         table: dict[str, Any] = {}
-        for bench in sorted({b for row in rows for b in row}):
+        for bench in sorted({b for row in rows for b in row}, key=bench_order):
             for metric in (*METRICS, "truncated_frac"):
                 vals = []
                 for row in rows:
@@ -669,23 +686,35 @@ def _budget_section(summary: Mapping[str, Any]) -> list[str]:
 
 def _broad_section(summary: Mapping[str, Any]) -> list[str]:
     broad = summary["broad"]
+    title = "## Broad test (IFEval / IFBench)"
     if not broad:
-        return ["## Broad test (IFEval / IFBench)", "", "Not run yet (`--phase broad`).", ""]
-    keys = list(dict.fromkeys(k for rounds in broad.values() for t in rounds for k in t))
-    rows = [[group, str(r), *(fmt_ci(t.get(k)) for k in keys)] for group, rounds in broad.items()
-            for r, t in enumerate(rounds)]  # fmt: skip
+        return [title, "", "Not run yet (`--phase broad`).", ""]
+    info = summary.get("broad_info") or {}
+    caps = info.get("caps") or []
+    cap = f"at most {' / '.join(str(c) for c in caps)} tokens per answer" if caps else "the answer cap of each run"
     intro = (
-        "Greedy answers of each final policy on the benchmarks, %, mean ± 95 % over seeds; round 0 = plain "
-        "generation, round 1 = after one revision with the strict checker verdicts visible (test-time "
-        "self-improvement; the policy plus verifier feedback, not the policy alone)."
+        f"Greedy answers of each final policy on the benchmarks ({cap}), %, mean ± 95 % over seeds; round 0 = "
+        "plain generation, round 1 = after one revision with the strict checker verdicts visible (test-time "
+        "self-improvement; the policy plus verifier feedback, not the policy alone). Cut = answers that reached "
+        "the cap without ending."
     )
-    lines = ["## Broad test (IFEval / IFBench)", "", intro, "", *_table(["arm", "round", *keys], rows), ""]
+    lines = [title, "", intro, ""]
+    benches = sorted({k.split("/", 1)[0] for rounds in broad.values() for t in rounds for k in t}, key=bench_order)
+    for bench in benches:
+        sizes = info.get("prompts", {}).get(bench) or []
+        size = "; ".join(f"{n} prompts, {k} scored" if n != k else f"{n} prompts" for n, k in sizes)
+        rows = [[group, str(r), *(fmt_ci(t.get(f"{bench}/{m}")) for m in (*METRICS, "truncated_frac"))]
+                for group, rounds in broad.items() for r, t in enumerate(rounds)]  # fmt: skip
+        head = ["arm", "round", "prompt-strict", "inst-strict", "prompt-loose", "inst-loose", "cut"]
+        lines += [f"{bench}" + (f" ({size}):" if size else ":"), "", *_table(head, rows), ""]
     return lines + _broad_paired_section(summary)
 
 
 def _broad_paired_section(summary: Mapping[str, Any]) -> list[str]:
     pairs = summary.get("broad_paired") or []
-    keys = sorted({k for p in pairs for k in p["cells"]}, key=lambda k: (k.split("/")[0], int(k.split("/")[1])))
+    keys = sorted(
+        {k for p in pairs for k in p["cells"]}, key=lambda k: (*bench_order(k.split("/")[0]), int(k.rsplit("/", 1)[1]))
+    )
     if not keys:
         return []
 

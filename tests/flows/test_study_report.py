@@ -273,6 +273,10 @@ def test_broad_paired_differences_by_hand(tmp_path):
     _broad_outcomes(results / "grpo-s0", [("p0", 0, True), ("p1", 0, True), ("p2", 1, False), ("p3", 0, None)])
     # seed 1: r0 [0, 0, 1], r1 [1, 0, 1]
     _broad_outcomes(results / "grpo-s1", [("p0", 1, True), ("p1", 0, False), ("p2", 0, True), ("p3", 0, None)])
+    for name in ("base", "grpo-s0", "grpo-s1"):  # what a real run also records: prompt counts and the answer cap
+        metrics = results / name / "evaluate" / "ifeval" / "metrics.json"
+        metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {"n_prompts": 4, "n_prompts_scored": 3}))
+        (results / name / "config.json").write_text(json.dumps({"evaluate": {"max_new_tokens": 128}}))
     s = build_report(study, runs, tmp_path, "t", "study.yaml")
     (pair,) = s["broad_paired"]
     assert (pair["a"], pair["b"]) == ("grpo", "base") and set(pair["cells"]) == {"ifeval/0", "ifeval/1"}
@@ -284,3 +288,5 @@ def test_broad_paired_differences_by_hand(tmp_path):
     assert "| comparison | ifeval round 0 | ifeval round 1 |" in text
     assert f"| grpo − base | +16.7 [{100 * r0['lo']:+.1f}, {100 * r0['hi']:+.1f}] | +0.0 [" in text
     assert "seeds × scored prompts: ifeval 2 × 3" in text
+    assert "(at most 128 tokens per answer)" in text and "ifeval (4 prompts, 3 scored):" in text
+    assert "| base | 1 | 50.0 (n = 1) | 50.0 (n = 1) | – | – | – |" in text  # write_base: round 1 at 0.5
