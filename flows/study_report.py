@@ -44,6 +44,12 @@ TRAIN_DIAGNOSTICS = {
 policy was trained on, to read a difference in the primary metric against (docs/metrics.md)."""
 METRICS = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose")
 """The IFEval/IFBench metrics of the broad test."""
+BROAD_LENGTH = ("truncated_frac", "response_tokens_mean")
+"""What the broad test's tables show beside the metrics: the share of answers cut at the cap and the mean length."""
+SHORT_TOKENS = 8
+"""An answer under this many tokens is a word or a short phrase. Such answers meet many format rules vacuously (no
+whitespace, title case, every word starting with the next letter, ...), so the broad test reports how many of the
+kept answers are this short and how many of the met prompts were met by one."""
 ARM_PAIRS = (
     ("herl", "grpo_equal_tokens"),
     ("herl", "grpo"),
@@ -88,6 +94,7 @@ def collect_run(folder: Path) -> dict[str, Any]:
             outcomes.setdefault(int(row["step"]), {})[row["prompt_id"]] = row["all_met"] / row["scored"]
     broad: dict[str, Any] = {}
     broad_outcomes: dict[str, list[dict[str, float]]] = {}
+    broad_short: dict[str, dict[str, float | None]] = {}
     if "broad" in record.get("phases", {}):
         flat = _read_json(folder / "evaluate" / "metrics.json")
         for bench in sorted({k.split("/", 1)[0] for k in flat if "/" in k}):
@@ -95,11 +102,29 @@ def collect_run(folder: Path) -> dict[str, Any]:
             rows = _read_jsonl(folder / "evaluate" / bench / "outcomes.jsonl")
             rounds = range(len(broad[bench].get("rounds") or [None]))
             broad_outcomes[bench] = [round_outcomes(rows, r) for r in rounds]
+            short = short_answers(rows)
+            if short is not None:
+                broad_short[bench] = short
     cap = None
     if broad and (folder / "config.json").is_file():
         cap = _read_json(folder / "config.json").get("evaluate", {}).get("max_new_tokens")
     return {"record": record, "history": history, "final": final, "outcomes": outcomes, "broad": broad,
-            "broad_outcomes": broad_outcomes, "broad_cap": cap}  # fmt: skip
+            "broad_outcomes": broad_outcomes, "broad_cap": cap, "broad_short": broad_short}  # fmt: skip
+
+
+def short_answers(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None] | None:
+    """Of a broad-test run's kept answers (``outcomes.jsonl``, after the last round): ``short`` = the share under
+    SHORT_TOKENS tokens, ``met_by_short`` = the share of the prompts meeting every instruction (strict) whose answer
+    is that short (None when no prompt is met). None when the rows carry no lengths (results written before
+    outcomes.jsonl kept ``response_tokens``)."""
+    sized = [r for r in rows if r.get("response_tokens") is not None]
+    if not sized:
+        return None
+    met = [r for r in sized if r.get("prompt_strict")]
+    return {
+        "short": sum(r["response_tokens"] < SHORT_TOKENS for r in sized) / len(sized),
+        "met_by_short": sum(r["response_tokens"] < SHORT_TOKENS for r in met) / len(met) if met else None,
+    }
 
 
 def bench_order(bench: str) -> tuple[int, str]:
@@ -309,9 +334,16 @@ def build_report(
     for res in done.values():
         for bench, m in res["broad"].items():
             sizes.setdefault(bench, set()).add((m.get("n_prompts"), m.get("n_prompts_scored")))
+    short: dict[str, dict[str, list[Any]]] = {}  # group → "<bench>/<short | met_by_short>" → per run
+    for res in done.values():
+        for bench, values in res["broad_short"].items():
+            for key, value in values.items():
+                group = group_name(res["run"]["arm"], res["run"]["variant"])
+                short.setdefault(group, {}).setdefault(f"{bench}/{key}", []).append(value)
     broad_info = {
         "caps": sorted({res["broad_cap"] for res in done.values() if res["broad"] and res["broad_cap"]}),
         "prompts": {b: [list(x) for x in sorted(v, key=str)] for b, v in sorted(sizes.items())},
+        "short": {g: {k: mean_ci(v) for k, v in t.items()} for g, t in short.items()},
     }
     broad_paired = _broad_paired(done.values())
 
@@ -402,7 +434,7 @@ def _broad_rounds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for i in range(n):
         table: dict[str, Any] = {}
         for bench in sorted({b for row in rows for b in row}, key=bench_order):
-            for metric in (*METRICS, "truncated_frac"):
+            for metric in (*METRICS, *BROAD_LENGTH):
                 vals = []
                 for row in rows:
                     rounds = row.get(bench, {}).get("rounds") or [row.get(bench, {})]
@@ -703,10 +735,17 @@ def _broad_section(summary: Mapping[str, Any]) -> list[str]:
     for bench in benches:
         sizes = info.get("prompts", {}).get(bench) or []
         size = "; ".join(f"{n} prompts, {k} scored" if n != k else f"{n} prompts" for n, k in sizes)
-        rows = [[group, str(r), *(fmt_ci(t.get(f"{bench}/{m}")) for m in (*METRICS, "truncated_frac"))]
+        rows = [[group, str(r), *(fmt_ci(t.get(f"{bench}/{m}")) for m in (*METRICS, "truncated_frac")),
+                 fmt_ci(t.get(f"{bench}/response_tokens_mean"), scale=1.0)]
                 for group, rounds in broad.items() for r, t in enumerate(rounds)]  # fmt: skip
-        head = ["arm", "round", "prompt-strict", "inst-strict", "prompt-loose", "inst-loose", "cut"]
+        head = ["arm", "round", "prompt-strict", "inst-strict", "prompt-loose", "inst-loose", "cut", "tokens"]
         lines += [f"{bench}" + (f" ({size}):" if size else ":"), "", *_table(head, rows), ""]
+        short = {g: t for g, t in (info.get("short") or {}).items() if f"{bench}/short" in t}
+        if short:
+            rows = [[g, fmt_ci(t[f"{bench}/short"]), fmt_ci(t.get(f"{bench}/met_by_short"))] for g, t in short.items()]
+            head = ["arm", f"answers < {SHORT_TOKENS} tokens", f"met prompts answered in < {SHORT_TOKENS} tokens"]
+            lines += [f"{bench}, short answers after the last round (a word or a phrase meets many format rules "
+                      "vacuously), %:", "", *_table(head, rows), ""]  # fmt: skip
     return lines + _broad_paired_section(summary)
 
 
@@ -808,7 +847,7 @@ def plot_curves(summary: Mapping[str, Any], path: Path) -> Path | None:
 def plot_broad(summary: Mapping[str, Any], path: Path) -> Path | None:
     """Grouped bars of the broad test's round-0 metrics: one group per metric, one bar per arm, whiskers = 95% CI."""
     rounds = {g: r[0] for g, r in summary["broad"].items() if r}
-    keys = [k for k in dict.fromkeys(k for t in rounds.values() for k in t) if not k.endswith("truncated_frac")]
+    keys = [k for k in dict.fromkeys(k for t in rounds.values() for k in t) if not k.endswith(BROAD_LENGTH)]
     if not keys:
         return None
     plt = _pyplot()

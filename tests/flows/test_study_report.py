@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from flows.study_plan import StudyConfig, plan
-from flows.study_report import build_report, fmt_ci, plot_all, render_markdown, round_outcomes, verdict
+from flows.study_report import (
+    build_report,
+    fmt_ci,
+    plot_all,
+    render_markdown,
+    round_outcomes,
+    short_answers,
+    verdict,
+)
 
 PROMPTS = ["p0", "p1", "p2", "p3"]
 
@@ -289,4 +297,22 @@ def test_broad_paired_differences_by_hand(tmp_path):
     assert f"| grpo − base | +16.7 [{100 * r0['lo']:+.1f}, {100 * r0['hi']:+.1f}] | +0.0 [" in text
     assert "seeds × scored prompts: ifeval 2 × 3" in text
     assert "(at most 128 tokens per answer)" in text and "ifeval (4 prompts, 3 scored):" in text
-    assert "| base | 1 | 50.0 (n = 1) | 50.0 (n = 1) | – | – | – |" in text  # write_base: round 1 at 0.5
+    assert "| base | 1 | 50.0 (n = 1) | 50.0 (n = 1) | – | – | – | – |\n" in text  # write_base: round 1 at 0.5
+    assert "short answers" not in text  # these outcomes carry no answer lengths
+
+
+def test_short_answers_by_hand(tmp_path):
+    """Share of kept answers under 8 tokens, and of the met prompts the share met by such an answer."""
+    verdicts_and_lengths = [(True, 3), (True, 40), (False, 7), (None, 128)]
+    rows = [{"prompt_strict": ok, "response_tokens": n} for ok, n in verdicts_and_lengths]
+    assert short_answers(rows) == {"short": 0.5, "met_by_short": 0.5}
+    assert short_answers([{"prompt_strict": False, "response_tokens": 9}]) == {"short": 0.0, "met_by_short": None}
+    assert short_answers([{"prompt_strict": True}]) is None  # written before outcomes kept the lengths
+    study = StudyConfig(arms=["base", "grpo"], seeds=[0, 1], results_dir="results/s")
+    runs = plan(study)
+    results = tmp_path / "results/s"
+    write_base(results, [0.25, 0.5])
+    lines = [json.dumps({"id": f"p{i}", "round": 0, **r}) + "\n" for i, r in enumerate(rows)]
+    (results / "base" / "evaluate" / "ifeval" / "outcomes.jsonl").write_text("".join(lines))
+    text = render_markdown(build_report(study, runs, tmp_path, "t", "study.yaml"))
+    assert "| base | 50.0 (n = 1) | 50.0 (n = 1) |" in text
