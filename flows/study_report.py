@@ -336,9 +336,9 @@ def build_report(
             sizes.setdefault(bench, set()).add((m.get("n_prompts"), m.get("n_prompts_scored")))
     short: dict[str, dict[str, list[Any]]] = {}  # group → "<bench>/<short | met_by_short>" → per run
     for res in done.values():
+        group = group_name(res["run"]["arm"], res["run"]["variant"])
         for bench, values in res["broad_short"].items():
             for key, value in values.items():
-                group = group_name(res["run"]["arm"], res["run"]["variant"])
                 short.setdefault(group, {}).setdefault(f"{bench}/{key}", []).append(value)
     broad_info = {
         "caps": sorted({res["broad_cap"] for res in done.values() if res["broad"] and res["broad_cap"]}),
